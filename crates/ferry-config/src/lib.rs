@@ -1,0 +1,300 @@
+//! ferry's configuration: Londiste 2 / SkyTools ini files, read unchanged.
+//!
+//! `[pgqadm]` configures the ticker, `[londiste]` replication. Each typed config is built from
+//! its section; missing required keys and values of the wrong form are [`ConfigError`]s naming
+//! the file, section and key; unknown keys and sections are returned as warnings for the
+//! caller to log.
+
+mod error;
+mod ini;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::{ConfigError, ErrorKind};
+pub use ini::{IniFile, SectionRef, DEFAULT_SECTION};
+
+/// Section name of the ticker's configuration (as pgqadm.py's).
+pub const TICKER_SECTION: &str = "pgqadm";
+/// Section name of the replication configuration (as londiste.py's).
+pub const REPLICATION_SECTION: &str = "londiste";
+
+/// Keys every daemon section understands.
+const DAEMON_KEYS: &[&str] = &[
+    "job_name",
+    "logfile",
+    "pidfile",
+    "log_size",
+    "log_count",
+    "loop_delay",
+    // accepted for compatibility with SkyTools files, without effect
+    "use_skylog",
+    "connection_lifetime",
+];
+
+/// Default `log_size`: rotate the log file at 5 MiB.
+pub const DEFAULT_LOG_SIZE: u64 = 5 * 1024 * 1024;
+/// Default `log_count`: keep three rotated log files.
+pub const DEFAULT_LOG_COUNT: u32 = 3;
+
+/// Settings every long-running job has: its name, log and pid files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonSettings {
+    /// `job_name`: names the job in logs (and, for replication, the consumer).
+    pub job_name: String,
+    /// `logfile`: where logs go when detached (and also in the foreground, when set).
+    pub logfile: Option<PathBuf>,
+    /// `pidfile`: holds the running daemon's pid; required for `-d`, `-s`, `-k`, `-r`.
+    pub pidfile: Option<PathBuf>,
+    /// `log_size`: bytes after which the log file is rotated.
+    pub log_size: u64,
+    /// `log_count`: how many rotated log files are kept.
+    pub log_count: u32,
+}
+
+impl DaemonSettings {
+    /// Reads the daemon keys of `section`. Relative paths are taken relative to the config
+    /// file's directory, so a detached daemon (whose working directory is `/`) finds them.
+    pub fn from_section(section: &SectionRef<'_>, config_dir: &Path) -> Result<Self, ConfigError> {
+        let path_of = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
+            Ok(section
+                .get(key)?
+                .filter(|v| !v.is_empty())
+                .map(|v| config_dir.join(v)))
+        };
+        Ok(DaemonSettings {
+            job_name: section.require("job_name")?,
+            logfile: path_of("logfile")?,
+            pidfile: path_of("pidfile")?,
+            log_size: parse_or(section, "log_size", DEFAULT_LOG_SIZE)?,
+            log_count: parse_or(section, "log_count", DEFAULT_LOG_COUNT)?,
+        })
+    }
+}
+
+/// The ticker's configuration, from `[pgqadm]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TickerConfig {
+    /// Job name, log and pid files.
+    pub daemon: DaemonSettings,
+    /// `db`: connection string of the database holding the queues.
+    pub db: String,
+    /// `loop_delay`: how often the ticker checks the queues for news (default 0.1 s).
+    pub loop_delay: Duration,
+    /// `maint_delay`: how often rotation, retry and tick cleanup run (default 600 s).
+    pub maint_delay: Duration,
+}
+
+impl TickerConfig {
+    /// Builds the ticker's configuration from `[pgqadm]` of `ini`; also returns warnings.
+    pub fn from_ini(ini: &IniFile) -> Result<(TickerConfig, Vec<String>), ConfigError> {
+        let section = required_section(ini, TICKER_SECTION, "the ticker reads [pgqadm]")?;
+        let warnings = unknown_keys(ini, &section, &["db", "maint_delay"]);
+        let config = TickerConfig {
+            daemon: DaemonSettings::from_section(&section, &config_dir(ini))?,
+            db: section.require("db")?,
+            loop_delay: seconds_or(&section, "loop_delay", 0.1)?,
+            maint_delay: seconds_or(&section, "maint_delay", 600.0)?,
+        };
+        Ok((config, warnings))
+    }
+}
+
+/// The replication configuration, from `[londiste]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicationConfig {
+    /// Job name (also the consumer name on the queue), log and pid files.
+    pub daemon: DaemonSettings,
+    /// `provider_db`: connection string of the provider (where the queue is).
+    pub provider_db: String,
+    /// `subscriber_db`: connection string of the subscriber.
+    pub subscriber_db: String,
+    /// `pgq_queue_name`: the queue carrying the changes.
+    pub queue_name: String,
+    /// `loop_delay`: longest wait for a new batch when no wake-up arrives (default 1 s).
+    pub loop_delay: Duration,
+}
+
+impl ReplicationConfig {
+    /// Builds the replication configuration from `[londiste]` of `ini`; also returns warnings.
+    pub fn from_ini(ini: &IniFile) -> Result<(ReplicationConfig, Vec<String>), ConfigError> {
+        let section = required_section(ini, REPLICATION_SECTION, "replication reads [londiste]")?;
+        let warnings = unknown_keys(
+            ini,
+            &section,
+            &["provider_db", "subscriber_db", "pgq_queue_name", "pgq_lazy_fetch"],
+        );
+        let config = ReplicationConfig {
+            daemon: DaemonSettings::from_section(&section, &config_dir(ini))?,
+            provider_db: section.require("provider_db")?,
+            subscriber_db: section.require("subscriber_db")?,
+            queue_name: section.require("pgq_queue_name")?,
+            loop_delay: seconds_or(&section, "loop_delay", 1.0)?,
+        };
+        Ok((config, warnings))
+    }
+}
+
+/// The daemon settings of every daemon section the file has (`[pgqadm]`, `[londiste]`), for
+/// `-s`, `-k` and `-r`, which only need the pid file.
+pub fn daemon_sections(ini: &IniFile) -> Result<Vec<(String, DaemonSettings)>, ConfigError> {
+    let mut found = Vec::new();
+    for name in [TICKER_SECTION, REPLICATION_SECTION] {
+        if let Some(section) = ini.section(name) {
+            found.push((name.to_string(), DaemonSettings::from_section(&section, &config_dir(ini))?));
+        }
+    }
+    Ok(found)
+}
+
+fn config_dir(ini: &IniFile) -> PathBuf {
+    let dir = ini.path().parent().unwrap_or(Path::new("."));
+    if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+fn required_section<'a>(ini: &'a IniFile, name: &str, purpose: &str) -> Result<SectionRef<'a>, ConfigError> {
+    ini.section(name).ok_or_else(|| {
+        ConfigError::new(
+            ini.path(),
+            ErrorKind::MissingSection {
+                purpose: purpose.to_string(),
+            },
+        )
+        .in_section(name)
+    })
+}
+
+/// Warnings for keys `section` sets that nobody reads, and for sections ferry does not know.
+fn unknown_keys(ini: &IniFile, section: &SectionRef<'_>, extra_known: &[&str]) -> Vec<String> {
+    let mut warnings: Vec<String> = section
+        .own_keys()
+        .filter(|k| !DAEMON_KEYS.contains(k) && !extra_known.contains(k))
+        .map(|k| {
+            format!(
+                "{}: [{}] {k}: unknown key, ignored",
+                ini.path().display(),
+                section.name()
+            )
+        })
+        .collect();
+    warnings.extend(
+        ini.section_names()
+            .filter(|n| *n != TICKER_SECTION && *n != REPLICATION_SECTION)
+            .map(|n| format!("{}: [{n}]: unknown section, ignored", ini.path().display())),
+    );
+    warnings
+}
+
+fn parse_or<T: std::str::FromStr>(section: &SectionRef<'_>, key: &str, default: T) -> Result<T, ConfigError> {
+    match section.get(key)? {
+        None => Ok(default),
+        Some(value) => value.trim().parse().map_err(|_| {
+            section.error(
+                key,
+                ErrorKind::WrongType {
+                    value,
+                    expected: "a whole non-negative number",
+                },
+            )
+        }),
+    }
+}
+
+fn seconds_or(section: &SectionRef<'_>, key: &str, default: f64) -> Result<Duration, ConfigError> {
+    let seconds = match section.get(key)? {
+        None => default,
+        Some(value) => match value.trim().parse::<f64>() {
+            Ok(s) if s.is_finite() && s >= 0.0 => s,
+            _ => {
+                return Err(section.error(
+                    key,
+                    ErrorKind::WrongType {
+                        value,
+                        expected: "a number of seconds",
+                    },
+                ))
+            }
+        },
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ini(text: &str) -> IniFile {
+        IniFile::parse(Path::new("/etc/ferry/t.ini"), text).unwrap()
+    }
+
+    #[test]
+    fn seed_ticker_config() {
+        let (c, warnings) = TickerConfig::from_ini(&ini(
+            "[pgqadm]\njob_name = db1-ticker\ndb = dbname=db1\nmaint_delay = 600\nloop_delay = 0.1\n\
+             logfile = /var/log/skytools/%(job_name)s.log\npidfile = /var/run/skytools/%(job_name)s.pid\n",
+        ))
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(c.daemon.job_name, "db1-ticker");
+        assert_eq!(c.db, "dbname=db1");
+        assert_eq!(c.loop_delay, Duration::from_millis(100));
+        assert_eq!(c.maint_delay, Duration::from_secs(600));
+        assert_eq!(c.daemon.logfile.unwrap(), Path::new("/var/log/skytools/db1-ticker.log"));
+        assert_eq!(c.daemon.log_size, DEFAULT_LOG_SIZE);
+    }
+
+    #[test]
+    fn seed_replication_config() {
+        let (c, warnings) = ReplicationConfig::from_ini(&ini(
+            "[londiste]\njob_name = db1-londiste\nprovider_db = dbname=db1 port=5432 host=host1\n\
+             subscriber_db = dbname=db1\n# comment\npgq_queue_name = db1-londiste-queue\n\
+             logfile = /var/log/skytools/%(job_name)s.log\npidfile = /var/run/skytools/%(job_name)s.pid\n\
+             log_size = 5242880\nlog_count = 3\n",
+        ))
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(c.queue_name, "db1-londiste-queue");
+        assert_eq!(c.provider_db, "dbname=db1 port=5432 host=host1");
+        assert_eq!(c.daemon.log_count, 3);
+    }
+
+    #[test]
+    fn missing_key_names_file_section_and_key() {
+        let err = TickerConfig::from_ini(&ini("[pgqadm]\njob_name = x\n")).unwrap_err();
+        assert_eq!(err.to_string(), "/etc/ferry/t.ini: [pgqadm] db: required key is missing");
+    }
+
+    #[test]
+    fn missing_section_is_an_error() {
+        let err = TickerConfig::from_ini(&ini("[londiste]\njob_name = x\n")).unwrap_err();
+        assert!(err.to_string().starts_with("/etc/ferry/t.ini: [pgqadm]: section is missing"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_are_errors() {
+        let err = TickerConfig::from_ini(&ini("[pgqadm]\njob_name = x\ndb = d\nloop_delay = fast\n")).unwrap_err();
+        assert_eq!(err.to_string(), "/etc/ferry/t.ini: [pgqadm] loop_delay: 'fast' is not a number of seconds");
+        let err = TickerConfig::from_ini(&ini("[pgqadm]\njob_name = x\ndb = d\nlog_count = -1\n")).unwrap_err();
+        assert!(err.to_string().contains("[pgqadm] log_count"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_and_sections_warn() {
+        let (_, warnings) =
+            TickerConfig::from_ini(&ini("[pgqadm]\njob_name = x\ndb = d\ncolour = red\n[extra]\na = b\n")).unwrap();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("[pgqadm] colour: unknown key"));
+        assert!(warnings[1].contains("[extra]: unknown section"));
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_config_file() {
+        let (c, _) =
+            TickerConfig::from_ini(&ini("[pgqadm]\njob_name = x\ndb = d\npidfile = run/x.pid\n")).unwrap();
+        assert_eq!(c.daemon.pidfile.unwrap(), Path::new("/etc/ferry/run/x.pid"));
+    }
+}

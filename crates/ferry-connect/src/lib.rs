@@ -1,0 +1,238 @@
+//! Connections to PostgreSQL the way libpq makes them: connection strings in both forms, the
+//! PG* environment variables, `~/.pgpass`, local-socket defaults, SCRAM (through
+//! tokio-postgres). A [`Session`] owns its connection task, forwards LISTEN notifications and
+//! says when the connection is gone. Passwords never appear in errors, logs or `Debug`.
+
+mod conninfo;
+mod pgpass;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Notification};
+
+pub use conninfo::ConnInfo;
+
+/// Waiting for a connection gives up after this long unless `connect_timeout` says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Notifications held for a session before further ones are dropped (they only wake).
+const NOTIFICATION_BUFFER: usize = 64;
+
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The connection string is not valid.
+    #[error("invalid connection string: {0}")]
+    Invalid(String),
+    /// The connection string asks for TLS, which this build cannot do yet.
+    #[error("{target}: sslmode={mode} asks for TLS, which this build of ferry does not support yet; use sslmode=disable or prefer")]
+    TlsUnsupported {
+        /// Where the connection was going (no password).
+        target: String,
+        /// The sslmode asked for.
+        mode: String,
+    },
+    /// The server could not be reached or refused the connection.
+    #[error("cannot connect to {target}")]
+    Connect {
+        /// Where the connection was going (no password).
+        target: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl ConnectError {
+    pub(crate) fn invalid(message: impl Into<String>) -> ConnectError {
+        ConnectError::Invalid(message.into())
+    }
+
+    /// Whether the problem is in the configuration (retrying cannot help) rather than in
+    /// reaching the server.
+    pub fn is_configuration(&self) -> bool {
+        !matches!(self, ConnectError::Connect { .. })
+    }
+}
+
+/// An open connection: the client, the notifications that arrive on it, and whether it still
+/// lives.
+pub struct Session {
+    client: Client,
+    notifications: mpsc::Receiver<Notification>,
+    closed: watch::Receiver<bool>,
+}
+
+impl Session {
+    /// The client, for queries.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The client mutably, for transactions.
+    pub fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow() || self.client.is_closed()
+    }
+
+    /// Resolves when the connection ends (the server went away, or it was terminated).
+    pub async fn closed(&mut self) {
+        while !*self.closed.borrow_and_update() {
+            if self.closed.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The next LISTEN notification; `None` once the connection has ended.
+    pub async fn notification(&mut self) -> Option<Notification> {
+        self.notifications.recv().await
+    }
+
+    /// Drops notifications that arrived so far (they are wake-ups, not data).
+    pub fn drain_notifications(&mut self) {
+        while self.notifications.try_recv().is_ok() {}
+    }
+}
+
+/// Connects as `conninfo` (after [`ConnInfo::resolve`]) says, naming the session
+/// `application_name` unless the string names it.
+pub async fn connect(conninfo: &ConnInfo, application_name: &str) -> Result<Session, ConnectError> {
+    let resolved = conninfo.resolve();
+    let target = resolved.describe();
+    let config = build_config(&resolved, application_name, &target)?;
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|source| ConnectError::Connect {
+            target: target.clone(),
+            source,
+        })?;
+    let (note_tx, note_rx) = mpsc::channel(NOTIFICATION_BUFFER);
+    let (closed_tx, closed_rx) = watch::channel(false);
+    let mut connection = connection;
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(note)) => {
+                    let _ = note_tx.try_send(note);
+                }
+                Ok(AsyncMessage::Notice(notice)) => {
+                    tracing::debug!(target: "ferry::postgres", severity = notice.severity(), "{}", notice.message());
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::debug!(target: "ferry::postgres", %error, "connection ended");
+                    break;
+                }
+            }
+        }
+        let _ = closed_tx.send(true);
+    });
+    Ok(Session {
+        client,
+        notifications: note_rx,
+        closed: closed_rx,
+    })
+}
+
+fn build_config(resolved: &ConnInfo, application_name: &str, target: &str) -> Result<Config, ConnectError> {
+    let mut config = Config::new();
+    let params = resolved.params();
+    let get = |k: &str| params.get(k).map(String::as_str);
+    if let Some(hosts) = get("host") {
+        for host in hosts.split(',') {
+            config.host(host);
+        }
+    }
+    if let Some(addrs) = get("hostaddr") {
+        for addr in addrs.split(',') {
+            let ip = addr
+                .parse()
+                .map_err(|_| ConnectError::invalid(format!("invalid hostaddr \"{addr}\"")))?;
+            config.hostaddr(ip);
+        }
+    }
+    if let Some(ports) = get("port") {
+        for port in ports.split(',') {
+            let port = if port.is_empty() { "5432" } else { port };
+            config.port(
+                port.parse()
+                    .map_err(|_| ConnectError::invalid(format!("invalid port number \"{port}\"")))?,
+            );
+        }
+    }
+    if let Some(user) = get("user") {
+        config.user(user);
+    }
+    if let Some(dbname) = get("dbname") {
+        config.dbname(dbname);
+    }
+    if let Some(options) = get("options") {
+        config.options(options);
+    }
+    config.application_name(get("application_name").unwrap_or(application_name));
+    let password = match get("password") {
+        Some(p) => Some(p.to_string()),
+        None => pgpass::lookup(resolved),
+    };
+    if let Some(password) = password {
+        config.password(password);
+    }
+    let timeout = match get("connect_timeout") {
+        None => DEFAULT_CONNECT_TIMEOUT,
+        Some(t) => {
+            let secs: u64 = t
+                .parse()
+                .map_err(|_| ConnectError::invalid(format!("invalid connect_timeout \"{t}\"")))?;
+            if secs == 0 {
+                DEFAULT_CONNECT_TIMEOUT
+            } else {
+                Duration::from_secs(secs.max(2))
+            }
+        }
+    };
+    config.connect_timeout(timeout);
+    if get("keepalives") == Some("0") {
+        config.keepalives(false);
+    }
+    if let Some(idle) = get("keepalives_idle").and_then(|v| v.parse().ok()) {
+        config.keepalives_idle(Duration::from_secs(idle));
+    }
+    if let Some(attrs) = get("target_session_attrs") {
+        config.target_session_attrs(match attrs {
+            "any" => tokio_postgres::config::TargetSessionAttrs::Any,
+            "read-write" => tokio_postgres::config::TargetSessionAttrs::ReadWrite,
+            other => {
+                return Err(ConnectError::invalid(format!(
+                    "target_session_attrs \"{other}\" is not supported (any, read-write)"
+                )))
+            }
+        });
+    }
+    let mode = get("sslmode").unwrap_or("prefer");
+    match mode {
+        "disable" => {
+            config.ssl_mode(SslMode::Disable);
+        }
+        "allow" | "prefer" => {
+            config.ssl_mode(SslMode::Prefer);
+        }
+        "require" | "verify-ca" | "verify-full" => {
+            return Err(ConnectError::TlsUnsupported {
+                target: target.to_string(),
+                mode: mode.to_string(),
+            })
+        }
+        other => return Err(ConnectError::invalid(format!("invalid sslmode value: \"{other}\""))),
+    }
+    Ok(config)
+}

@@ -1,0 +1,241 @@
+//! Logging: structured lines through `tracing`, to stderr and/or a log file that rotates by
+//! size (`log_size`, `log_count`, as SkyTools does) and is reopened on SIGHUP, so external
+//! logrotate works too.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tracing_subscriber::fmt::writer::MakeWriterExt;
+use tracing_subscriber::EnvFilter;
+
+/// How verbose logs are: `-q` warnings and errors only, default info, `-v` debug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verbosity {
+    /// Only warnings and errors (`-q`).
+    Quiet,
+    /// Informational lines (the default).
+    Normal,
+    /// Debug lines too (`-v`).
+    Verbose,
+}
+
+impl Verbosity {
+    fn directive(self) -> &'static str {
+        match self {
+            Verbosity::Quiet => "warn",
+            Verbosity::Normal => "info",
+            Verbosity::Verbose => "debug",
+        }
+    }
+}
+
+/// Where log lines go.
+#[derive(Debug, Clone)]
+pub struct LogTarget {
+    /// Also write to stderr (in the foreground).
+    pub stderr: bool,
+    /// Write to this file, rotating it at `max_size` bytes and keeping `keep` old files.
+    pub file: Option<LogFileSettings>,
+}
+
+/// A size-rotated log file.
+#[derive(Debug, Clone)]
+pub struct LogFileSettings {
+    /// The log file.
+    pub path: PathBuf,
+    /// Rotate when the file would grow past this many bytes (0: never).
+    pub max_size: u64,
+    /// Keep this many rotated files (`path.1` newest ... `path.N` oldest).
+    pub keep: u32,
+}
+
+/// Keeps logging alive; dropping it flushes what is buffered. Hold it until exit.
+pub struct LogGuard {
+    _worker: Option<tracing_appender::non_blocking::WorkerGuard>,
+    reopen: Option<Arc<AtomicBool>>,
+}
+
+impl LogGuard {
+    /// Makes the log file be reopened before the next line (after SIGHUP).
+    pub fn reopen(&self) {
+        if let Some(flag) = &self.reopen {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Errors setting up logging.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open log file {path}")]
+pub struct LogError {
+    path: PathBuf,
+    #[source]
+    source: io::Error,
+}
+
+/// Installs the global subscriber. `FERRY_LOG` (an `EnvFilter` directive) overrides the
+/// verbosity.
+pub fn init(target: &LogTarget, verbosity: Verbosity) -> Result<LogGuard, LogError> {
+    let filter = std::env::var("FERRY_LOG")
+        .ok()
+        .and_then(|d| EnvFilter::try_new(d).ok())
+        .unwrap_or_else(|| EnvFilter::new(verbosity.directive()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match &target.file {
+        Some(settings) => {
+            let rotating = RotatingFile::open(settings)?;
+            let reopen = rotating.reopen_flag();
+            let (writer, worker) = tracing_appender::non_blocking(rotating);
+            if target.stderr {
+                builder.with_ansi(false).with_writer(writer.and(io::stderr)).init();
+            } else {
+                builder.with_ansi(false).with_writer(writer).init();
+            }
+            Ok(LogGuard {
+                _worker: Some(worker),
+                reopen: Some(reopen),
+            })
+        }
+        None => {
+            builder.with_writer(io::stderr).init();
+            Ok(LogGuard {
+                _worker: None,
+                reopen: None,
+            })
+        }
+    }
+}
+
+/// A log file that rotates itself by size: `f` → `f.1` → ... → `f.N`, oldest dropped.
+pub struct RotatingFile {
+    path: PathBuf,
+    max_size: u64,
+    keep: u32,
+    file: File,
+    size: u64,
+    reopen: Arc<AtomicBool>,
+}
+
+impl RotatingFile {
+    /// Opens (appends to) the log file, creating its directory if needed.
+    pub fn open(settings: &LogFileSettings) -> Result<RotatingFile, LogError> {
+        let file = open_append(&settings.path)?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(RotatingFile {
+            path: settings.path.clone(),
+            max_size: settings.max_size,
+            keep: settings.keep,
+            file,
+            size,
+            reopen: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// A flag that, once set, makes the next write reopen the file.
+    pub fn reopen_flag(&self) -> Arc<AtomicBool> {
+        self.reopen.clone()
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        if self.keep == 0 {
+            self.file.set_len(0)?;
+            self.size = 0;
+            return Ok(());
+        }
+        for n in (1..self.keep).rev() {
+            let from = numbered(&self.path, n);
+            if from.exists() {
+                std::fs::rename(&from, numbered(&self.path, n + 1))?;
+            }
+        }
+        std::fs::rename(&self.path, numbered(&self.path, 1))?;
+        self.reopen_now()
+    }
+
+    fn reopen_now(&mut self) -> io::Result<()> {
+        self.file = open_append(&self.path).map_err(|e| e.source)?;
+        self.size = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(())
+    }
+}
+
+fn numbered(path: &Path, n: u32) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+fn open_append(path: &Path) -> Result<File, LogError> {
+    let err = |source| LogError {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    OpenOptions::new().create(true).append(true).open(path).map_err(err)
+}
+
+impl Write for RotatingFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.reopen.swap(false, Ordering::Relaxed) {
+            self.reopen_now()?;
+        }
+        if self.max_size > 0 && self.size > 0 && self.size + buf.len() as u64 > self.max_size {
+            self.rotate()?;
+        }
+        self.file.write_all(buf)?;
+        self.size += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_by_size_and_keeps_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/job.log");
+        let mut f = RotatingFile::open(&LogFileSettings {
+            path: path.clone(),
+            max_size: 100,
+            keep: 2,
+        })
+        .unwrap();
+        for i in 0..10 {
+            writeln!(f, "line {i:02} {}", "x".repeat(40)).unwrap();
+        }
+        assert!(std::fs::metadata(&path).unwrap().len() <= 100);
+        assert!(numbered(&path, 1).exists());
+        assert!(numbered(&path, 2).exists());
+        assert!(!numbered(&path, 3).exists());
+        let newest = std::fs::read_to_string(&path).unwrap();
+        assert!(newest.contains("line 09"), "{newest}");
+    }
+
+    #[test]
+    fn reopens_after_the_file_was_moved_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.log");
+        let mut f = RotatingFile::open(&LogFileSettings {
+            path: path.clone(),
+            max_size: 0,
+            keep: 3,
+        })
+        .unwrap();
+        writeln!(f, "before").unwrap();
+        std::fs::rename(&path, dir.path().join("moved.log")).unwrap();
+        f.reopen_flag().store(true, Ordering::Relaxed);
+        writeln!(f, "after").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "after\n");
+    }
+}

@@ -95,7 +95,9 @@ impl IniFile {
                 continue;
             }
             let Some(split_at) = trimmed.find(['=', ':']) else {
-                return Err(malformed("expected 'key = value', '[section]' or a comment"));
+                return Err(malformed(
+                    "expected 'key = value', '[section]' or a comment",
+                ));
             };
             let key = trimmed[..split_at].trim().to_lowercase();
             if key.is_empty() {
@@ -139,7 +141,10 @@ impl IniFile {
         self.sections
             .iter()
             .find(|s| s.name == name)
-            .map(|section| SectionRef { file: self, section })
+            .map(|section| SectionRef {
+                file: self,
+                section,
+            })
     }
 
     /// Whether the file has the named section.
@@ -194,7 +199,12 @@ impl<'a> SectionRef<'a> {
         self.section
             .entries
             .iter()
-            .chain(self.file.defaults().into_iter().flat_map(|d| d.entries.iter()))
+            .chain(
+                self.file
+                    .defaults()
+                    .into_iter()
+                    .flat_map(|d| d.entries.iter()),
+            )
             .find(|e| e.key == key)
             .map(|e| e.value.as_str())
     }
@@ -285,7 +295,10 @@ mod tests {
              logfile = /var/log/skytools/%(job_name)s.log\n",
         );
         let s = ini.section("pgqadm").unwrap();
-        assert_eq!(s.get("logfile").unwrap().unwrap(), "/var/log/skytools/db1-ticker.log");
+        assert_eq!(
+            s.get("logfile").unwrap().unwrap(),
+            "/var/log/skytools/db1-ticker.log"
+        );
         assert_eq!(s.get("db").unwrap().unwrap(), "dbname=db1");
         assert_eq!(s.get("missing").unwrap(), None);
     }
@@ -318,7 +331,10 @@ mod tests {
     #[test]
     fn continuation_lines_join_with_newline() {
         let ini = parse("[a]\nx = one\n  two\n");
-        assert_eq!(ini.section("a").unwrap().get("x").unwrap().unwrap(), "one\ntwo");
+        assert_eq!(
+            ini.section("a").unwrap().get("x").unwrap().unwrap(),
+            "one\ntwo"
+        );
     }
 
     #[test]
@@ -338,7 +354,10 @@ mod tests {
     #[test]
     fn malformed_lines_are_errors_with_line_numbers() {
         let err = IniFile::parse(Path::new("t.ini"), "[a]\njust words\n").unwrap_err();
-        assert_eq!(err.to_string(), "t.ini: line 2: expected 'key = value', '[section]' or a comment");
+        assert_eq!(
+            err.to_string(),
+            "t.ini: line 2: expected 'key = value', '[section]' or a comment"
+        );
         let err = IniFile::parse(Path::new("t.ini"), "x = 1\n").unwrap_err();
         assert!(err.to_string().contains("line 1"), "{err}");
         let err = IniFile::parse(Path::new("t.ini"), "[a\n").unwrap_err();

@@ -122,7 +122,12 @@ impl ReplicationConfig {
         let warnings = unknown_keys(
             ini,
             &section,
-            &["provider_db", "subscriber_db", "pgq_queue_name", "pgq_lazy_fetch"],
+            &[
+                "provider_db",
+                "subscriber_db",
+                "pgq_queue_name",
+                "pgq_lazy_fetch",
+            ],
         );
         let config = ReplicationConfig {
             daemon: DaemonSettings::from_section(&section, &config_dir(ini))?,
@@ -141,7 +146,10 @@ pub fn daemon_sections(ini: &IniFile) -> Result<Vec<(String, DaemonSettings)>, C
     let mut found = Vec::new();
     for name in [TICKER_SECTION, REPLICATION_SECTION] {
         if let Some(section) = ini.section(name) {
-            found.push((name.to_string(), DaemonSettings::from_section(&section, &config_dir(ini))?));
+            found.push((
+                name.to_string(),
+                DaemonSettings::from_section(&section, &config_dir(ini))?,
+            ));
         }
     }
     Ok(found)
@@ -156,7 +164,11 @@ fn config_dir(ini: &IniFile) -> PathBuf {
     }
 }
 
-fn required_section<'a>(ini: &'a IniFile, name: &str, purpose: &str) -> Result<SectionRef<'a>, ConfigError> {
+fn required_section<'a>(
+    ini: &'a IniFile,
+    name: &str,
+    purpose: &str,
+) -> Result<SectionRef<'a>, ConfigError> {
     ini.section(name).ok_or_else(|| {
         ConfigError::new(
             ini.path(),
@@ -189,7 +201,11 @@ fn unknown_keys(ini: &IniFile, section: &SectionRef<'_>, extra_known: &[&str]) -
     warnings
 }
 
-fn parse_or<T: std::str::FromStr>(section: &SectionRef<'_>, key: &str, default: T) -> Result<T, ConfigError> {
+fn parse_or<T: std::str::FromStr>(
+    section: &SectionRef<'_>,
+    key: &str,
+    default: T,
+) -> Result<T, ConfigError> {
     match section.get(key)? {
         None => Ok(default),
         Some(value) => value.trim().parse().map_err(|_| {
@@ -243,7 +259,10 @@ mod tests {
         assert_eq!(c.db, "dbname=db1");
         assert_eq!(c.loop_delay, Duration::from_millis(100));
         assert_eq!(c.maint_delay, Duration::from_secs(600));
-        assert_eq!(c.daemon.logfile.unwrap(), Path::new("/var/log/skytools/db1-ticker.log"));
+        assert_eq!(
+            c.daemon.logfile.unwrap(),
+            Path::new("/var/log/skytools/db1-ticker.log")
+        );
         assert_eq!(c.daemon.log_size, DEFAULT_LOG_SIZE);
     }
 
@@ -265,27 +284,42 @@ mod tests {
     #[test]
     fn missing_key_names_file_section_and_key() {
         let err = TickerConfig::from_ini(&ini("[pgqadm]\njob_name = x\n")).unwrap_err();
-        assert_eq!(err.to_string(), "/etc/ferry/t.ini: [pgqadm] db: required key is missing");
+        assert_eq!(
+            err.to_string(),
+            "/etc/ferry/t.ini: [pgqadm] db: required key is missing"
+        );
     }
 
     #[test]
     fn missing_section_is_an_error() {
         let err = TickerConfig::from_ini(&ini("[londiste]\njob_name = x\n")).unwrap_err();
-        assert!(err.to_string().starts_with("/etc/ferry/t.ini: [pgqadm]: section is missing"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("/etc/ferry/t.ini: [pgqadm]: section is missing"),
+            "{err}"
+        );
     }
 
     #[test]
     fn wrong_types_are_errors() {
-        let err = TickerConfig::from_ini(&ini("[pgqadm]\njob_name = x\ndb = d\nloop_delay = fast\n")).unwrap_err();
-        assert_eq!(err.to_string(), "/etc/ferry/t.ini: [pgqadm] loop_delay: 'fast' is not a number of seconds");
-        let err = TickerConfig::from_ini(&ini("[pgqadm]\njob_name = x\ndb = d\nlog_count = -1\n")).unwrap_err();
+        let err =
+            TickerConfig::from_ini(&ini("[pgqadm]\njob_name = x\ndb = d\nloop_delay = fast\n"))
+                .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/etc/ferry/t.ini: [pgqadm] loop_delay: 'fast' is not a number of seconds"
+        );
+        let err = TickerConfig::from_ini(&ini("[pgqadm]\njob_name = x\ndb = d\nlog_count = -1\n"))
+            .unwrap_err();
         assert!(err.to_string().contains("[pgqadm] log_count"), "{err}");
     }
 
     #[test]
     fn unknown_keys_and_sections_warn() {
-        let (_, warnings) =
-            TickerConfig::from_ini(&ini("[pgqadm]\njob_name = x\ndb = d\ncolour = red\n[extra]\na = b\n")).unwrap();
+        let (_, warnings) = TickerConfig::from_ini(&ini(
+            "[pgqadm]\njob_name = x\ndb = d\ncolour = red\n[extra]\na = b\n",
+        ))
+        .unwrap();
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(warnings[0].contains("[pgqadm] colour: unknown key"));
         assert!(warnings[1].contains("[extra]: unknown section"));
@@ -293,8 +327,10 @@ mod tests {
 
     #[test]
     fn relative_paths_are_relative_to_the_config_file() {
-        let (c, _) =
-            TickerConfig::from_ini(&ini("[pgqadm]\njob_name = x\ndb = d\npidfile = run/x.pid\n")).unwrap();
+        let (c, _) = TickerConfig::from_ini(&ini(
+            "[pgqadm]\njob_name = x\ndb = d\npidfile = run/x.pid\n",
+        ))
+        .unwrap();
         assert_eq!(c.daemon.pidfile.unwrap(), Path::new("/etc/ferry/run/x.pid"));
     }
 }

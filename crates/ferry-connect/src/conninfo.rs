@@ -71,14 +71,25 @@ pub struct ConnInfo {
 impl std::fmt::Debug for ConnInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // never show the password
-        f.debug_struct("ConnInfo").field("params", &redacted(&self.params)).finish()
+        f.debug_struct("ConnInfo")
+            .field("params", &redacted(&self.params))
+            .finish()
     }
 }
 
 fn redacted(params: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
     params
         .iter()
-        .map(|(k, v)| (k.as_str(), if k == "password" { "********" } else { v.as_str() }))
+        .map(|(k, v)| {
+            (
+                k.as_str(),
+                if k == "password" {
+                    "********"
+                } else {
+                    v.as_str()
+                },
+            )
+        })
         .collect()
 }
 
@@ -93,7 +104,9 @@ impl ConnInfo {
         };
         for key in params.keys() {
             if !KNOWN_KEYS.contains(&key.as_str()) {
-                return Err(ConnectError::invalid(format!("invalid connection option \"{key}\"")));
+                return Err(ConnectError::invalid(format!(
+                    "invalid connection option \"{key}\""
+                )));
             }
         }
         Ok(ConnInfo { params })
@@ -112,7 +125,11 @@ impl ConnInfo {
     }
 
     /// [`ConnInfo::resolve`] with the environment and OS user given, for tests.
-    pub fn resolve_with(&self, env: &dyn Fn(&str) -> Option<String>, os_user: &dyn Fn() -> Option<String>) -> ConnInfo {
+    pub fn resolve_with(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+        os_user: &dyn Fn() -> Option<String>,
+    ) -> ConnInfo {
         let mut params = self.params.clone();
         for (variable, key) in ENVIRONMENT {
             if !params.contains_key(*key) {
@@ -121,7 +138,10 @@ impl ConnInfo {
                 }
             }
         }
-        let port = params.entry("port".into()).or_insert_with(|| "5432".into()).clone();
+        let port = params
+            .entry("port".into())
+            .or_insert_with(|| "5432".into())
+            .clone();
         if !params.contains_key("host") && !params.contains_key("hostaddr") {
             params.insert("host".into(), default_socket_dir(&port));
         }
@@ -167,7 +187,11 @@ fn default_socket_dir(port: &str) -> String {
     DEFAULT_SOCKET_DIRS
         .iter()
         .find(|dir| std::path::Path::new(&format!("{dir}/.s.PGSQL.{first_port}")).exists())
-        .or_else(|| DEFAULT_SOCKET_DIRS.iter().find(|dir| std::path::Path::new(dir).is_dir()))
+        .or_else(|| {
+            DEFAULT_SOCKET_DIRS
+                .iter()
+                .find(|dir| std::path::Path::new(dir).is_dir())
+        })
         .unwrap_or(&"/tmp")
         .to_string()
 }
@@ -183,7 +207,11 @@ fn os_user_name() -> Option<String> {
         if rc != 0 || result.is_null() {
             return std::env::var("USER").ok();
         }
-        Some(std::ffi::CStr::from_ptr(pwd.pw_name).to_string_lossy().into_owned())
+        Some(
+            std::ffi::CStr::from_ptr(pwd.pw_name)
+                .to_string_lossy()
+                .into_owned(),
+        )
     }
 }
 
@@ -231,7 +259,9 @@ fn parse_key_values(text: &str) -> Result<BTreeMap<String, String>, ConnectError
                 }
             }
             if !closed {
-                return Err(ConnectError::invalid("unterminated quoted string in connection string"));
+                return Err(ConnectError::invalid(
+                    "unterminated quoted string in connection string",
+                ));
             }
         } else {
             while let Some(&c) = chars.peek() {
@@ -268,7 +298,8 @@ fn percent_decode(text: &str) -> Result<String, ConnectError> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| ConnectError::invalid("URI is not valid UTF-8 after decoding"))
+    String::from_utf8(out)
+        .map_err(|_| ConnectError::invalid("URI is not valid UTF-8 after decoding"))
 }
 
 fn parse_uri(text: &str) -> Result<BTreeMap<String, String>, ConnectError> {
@@ -326,10 +357,14 @@ fn parse_uri(text: &str) -> Result<BTreeMap<String, String>, ConnectError> {
     if let Some(db) = path.filter(|p| !p.is_empty()) {
         params.insert("dbname".into(), percent_decode(db)?);
     }
-    for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| ConnectError::invalid(format!("missing \"=\" in URI parameter \"{pair}\"")))?;
+    for pair in query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            ConnectError::invalid(format!("missing \"=\" in URI parameter \"{pair}\""))
+        })?;
         params.insert(percent_decode(k)?, percent_decode(v)?);
     }
     Ok(params)
@@ -345,10 +380,14 @@ mod tests {
 
     #[test]
     fn key_values_with_quotes_and_escapes() {
-        let c = ConnInfo::parse(r"dbname=db1 port = 5432 host=host1 password='it''s' user='a \'b\' c'").unwrap_err();
+        let c =
+            ConnInfo::parse(r"dbname=db1 port = 5432 host=host1 password='it''s' user='a \'b\' c'")
+                .unwrap_err();
         // '' is not an escape in libpq: the value ends at the second quote, then "s'" is junk
         assert!(c.to_string().contains("connection string"), "{c}");
-        let c = ConnInfo::parse(r"dbname=db1 port = 5432 host=host1 user='a \'b\' c' password=p\ w").unwrap();
+        let c =
+            ConnInfo::parse(r"dbname=db1 port = 5432 host=host1 user='a \'b\' c' password=p\ w")
+                .unwrap();
         assert_eq!(c.get("user"), Some("a 'b' c"));
         assert_eq!(c.get("password"), Some("p w"));
         assert_eq!(c.get("port"), Some("5432"));
@@ -357,13 +396,18 @@ mod tests {
     #[test]
     fn unknown_option_is_rejected_like_libpq() {
         let e = ConnInfo::parse("dbname=x colour=red").unwrap_err();
-        assert_eq!(e.to_string(), "invalid connection string: invalid connection option \"colour\"");
+        assert_eq!(
+            e.to_string(),
+            "invalid connection string: invalid connection option \"colour\""
+        );
     }
 
     #[test]
     fn uri_form() {
-        let c = ConnInfo::parse("postgresql://us%40er:pa%3Ass@[::1]:6432,h2/my%20db?sslmode=disable&connect_timeout=3")
-            .unwrap();
+        let c = ConnInfo::parse(
+            "postgresql://us%40er:pa%3Ass@[::1]:6432,h2/my%20db?sslmode=disable&connect_timeout=3",
+        )
+        .unwrap();
         assert_eq!(c.get("user"), Some("us@er"));
         assert_eq!(c.get("password"), Some("pa:ss"));
         assert_eq!(c.get("host"), Some("::1,h2"));
@@ -382,17 +426,26 @@ mod tests {
             "PGUSER" => Some("envuser".to_string()),
             _ => None,
         };
-        let c = ConnInfo::parse("dbname=db1 port=5433").unwrap().resolve_with(&env, &|| None);
-        assert_eq!(c.describe(), "host=envhost port=5433 dbname=db1 user=envuser");
+        let c = ConnInfo::parse("dbname=db1 port=5433")
+            .unwrap()
+            .resolve_with(&env, &|| None);
+        assert_eq!(
+            c.describe(),
+            "host=envhost port=5433 dbname=db1 user=envuser"
+        );
     }
 
     #[test]
     fn defaults_are_libpqs() {
-        let c = ConnInfo::parse("dbname=db1").unwrap().resolve_with(&no_env, &|| Some("postgres".into()));
+        let c = ConnInfo::parse("dbname=db1")
+            .unwrap()
+            .resolve_with(&no_env, &|| Some("postgres".into()));
         assert_eq!(c.get("user"), Some("postgres"));
         assert_eq!(c.get("port"), Some("5432"));
         assert!(c.get("host").unwrap().starts_with('/'));
-        let c = ConnInfo::parse("").unwrap().resolve_with(&no_env, &|| Some("alice".into()));
+        let c = ConnInfo::parse("")
+            .unwrap()
+            .resolve_with(&no_env, &|| Some("alice".into()));
         assert_eq!(c.get("dbname"), Some("alice"));
     }
 

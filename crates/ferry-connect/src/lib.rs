@@ -83,10 +83,13 @@ impl Session {
     }
 
     /// Resolves when the connection ends (the server went away, or it was terminated).
-    pub async fn closed(&mut self) {
-        while !*self.closed.borrow_and_update() {
-            if self.closed.changed().await.is_err() {
-                return;
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closed = self.closed.clone();
+        async move {
+            while !*closed.borrow_and_update() {
+                if closed.changed().await.is_err() {
+                    return;
+                }
             }
         }
     }
@@ -108,13 +111,14 @@ pub async fn connect(conninfo: &ConnInfo, application_name: &str) -> Result<Sess
     let resolved = conninfo.resolve();
     let target = resolved.describe();
     let config = build_config(&resolved, application_name, &target)?;
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|source| ConnectError::Connect {
-            target: target.clone(),
-            source,
-        })?;
+    let (client, connection) =
+        config
+            .connect(NoTls)
+            .await
+            .map_err(|source| ConnectError::Connect {
+                target: target.clone(),
+                source,
+            })?;
     let (note_tx, note_rx) = mpsc::channel(NOTIFICATION_BUFFER);
     let (closed_tx, closed_rx) = watch::channel(false);
     let mut connection = connection;
@@ -144,7 +148,11 @@ pub async fn connect(conninfo: &ConnInfo, application_name: &str) -> Result<Sess
     })
 }
 
-fn build_config(resolved: &ConnInfo, application_name: &str, target: &str) -> Result<Config, ConnectError> {
+fn build_config(
+    resolved: &ConnInfo,
+    application_name: &str,
+    target: &str,
+) -> Result<Config, ConnectError> {
     let mut config = Config::new();
     let params = resolved.params();
     let get = |k: &str| params.get(k).map(String::as_str);
@@ -165,8 +173,9 @@ fn build_config(resolved: &ConnInfo, application_name: &str, target: &str) -> Re
         for port in ports.split(',') {
             let port = if port.is_empty() { "5432" } else { port };
             config.port(
-                port.parse()
-                    .map_err(|_| ConnectError::invalid(format!("invalid port number \"{port}\"")))?,
+                port.parse().map_err(|_| {
+                    ConnectError::invalid(format!("invalid port number \"{port}\""))
+                })?,
             );
         }
     }
@@ -232,7 +241,11 @@ fn build_config(resolved: &ConnInfo, application_name: &str, target: &str) -> Re
                 mode: mode.to_string(),
             })
         }
-        other => return Err(ConnectError::invalid(format!("invalid sslmode value: \"{other}\""))),
+        other => {
+            return Err(ConnectError::invalid(format!(
+                "invalid sslmode value: \"{other}\""
+            )))
+        }
     }
     Ok(config)
 }

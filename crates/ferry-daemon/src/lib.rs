@@ -176,6 +176,9 @@ mod tests {
         let (handle, mut reload) = reload_channel();
         let waiter = tokio::spawn(async move { reload.requested().await });
         handle.request();
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

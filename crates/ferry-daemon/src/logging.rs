@@ -59,10 +59,13 @@ pub struct LogGuard {
 }
 
 impl LogGuard {
-    /// Makes the log file be reopened before the next line (after SIGHUP).
-    pub fn reopen(&self) {
-        if let Some(flag) = &self.reopen {
-            flag.store(true, Ordering::Relaxed);
+    /// A function that makes the log file be reopened before the next line (for SIGHUP).
+    pub fn reopener(&self) -> impl Fn() + Send + Sync + 'static {
+        let flag = self.reopen.clone();
+        move || {
+            if let Some(flag) = &flag {
+                flag.store(true, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -83,14 +86,19 @@ pub fn init(target: &LogTarget, verbosity: Verbosity) -> Result<LogGuard, LogErr
         .ok()
         .and_then(|d| EnvFilter::try_new(d).ok())
         .unwrap_or_else(|| EnvFilter::new(verbosity.directive()));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match &target.file {
         Some(settings) => {
             let rotating = RotatingFile::open(settings)?;
             let reopen = rotating.reopen_flag();
             let (writer, worker) = tracing_appender::non_blocking(rotating);
             if target.stderr {
-                builder.with_ansi(false).with_writer(writer.and(io::stderr)).init();
+                builder
+                    .with_ansi(false)
+                    .with_writer(writer.and(io::stderr))
+                    .init();
             } else {
                 builder.with_ansi(false).with_writer(writer).init();
             }
@@ -176,7 +184,11 @@ fn open_append(path: &Path) -> Result<File, LogError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    OpenOptions::new().create(true).append(true).open(path).map_err(err)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(err)
 }
 
 impl Write for RotatingFile {

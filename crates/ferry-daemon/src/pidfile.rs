@@ -110,7 +110,9 @@ impl PidFile {
     pub fn write_pid(&mut self) -> Result<(), PidFileError> {
         let path = self.path.clone();
         self.file.set_len(0).map_err(io_error(&path))?;
-        self.file.seek(SeekFrom::Start(0)).map_err(io_error(&path))?;
+        self.file
+            .seek(SeekFrom::Start(0))
+            .map_err(io_error(&path))?;
         writeln!(self.file, "{}", std::process::id()).map_err(io_error(&path))?;
         self.file.sync_all().map_err(io_error(&path))
     }
@@ -178,15 +180,23 @@ mod tests {
         assert_eq!(running_pid(&path).unwrap(), std::process::id() as i32);
         // flock is per open file description, so a second open in this process conflicts too
         match PidFile::acquire(&path) {
-            Err(PidFileError::AlreadyRunning { pid, .. }) => assert_eq!(pid, std::process::id() as i32),
+            Err(PidFileError::AlreadyRunning { pid, .. }) => {
+                assert_eq!(pid, std::process::id() as i32)
+            }
             other => panic!("expected AlreadyRunning, got {other:?}"),
         }
         drop(first);
         assert!(!path.exists(), "pid file removed on drop");
         std::fs::write(&path, "999999\n").unwrap();
-        assert!(matches!(running_pid(&path), Err(PidFileError::NotRunning { .. })));
+        assert!(matches!(
+            running_pid(&path),
+            Err(PidFileError::NotRunning { .. })
+        ));
         let mut again = PidFile::acquire(&path).unwrap();
         again.write_pid().unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), std::process::id().to_string());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap().trim(),
+            std::process::id().to_string()
+        );
     }
 }

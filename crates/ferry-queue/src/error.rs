@@ -1,0 +1,114 @@
+//! The queue's error type: what was being done, and the database's error behind it.
+
+use std::fmt;
+
+use tokio_postgres::error::SqlState;
+
+/// An error from a queue operation. Displays what was being done; the database's own error
+/// is its [`source`](std::error::Error::source).
+#[derive(Debug)]
+pub struct QueueError {
+    kind: Kind,
+    context: String,
+    source: Option<tokio_postgres::Error>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Db,
+    NotInstalled,
+    ServerTooOld,
+}
+
+impl QueueError {
+    pub(crate) fn db(context: String, source: tokio_postgres::Error) -> QueueError {
+        let kind = match source.code() {
+            Some(code) if *code == SqlState::INVALID_SCHEMA_NAME => Kind::NotInstalled,
+            _ => Kind::Db,
+        };
+        QueueError {
+            kind,
+            context,
+            source: Some(source),
+        }
+    }
+
+    pub(crate) fn server_too_old(version_num: i32) -> QueueError {
+        QueueError {
+            kind: Kind::ServerTooOld,
+            context: format!(
+                "the server is PostgreSQL {}.{}; ferry's queue needs {} or newer",
+                version_num / 10000,
+                version_num % 10000 / 100,
+                crate::install::MIN_SERVER_VERSION_NUM / 10000
+            ),
+            source: None,
+        }
+    }
+
+    /// The SQLSTATE of the database error, if the server sent one.
+    pub fn code(&self) -> Option<&SqlState> {
+        self.source.as_ref().and_then(|e| e.code())
+    }
+
+    /// Whether the queue schema is missing from the database (`ferry CONF install` needed).
+    pub fn is_not_installed(&self) -> bool {
+        self.kind == Kind::NotInstalled
+    }
+
+    /// Whether the connection is gone (closed, terminated by the server, server shutting
+    /// down): reconnecting is the remedy.
+    pub fn is_connection_lost(&self) -> bool {
+        let Some(source) = &self.source else {
+            return false;
+        };
+        if source.is_closed() {
+            return true;
+        }
+        match source.code() {
+            Some(code) => {
+                code.code().starts_with("08")
+                    || *code == SqlState::ADMIN_SHUTDOWN
+                    || *code == SqlState::CRASH_SHUTDOWN
+                    || *code == SqlState::CANNOT_CONNECT_NOW
+            }
+            // an error without SQLSTATE is the transport failing
+            None => true,
+        }
+    }
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            Kind::NotInstalled => write!(
+                f,
+                "{}: the queue schema is not installed in this database (run `ferry CONFIG install`)",
+                self.context
+            ),
+            _ => f.write_str(&self.context),
+        }
+    }
+}
+
+impl std::error::Error for QueueError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|e| e as _)
+    }
+}
+
+/// Attaches what was being done to a driver error.
+pub(crate) trait ResultExt<T> {
+    fn context(self, what: &str) -> Result<T, QueueError>;
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T, QueueError>;
+}
+
+impl<T> ResultExt<T> for Result<T, tokio_postgres::Error> {
+    fn context(self, what: &str) -> Result<T, QueueError> {
+        self.map_err(|e| QueueError::db(what.to_string(), e))
+    }
+
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T, QueueError> {
+        self.map_err(|e| QueueError::db(what(), e))
+    }
+}

@@ -1,0 +1,137 @@
+//! Installing and upgrading the queue schema. The SQL lives in `sql/queue/` at the top of the
+//! repository and is compiled into the binary.
+
+use tokio_postgres::Client;
+
+use crate::error::{QueueError, ResultExt};
+
+/// A versioned step of the queue schema, applied once.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// Schema version this step brings the queue to.
+    pub version: i32,
+    /// The step's SQL.
+    pub sql: &'static str,
+}
+
+/// The queue schema's steps, oldest first. Append new ones; never edit a released one.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: include_str!("../../../sql/queue/0001_schema.sql"),
+}];
+
+/// The queue's functions, re-applied on every install so they follow the binary's version.
+pub const FUNCTIONS: &str = include_str!("../../../sql/queue/functions.sql");
+
+/// The component name the queue's versions are recorded under.
+pub const COMPONENT: &str = "queue";
+
+/// The oldest server the queue schema supports (declarative partitioning with partitioned
+/// indexes, `pg_sequence_last_value`).
+pub const MIN_SERVER_VERSION_NUM: i32 = 110000;
+
+/// What an install did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InstallReport {
+    /// The schema version found before, `None` if the queue was not installed.
+    pub previous_version: Option<i32>,
+    /// The schema version now installed.
+    pub version: i32,
+}
+
+impl InstallReport {
+    /// Whether anything new was applied (functions are refreshed either way).
+    pub fn upgraded(&self) -> bool {
+        self.previous_version != Some(self.version)
+    }
+}
+
+/// The schema version this binary installs.
+pub fn latest_version() -> i32 {
+    MIGRATIONS.last().map(|m| m.version).unwrap_or(0)
+}
+
+/// Installs the queue schema into the connected database, or upgrades it in place; running it
+/// again changes nothing. Works for a non-superuser that owns the database (no extension is
+/// created). Concurrent installs are serialized by an advisory lock.
+pub async fn install(client: &mut Client) -> Result<InstallReport, QueueError> {
+    let server_version: i32 = client
+        .query_one("select current_setting('server_version_num')::int", &[])
+        .await
+        .context("reading the server version")?
+        .get(0);
+    if server_version < MIN_SERVER_VERSION_NUM {
+        return Err(QueueError::server_too_old(server_version));
+    }
+    let tx = client
+        .transaction()
+        .await
+        .context("starting the install transaction")?;
+    tx.execute(
+        "select pg_advisory_xact_lock(hashtext('ferry.install'))",
+        &[],
+    )
+    .await
+    .context("waiting for other installs")?;
+    tx.batch_execute(
+        r#"create schema if not exists "ferry";
+           create table if not exists "ferry"."schema_migration" (
+               "component"     text not null,
+               "version"       integer not null,
+               "ferry_version" text not null,
+               "applied_at"    timestamptz not null default now(),
+               primary key ("component", "version"));"#,
+    )
+    .await
+    .context("creating schema \"ferry\"")?;
+    let previous: Option<i32> = tx
+        .query_one(
+            r#"select max("version") from "ferry"."schema_migration" where "component" = $1"#,
+            &[&COMPONENT],
+        )
+        .await
+        .context("reading the installed version")?
+        .get(0);
+    for migration in MIGRATIONS.iter().filter(|m| Some(m.version) > previous) {
+        tx.batch_execute(migration.sql)
+            .await
+            .with_context(|| format!("applying queue schema version {}", migration.version))?;
+        tx.execute(
+            r#"insert into "ferry"."schema_migration" ("component", "version", "ferry_version") values ($1, $2, $3)"#,
+            &[&COMPONENT, &migration.version, &env!("CARGO_PKG_VERSION")],
+        )
+        .await
+        .context("recording the schema version")?;
+    }
+    tx.batch_execute(FUNCTIONS)
+        .await
+        .context("installing the queue functions")?;
+    tx.commit().await.context("committing the install")?;
+    Ok(InstallReport {
+        previous_version: previous,
+        version: latest_version(),
+    })
+}
+
+/// The installed queue schema version, `None` if the queue is not installed.
+pub async fn installed_version(client: &Client) -> Result<Option<i32>, QueueError> {
+    let installed: bool = client
+        .query_one(
+            "select to_regclass('\"ferry\".\"schema_migration\"') is not null",
+            &[],
+        )
+        .await
+        .context("looking for the queue schema")?
+        .get(0);
+    if !installed {
+        return Ok(None);
+    }
+    Ok(client
+        .query_one(
+            r#"select max("version") from "ferry"."schema_migration" where "component" = $1"#,
+            &[&COMPONENT],
+        )
+        .await
+        .context("reading the installed version")?
+        .get(0))
+}

@@ -1,0 +1,451 @@
+//! ferry's queue: PgQ-style event queues in plain SQL and PL/pgSQL (installed by
+//! [`install()`]), and a typed client for them.
+//!
+//! Writers call `ferry.insert_event` inside their transactions; the ticker calls
+//! [`tick_queues`]; a consumer loops over [`next_batch`], reads the batch's events with
+//! [`BatchCursor`] (in pages, inside a transaction), and calls [`finish_batch`]. Each committed
+//! event reaches each registered consumer exactly once, in the first batch after its commit.
+
+mod error;
+mod install;
+
+use std::time::SystemTime;
+
+use tokio_postgres::{GenericClient, Portal, Row, Transaction};
+
+pub use error::QueueError;
+use error::ResultExt;
+pub use install::{
+    install, installed_version, latest_version, InstallReport, COMPONENT, MIN_SERVER_VERSION_NUM,
+};
+
+/// The NOTIFY channel the ticker signals on after each tick; the payload is the queue name.
+pub const TICK_CHANNEL: &str = "ferry_tick";
+
+/// One event of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The event's id, unique within its queue, increasing in insert order.
+    pub id: i64,
+    /// When the inserting transaction started.
+    pub time: SystemTime,
+    /// The inserting transaction's txid.
+    pub txid: i64,
+    /// How many times it was retried (`None` for a first delivery).
+    pub retry: Option<i32>,
+    /// The event type.
+    pub ev_type: Option<String>,
+    /// The payload.
+    pub data: Option<String>,
+    /// Extra fields 1 to 4.
+    pub extra: [Option<String>; 4],
+}
+
+impl Event {
+    fn from_row(row: &Row) -> Event {
+        Event {
+            id: row.get(0),
+            time: row.get(1),
+            txid: row.get(2),
+            retry: row.get(3),
+            ev_type: row.get(4),
+            data: row.get(5),
+            extra: [row.get(6), row.get(7), row.get(8), row.get(9)],
+        }
+    }
+}
+
+/// A tick bounding a batch.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Tick {
+    /// The tick's id within its queue.
+    pub id: i64,
+    /// When it was taken.
+    pub time: SystemTime,
+    /// The queue's event sequence value at that time.
+    pub event_seq: i64,
+}
+
+/// A batch handed to a consumer: the events of transactions that became visible after
+/// `prev_tick` and by `cur_tick`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Batch {
+    /// The batch id, for reading and finishing it.
+    pub id: i64,
+    /// The consumer's position before the batch.
+    pub prev_tick: Tick,
+    /// The position the batch brings the consumer to.
+    pub cur_tick: Tick,
+}
+
+/// State of a queue, from `ferry.get_queue_info()`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct QueueInfo {
+    /// The queue's name.
+    pub name: String,
+    /// Number of rotating event tables.
+    pub ntables: i32,
+    /// The table new events go to.
+    pub cur_table: i32,
+    /// Seconds between rotations.
+    pub rotation_period_secs: f64,
+    /// Seconds since the last rotation.
+    pub since_rotation_secs: f64,
+    /// The latest tick's id.
+    pub last_tick_id: Option<i64>,
+    /// Seconds since the latest tick.
+    pub ticker_lag_secs: Option<f64>,
+    /// Events inserted since the latest tick (by the event sequence).
+    pub events_since_tick: Option<i64>,
+    /// Registered consumers.
+    pub consumers: i32,
+}
+
+/// State of a consumer, from `ferry.get_consumer_info()`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ConsumerInfo {
+    /// The queue.
+    pub queue: String,
+    /// The consumer.
+    pub consumer: String,
+    /// Age of the last tick it finished, in seconds.
+    pub lag_secs: f64,
+    /// Seconds since it last asked for a batch.
+    pub last_seen_secs: f64,
+    /// The last tick it finished.
+    pub last_tick: i64,
+    /// The batch it is working on.
+    pub current_batch: Option<i64>,
+    /// Events ticked past its position (by the event sequence).
+    pub pending_events: i64,
+}
+
+/// Creates a queue; `false` when it existed already.
+pub async fn create_queue(client: &impl GenericClient, queue: &str) -> Result<bool, QueueError> {
+    let row = client
+        .query_one(r#"select "ferry"."create_queue"($1)"#, &[&queue])
+        .await
+        .with_context(|| format!("creating queue \"{queue}\""))?;
+    Ok(row.get::<_, i32>(0) == 1)
+}
+
+/// Drops a queue and its events; refuses while consumers are registered unless `force`.
+/// `false` when there was no such queue.
+pub async fn drop_queue(
+    client: &impl GenericClient,
+    queue: &str,
+    force: bool,
+) -> Result<bool, QueueError> {
+    let row = client
+        .query_one(r#"select "ferry"."drop_queue"($1, $2)"#, &[&queue, &force])
+        .await
+        .with_context(|| format!("dropping queue \"{queue}\""))?;
+    Ok(row.get::<_, i32>(0) == 1)
+}
+
+/// Registers a consumer at the queue's latest tick; `false` when it was registered already.
+pub async fn register_consumer(
+    client: &impl GenericClient,
+    queue: &str,
+    consumer: &str,
+) -> Result<bool, QueueError> {
+    let row = client
+        .query_one(
+            r#"select "ferry"."register_consumer"($1, $2)"#,
+            &[&queue, &consumer],
+        )
+        .await
+        .with_context(|| format!("registering consumer \"{consumer}\" on queue \"{queue}\""))?;
+    Ok(row.get::<_, i32>(0) == 1)
+}
+
+/// Unregisters a consumer; `false` when it was not registered.
+pub async fn unregister_consumer(
+    client: &impl GenericClient,
+    queue: &str,
+    consumer: &str,
+) -> Result<bool, QueueError> {
+    let row = client
+        .query_one(
+            r#"select "ferry"."unregister_consumer"($1, $2)"#,
+            &[&queue, &consumer],
+        )
+        .await
+        .with_context(|| format!("unregistering consumer \"{consumer}\" from queue \"{queue}\""))?;
+    Ok(row.get::<_, i32>(0) == 1)
+}
+
+/// Inserts an event in the client's current transaction; returns its id.
+pub async fn insert_event(
+    client: &impl GenericClient,
+    queue: &str,
+    ev_type: &str,
+    data: &str,
+) -> Result<i64, QueueError> {
+    let row = client
+        .query_one(
+            r#"select "ferry"."insert_event"($1, $2, $3)"#,
+            &[&queue, &ev_type, &data],
+        )
+        .await
+        .with_context(|| format!("inserting an event into queue \"{queue}\""))?;
+    Ok(row.get(0))
+}
+
+/// Ticks every queue that has news or has idled long enough; returns how many were ticked.
+pub async fn tick_queues(client: &impl GenericClient) -> Result<i32, QueueError> {
+    let row = client
+        .query_one(r#"select "ferry"."ticker"()"#, &[])
+        .await
+        .context("ticking queues")?;
+    Ok(row.get(0))
+}
+
+/// Ticks one queue now; returns the tick's id.
+pub async fn tick(client: &impl GenericClient, queue: &str) -> Result<i64, QueueError> {
+    let row = client
+        .query_one(r#"select "ferry"."ticker"($1::text)"#, &[&queue])
+        .await
+        .with_context(|| format!("ticking queue \"{queue}\""))?;
+    Ok(row.get(0))
+}
+
+/// The consumer's open batch, or a new one if a newer tick exists; `None` when there is
+/// nothing yet. With `max_events`, one batch may span several ticks holding at most that many
+/// events (at least one tick).
+pub async fn next_batch(
+    client: &impl GenericClient,
+    queue: &str,
+    consumer: &str,
+    max_events: Option<i64>,
+) -> Result<Option<Batch>, QueueError> {
+    let row = client
+        .query_one(
+            r#"select batch_id, prev_tick_id, prev_tick_time, prev_tick_event_seq,
+                      cur_tick_id, cur_tick_time, cur_tick_event_seq
+                 from "ferry"."next_batch_info"($1, $2, $3)"#,
+            &[&queue, &consumer, &max_events],
+        )
+        .await
+        .with_context(|| {
+            format!("asking queue \"{queue}\" for the next batch of consumer \"{consumer}\"")
+        })?;
+    let Some(id) = row.get::<_, Option<i64>>(0) else {
+        return Ok(None);
+    };
+    Ok(Some(Batch {
+        id,
+        prev_tick: Tick {
+            id: row.get(1),
+            time: row.get(2),
+            event_seq: row.get(3),
+        },
+        cur_tick: Tick {
+            id: row.get(4),
+            time: row.get(5),
+            event_seq: row.get(6),
+        },
+    }))
+}
+
+/// Finishes a batch: the consumer moves to its tick. `false` when the batch was not open.
+pub async fn finish_batch(client: &impl GenericClient, batch_id: i64) -> Result<bool, QueueError> {
+    let row = client
+        .query_one(r#"select "ferry"."finish_batch"($1)"#, &[&batch_id])
+        .await
+        .with_context(|| format!("finishing batch {batch_id}"))?;
+    Ok(row.get::<_, i32>(0) == 1)
+}
+
+/// Asks for an event of an open batch to be delivered again to this consumer after
+/// `retry_seconds`; `false` when the event is not in the batch.
+pub async fn event_retry(
+    client: &impl GenericClient,
+    batch_id: i64,
+    event_id: i64,
+    retry_seconds: i32,
+) -> Result<bool, QueueError> {
+    let row = client
+        .query_one(
+            r#"select "ferry"."event_retry"($1, $2, $3)"#,
+            &[&batch_id, &event_id, &retry_seconds],
+        )
+        .await
+        .with_context(|| format!("retrying event {event_id} of batch {batch_id}"))?;
+    Ok(row.get::<_, i32>(0) == 1)
+}
+
+/// All events of a batch at once. For batches of any size use [`BatchCursor`].
+pub async fn get_batch_events(
+    client: &impl GenericClient,
+    batch_id: i64,
+) -> Result<Vec<Event>, QueueError> {
+    let rows = client
+        .query(
+            r#"select * from "ferry"."get_batch_events"($1)"#,
+            &[&batch_id],
+        )
+        .await
+        .with_context(|| format!("reading the events of batch {batch_id}"))?;
+    Ok(rows.iter().map(Event::from_row).collect())
+}
+
+/// Pages through a batch's events, in id order, inside a transaction, holding at most one
+/// page in memory.
+pub struct BatchCursor<'t, 'c> {
+    tx: &'t Transaction<'c>,
+    portal: Portal,
+    batch_id: i64,
+    done: bool,
+}
+
+impl<'t, 'c> BatchCursor<'t, 'c> {
+    /// Opens the cursor over batch `batch_id`'s events.
+    pub async fn open(
+        tx: &'t Transaction<'c>,
+        batch_id: i64,
+    ) -> Result<BatchCursor<'t, 'c>, QueueError> {
+        let sql: String = tx
+            .query_one(r#"select "ferry"."batch_event_sql"($1)"#, &[&batch_id])
+            .await
+            .with_context(|| format!("building the query for batch {batch_id}"))?
+            .get(0);
+        let statement = tx
+            .prepare(&sql)
+            .await
+            .with_context(|| format!("preparing the query for batch {batch_id}"))?;
+        let portal = tx
+            .bind(&statement, &[])
+            .await
+            .with_context(|| format!("opening the cursor for batch {batch_id}"))?;
+        Ok(BatchCursor {
+            tx,
+            portal,
+            batch_id,
+            done: false,
+        })
+    }
+
+    /// The next page of at most `page_size` events; empty when the batch is exhausted.
+    pub async fn next_page(&mut self, page_size: i32) -> Result<Vec<Event>, QueueError> {
+        if self.done {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .tx
+            .query_portal(&self.portal, page_size.max(1))
+            .await
+            .with_context(|| format!("reading the events of batch {}", self.batch_id))?;
+        if rows.len() < page_size.max(1) as usize {
+            self.done = true;
+        }
+        Ok(rows.iter().map(Event::from_row).collect())
+    }
+}
+
+/// State of every queue.
+pub async fn queue_info(client: &impl GenericClient) -> Result<Vec<QueueInfo>, QueueError> {
+    let rows = client
+        .query(
+            r#"select queue_name, queue_ntables, queue_cur_table,
+                      extract(epoch from queue_rotation_period)::float8,
+                      extract(epoch from now() - queue_switch_time)::float8,
+                      last_tick_id, extract(epoch from ticker_lag)::float8, ev_new, consumers
+                 from "ferry"."get_queue_info"()"#,
+            &[],
+        )
+        .await
+        .context("reading queue state")?;
+    Ok(rows
+        .iter()
+        .map(|r| QueueInfo {
+            name: r.get(0),
+            ntables: r.get(1),
+            cur_table: r.get(2),
+            rotation_period_secs: r.get(3),
+            since_rotation_secs: r.get(4),
+            last_tick_id: r.get(5),
+            ticker_lag_secs: r.get(6),
+            events_since_tick: r.get(7),
+            consumers: r.get(8),
+        })
+        .collect())
+}
+
+/// State of the consumers of `queue` (of all queues when `None`).
+pub async fn consumer_info(
+    client: &impl GenericClient,
+    queue: Option<&str>,
+) -> Result<Vec<ConsumerInfo>, QueueError> {
+    let rows = client
+        .query(
+            r#"select queue_name, consumer_name, extract(epoch from lag)::float8,
+                      extract(epoch from last_seen)::float8, last_tick, current_batch, pending_events
+                 from "ferry"."get_consumer_info"($1)"#,
+            &[&queue],
+        )
+        .await
+        .context("reading consumer state")?;
+    Ok(rows
+        .iter()
+        .map(|r| ConsumerInfo {
+            queue: r.get(0),
+            consumer: r.get(1),
+            lag_secs: r.get(2),
+            last_seen_secs: r.get(3),
+            last_tick: r.get(4),
+            current_batch: r.get(5),
+            pending_events: r.get(6),
+        })
+        .collect())
+}
+
+/// Sets `rotation_period` or `ticker_idle_period` (an interval, e.g. `'10 minutes'`) of a queue.
+pub async fn set_queue_config(
+    client: &impl GenericClient,
+    queue: &str,
+    param: &str,
+    value: &str,
+) -> Result<(), QueueError> {
+    client
+        .query_one(
+            r#"select "ferry"."set_queue_config"($1, $2, $3)"#,
+            &[&queue, &param, &value],
+        )
+        .await
+        .with_context(|| format!("setting {param} of queue \"{queue}\""))?;
+    Ok(())
+}
+
+/// Rotates the queue's event tables if due and safe; `true` when it rotated.
+pub async fn maint_rotate_tables(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<bool, QueueError> {
+    let row = client
+        .query_one(r#"select "ferry"."maint_rotate_tables"($1)"#, &[&queue])
+        .await
+        .with_context(|| format!("rotating the event tables of queue \"{queue}\""))?;
+    Ok(row.get::<_, i32>(0) == 1)
+}
+
+/// Puts due retried events back into their queues; returns how many.
+pub async fn maint_retry_events(client: &impl GenericClient) -> Result<i32, QueueError> {
+    let row = client
+        .query_one(r#"select "ferry"."maint_retry_events"()"#, &[])
+        .await
+        .context("moving due retried events back")?;
+    Ok(row.get(0))
+}
+
+/// Deletes the queue's ticks that no consumer needs; returns how many.
+pub async fn maint_tick_cleanup(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<i32, QueueError> {
+    let row = client
+        .query_one(r#"select "ferry"."maint_tick_cleanup"($1)"#, &[&queue])
+        .await
+        .with_context(|| format!("cleaning up the ticks of queue \"{queue}\""))?;
+    Ok(row.get(0))
+}

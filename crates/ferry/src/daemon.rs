@@ -1,0 +1,240 @@
+//! Running daemons and controlling running ones (`-s`, `-k`, `-r`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ferry_config::{
+    daemon_sections, DaemonSettings, TickerConfig, REPLICATION_SECTION, TICKER_SECTION,
+};
+use ferry_connect::ConnInfo;
+use ferry_daemon::logging::{self, LogFileSettings, LogTarget, Verbosity};
+use ferry_daemon::{pidfile, PidFile, PidFileError};
+use ferry_ticker::TickerSettings;
+
+use crate::cli::load_ini;
+use crate::Failure;
+
+/// What `-s`, `-k` and `-r` ask of a running daemon.
+#[derive(Debug, Clone, Copy)]
+pub enum Control {
+    /// SIGINT, then wait for it to exit.
+    Stop,
+    /// SIGTERM, then wait for it to exit.
+    Kill,
+    /// SIGHUP.
+    Reload,
+}
+
+fn ticker_settings(config: &Path) -> Result<(TickerConfig, TickerSettings, Vec<String>), Failure> {
+    let ini = load_ini(config)?;
+    let (ticker, warnings) = TickerConfig::from_ini(&ini).map_err(|e| Failure::usage(&e))?;
+    let db = ConnInfo::parse(&ticker.db).map_err(|e| {
+        Failure::Usage(format!(
+            "{}: [{TICKER_SECTION}] db: {}",
+            config.display(),
+            ferry_ticker::report(&e)
+        ))
+    })?;
+    let settings = TickerSettings {
+        job_name: ticker.daemon.job_name.clone(),
+        db,
+        loop_delay: ticker.loop_delay,
+        maint_delay: ticker.maint_delay,
+    };
+    Ok((ticker, settings, warnings))
+}
+
+/// `ferry CONFIG ticker [-d]`.
+pub fn run_ticker(config: &Path, detach: bool, verbosity: Verbosity) -> Result<(), Failure> {
+    let (ticker, settings, warnings) = ticker_settings(config)?;
+    let daemon = prepare(config, TICKER_SECTION, &ticker.daemon, detach, verbosity)?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let config = config.to_path_buf();
+    let reload_settings = move || {
+        ticker_settings(&config)
+            .map(|(_, settings, _)| settings)
+            .map_err(|f| match f {
+                Failure::Usage(m) | Failure::Runtime(m) => m,
+            })
+    };
+    daemon.run(|shutdown, reload| async move {
+        ferry_ticker::run(settings, reload_settings, shutdown, reload)
+            .await
+            .map_err(|e| Failure::usage(&e))
+    })
+}
+
+/// A daemon ready to run: pid file held, detached if asked, logging on.
+struct Prepared {
+    pidfile: Option<PidFile>,
+    log: logging::LogGuard,
+}
+
+/// Takes the pid file, detaches if asked, and starts logging — in that order, before any
+/// thread exists, so that a second instance is refused on the terminal, not in a log.
+fn prepare(
+    config: &Path,
+    section: &str,
+    daemon: &DaemonSettings,
+    detach: bool,
+    verbosity: Verbosity,
+) -> Result<Prepared, Failure> {
+    if detach && daemon.pidfile.is_none() {
+        return Err(Failure::Usage(format!(
+            "{}: [{section}] pidfile: required to run detached (-d)",
+            config.display()
+        )));
+    }
+    let mut pidfile = match &daemon.pidfile {
+        Some(path) => Some(PidFile::acquire(path).map_err(|e| match e {
+            PidFileError::AlreadyRunning { .. } => {
+                Failure::Runtime(format!("{}: {}", daemon.job_name, ferry_ticker::report(&e)))
+            }
+            other => Failure::runtime(&other),
+        })?),
+        None => None,
+    };
+    let target = LogTarget {
+        stderr: !detach,
+        file: daemon.logfile.as_ref().map(|path| LogFileSettings {
+            path: path.clone(),
+            max_size: daemon.log_size,
+            keep: daemon.log_count,
+        }),
+    };
+    if detach {
+        if target.file.is_none() {
+            eprintln!("ferry: warning: [{section}] has no logfile; the detached daemon's logs are discarded");
+        }
+        // open the log file while errors can still reach the terminal
+        if let Some(file) = &target.file {
+            logging::RotatingFile::open(file).map_err(|e| Failure::runtime(&e))?;
+        }
+        ferry_daemon::detach().map_err(|e| Failure::Runtime(format!("cannot detach: {e}")))?;
+    }
+    if let Some(pidfile) = pidfile.as_mut() {
+        pidfile.write_pid().map_err(|e| Failure::runtime(&e))?;
+    }
+    let log = logging::init(&target, verbosity).map_err(|e| Failure::runtime(&e))?;
+    Ok(Prepared { pidfile, log })
+}
+
+impl Prepared {
+    /// Builds the runtime, wires signals to shutdown and reload (reload also reopens the log
+    /// file), runs `job` to its end, then releases the pid file.
+    fn run<F, Fut>(self, job: F) -> Result<(), Failure>
+    where
+        F: FnOnce(ferry_daemon::Shutdown, ferry_daemon::Reload) -> Fut,
+        Fut: std::future::Future<Output = Result<(), Failure>>,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| Failure::runtime(&e))?;
+        let result = runtime.block_on(async {
+            let (shutdown_handle, shutdown) = ferry_daemon::shutdown_channel();
+            let (reload_handle, reload) = ferry_daemon::reload_channel();
+            ferry_daemon::handle_signals(shutdown_handle, reload_handle)
+                .map_err(|e| Failure::runtime(&e))?;
+            let mut log_reload = reload.clone();
+            let reopen = self.log.reopener();
+            tokio::spawn(async move {
+                loop {
+                    log_reload.requested().await;
+                    reopen();
+                }
+            });
+            job(shutdown, reload).await
+        });
+        if let Err(Failure::Runtime(message) | Failure::Usage(message)) = &result {
+            tracing::error!(error = %message, "stopped by an error");
+        }
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        drop(self.pidfile);
+        drop(self.log);
+        result
+    }
+}
+
+/// `ferry -s|-k|-r CONFIG [COMMAND]`: signals the daemon(s) of CONFIG; `-s` and `-k` wait for
+/// them to exit. A daemon that is not running is fine for `-s`/`-k` (it is stopped) and an
+/// error for `-r`.
+pub fn control(config: &Path, command: Option<&str>, what: Control) -> Result<(), Failure> {
+    let ini = load_ini(config)?;
+    let wanted = match command {
+        None => None,
+        Some("ticker" | "install" | "status") => Some(TICKER_SECTION),
+        Some("replay" | "provider" | "subscriber") => Some(REPLICATION_SECTION),
+        Some(other) => return Err(Failure::Usage(format!("unknown command '{other}'"))),
+    };
+    let sections: Vec<(String, DaemonSettings)> = daemon_sections(&ini)
+        .map_err(|e| Failure::usage(&e))?
+        .into_iter()
+        .filter(|(name, _)| wanted.is_none_or(|w| w == name))
+        .collect();
+    let with_pidfile: Vec<_> = sections
+        .iter()
+        .filter(|(_, d)| d.pidfile.is_some())
+        .collect();
+    if with_pidfile.is_empty() {
+        return Err(Failure::Usage(format!(
+            "{}: no daemon section with a pidfile ({})",
+            config.display(),
+            wanted
+                .map(|w| format!("[{w}]"))
+                .unwrap_or_else(|| format!("[{TICKER_SECTION}] or [{REPLICATION_SECTION}]"))
+        )));
+    }
+    for (_, daemon) in with_pidfile {
+        let path = daemon.pidfile.as_ref().expect("filtered");
+        let signal = match what {
+            Control::Stop => libc::SIGINT,
+            Control::Kill => libc::SIGTERM,
+            Control::Reload => libc::SIGHUP,
+        };
+        match pidfile::signal_running(path, signal) {
+            Ok(pid) => match what {
+                Control::Reload => println!("{}: reload requested (pid {pid})", daemon.job_name),
+                Control::Stop | Control::Kill => {
+                    let limit = if matches!(what, Control::Stop) {
+                        120
+                    } else {
+                        30
+                    };
+                    wait_gone(path, Duration::from_secs(limit)).map_err(|_| {
+                        Failure::Runtime(format!(
+                            "{}: pid {pid} still running after {limit} s",
+                            daemon.job_name
+                        ))
+                    })?;
+                    println!("{}: stopped (pid {pid})", daemon.job_name);
+                }
+            },
+            Err(PidFileError::NotRunning { .. }) => match what {
+                Control::Reload => {
+                    return Err(Failure::Runtime(format!(
+                        "{}: not running",
+                        daemon.job_name
+                    )))
+                }
+                _ => println!("{}: not running", daemon.job_name),
+            },
+            Err(other) => return Err(Failure::runtime(&other)),
+        }
+    }
+    Ok(())
+}
+
+fn wait_gone(path: &Path, limit: Duration) -> Result<(), ()> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if pidfile::running_pid(path).is_err() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(())
+}

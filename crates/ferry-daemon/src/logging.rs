@@ -27,7 +27,8 @@ impl Verbosity {
         match self {
             Verbosity::Quiet => "warn",
             Verbosity::Normal => "info",
-            Verbosity::Verbose => "debug",
+            // the driver's per-query lines would drown everything else
+            Verbosity::Verbose => "debug,tokio_postgres=info",
         }
     }
 }

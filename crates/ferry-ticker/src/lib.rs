@@ -1,7 +1,7 @@
 //! The ticker daemon: every `loop_delay` it ticks the queues that have news (so events reach
 //! consumers at most `loop_delay` late, and idle queues still tick now and then); every
-//! `maint_delay` it rotates event tables, puts due retried events back and deletes ticks no
-//! consumer needs. Each tick NOTIFYs the queue's consumers. When the database goes away it
+//! `maint_delay` it rotates event tables (and ticks the rotated queue, so consumers pass the
+//! switch soon), puts due retried events back and deletes ticks no consumer needs. Each tick NOTIFYs the queue's consumers. When the database goes away it
 //! reconnects with backoff, logging one line when the outage starts and one when it ends.
 
 mod health;
@@ -169,7 +169,10 @@ async fn maintenance(session: &Session) -> Result<(), QueueError> {
     let client = session.client();
     for queue in ferry_queue::queue_info(client).await? {
         if ferry_queue::maint_rotate_tables(client, &queue.name).await? {
-            tracing::info!(queue = %queue.name, "event tables rotated");
+            // consumers pass the switch at their next tick; give them one now, so an idle
+            // queue need not wait a whole idle period for the next rotation
+            let tick = ferry_queue::tick(client, &queue.name).await?;
+            tracing::info!(queue = %queue.name, tick, "event tables rotated");
         }
         let cleaned = ferry_queue::maint_tick_cleanup(client, &queue.name).await?;
         tracing::debug!(queue = %queue.name, ticks = cleaned, "old ticks deleted");

@@ -1,0 +1,387 @@
+//! The queue's SQL on a real cluster: install and upgrade, privileges, batches, retries, and
+//! rotation's safety against writers that see an old current table.
+
+use ferry_queue::{BatchCursor, Event};
+use ferry_testkit::Cluster;
+use tokio_postgres::Client;
+
+async fn installed_db(name: &str) -> (Client, String) {
+    let db = Cluster::shared().database(name).await;
+    let mut client = ferry_testkit::connect(&db.conninfo).await;
+    ferry_queue::install(&mut client).await.expect("install");
+    (client, db.conninfo)
+}
+
+fn payloads(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e.data.clone().unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test]
+async fn install_twice_is_harmless_and_records_the_version() {
+    let db = Cluster::shared().database("install_twice").await;
+    let mut client = ferry_testkit::connect(&db.conninfo).await;
+    assert_eq!(ferry_queue::installed_version(&client).await.unwrap(), None);
+    let first = ferry_queue::install(&mut client).await.unwrap();
+    assert_eq!(first.previous_version, None);
+    assert!(first.upgraded());
+    ferry_queue::create_queue(&client, "q").await.unwrap();
+    let second = ferry_queue::install(&mut client).await.unwrap();
+    assert_eq!(second.previous_version, Some(ferry_queue::latest_version()));
+    assert!(!second.upgraded());
+    assert_eq!(
+        ferry_queue::installed_version(&client).await.unwrap(),
+        Some(ferry_queue::latest_version())
+    );
+    // the queue survived the reinstall
+    assert_eq!(ferry_queue::queue_info(&client).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_database_owner_without_superuser_can_install_and_plain_writers_can_insert() {
+    let cluster = Cluster::shared();
+    let admin = cluster.connect("postgres").await;
+    admin
+        .batch_execute("create role queue_owner login nosuperuser nocreatedb nocreaterole; create role app_writer login")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("create database owned_by_queue_owner owner queue_owner")
+        .await
+        .unwrap();
+    let owner_conninfo = cluster
+        .conninfo("owned_by_queue_owner")
+        .replace("user=postgres", "user=queue_owner");
+    let mut owner = ferry_testkit::connect(&owner_conninfo).await;
+    ferry_queue::install(&mut owner)
+        .await
+        .expect("a database owner can install");
+    ferry_queue::create_queue(&owner, "q").await.unwrap();
+    ferry_queue::register_consumer(&owner, "q", "c")
+        .await
+        .unwrap();
+    owner
+        .batch_execute(r#"grant usage on schema "ferry" to app_writer"#)
+        .await
+        .unwrap();
+
+    // a writer with no rights on the queue tables inserts through the security definer function
+    let writer_conninfo = cluster
+        .conninfo("owned_by_queue_owner")
+        .replace("user=postgres", "user=app_writer");
+    let writer = ferry_testkit::connect(&writer_conninfo).await;
+    ferry_queue::insert_event(&writer, "q", "t", "from a plain role")
+        .await
+        .unwrap();
+    let denied = writer
+        .batch_execute(r#"insert into "ferry"."event" values (1, 0, 1, now(), 1)"#)
+        .await;
+    assert!(
+        denied.is_err(),
+        "plain roles must not write event tables directly"
+    );
+
+    ferry_queue::tick(&owner, "q").await.unwrap();
+    let batch = ferry_queue::next_batch(&owner, "q", "c", None)
+        .await
+        .unwrap()
+        .unwrap();
+    let events = ferry_queue::get_batch_events(&owner, batch.id)
+        .await
+        .unwrap();
+    assert_eq!(payloads(&events), vec!["from a plain role"]);
+}
+
+#[tokio::test]
+async fn batches_are_bounded_by_ticks_and_repeat_until_finished() {
+    let (mut client, _) = installed_db("batch_bounds").await;
+    ferry_queue::create_queue(&client, "q").await.unwrap();
+    ferry_queue::register_consumer(&client, "q", "c")
+        .await
+        .unwrap();
+    assert!(ferry_queue::next_batch(&client, "q", "c", None)
+        .await
+        .unwrap()
+        .is_none());
+    for i in 0..2500 {
+        ferry_queue::insert_event(&client, "q", "t", &format!("e{i}"))
+            .await
+            .unwrap();
+    }
+    ferry_queue::tick(&client, "q").await.unwrap();
+    ferry_queue::insert_event(&client, "q", "t", "after the tick")
+        .await
+        .unwrap();
+
+    let batch = ferry_queue::next_batch(&client, "q", "c", None)
+        .await
+        .unwrap()
+        .unwrap();
+    // not finished: the same batch again
+    let again = ferry_queue::next_batch(&client, "q", "c", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(batch, again);
+    let all = ferry_queue::get_batch_events(&client, batch.id)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2500);
+    assert!(
+        all.windows(2).all(|w| w[0].id < w[1].id),
+        "events in id order"
+    );
+
+    // the cursor pages through the same events
+    let tx = client.transaction().await.unwrap();
+    let mut paged = Vec::new();
+    let mut cursor = BatchCursor::open(&tx, batch.id).await.unwrap();
+    let mut pages = 0;
+    loop {
+        let page = cursor.next_page(1000).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        pages += 1;
+        paged.extend(page);
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(paged, all);
+    assert!(ferry_queue::finish_batch(&tx, batch.id).await.unwrap());
+    tx.commit().await.unwrap();
+    assert!(!ferry_queue::finish_batch(&client, batch.id).await.unwrap());
+
+    ferry_queue::tick(&client, "q").await.unwrap();
+    let next = ferry_queue::next_batch(&client, "q", "c", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.prev_tick.id, batch.cur_tick.id);
+    let events = ferry_queue::get_batch_events(&client, next.id)
+        .await
+        .unwrap();
+    assert_eq!(payloads(&events), vec!["after the tick"]);
+}
+
+#[tokio::test]
+async fn max_events_lets_a_batch_span_several_ticks() {
+    let (client, _) = installed_db("max_events").await;
+    ferry_queue::create_queue(&client, "q").await.unwrap();
+    ferry_queue::register_consumer(&client, "q", "c")
+        .await
+        .unwrap();
+    for t in 0..5 {
+        for i in 0..10 {
+            ferry_queue::insert_event(&client, "q", "t", &format!("t{t}-{i}"))
+                .await
+                .unwrap();
+        }
+        ferry_queue::tick(&client, "q").await.unwrap();
+    }
+    let batch = ferry_queue::next_batch(&client, "q", "c", Some(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(batch.cur_tick.id - batch.prev_tick.id, 3);
+    assert_eq!(
+        ferry_queue::get_batch_events(&client, batch.id)
+            .await
+            .unwrap()
+            .len(),
+        30
+    );
+    ferry_queue::finish_batch(&client, batch.id).await.unwrap();
+    let rest = ferry_queue::next_batch(&client, "q", "c", Some(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        rest.cur_tick.id - rest.prev_tick.id,
+        1,
+        "at least one tick per batch"
+    );
+}
+
+#[tokio::test]
+async fn a_retried_event_comes_back_to_its_consumer_only() {
+    let (client, _) = installed_db("retry").await;
+    ferry_queue::create_queue(&client, "q").await.unwrap();
+    ferry_queue::register_consumer(&client, "q", "a")
+        .await
+        .unwrap();
+    ferry_queue::register_consumer(&client, "q", "b")
+        .await
+        .unwrap();
+    let id = ferry_queue::insert_event(&client, "q", "t", "once more")
+        .await
+        .unwrap();
+    ferry_queue::tick(&client, "q").await.unwrap();
+    let a = ferry_queue::next_batch(&client, "q", "a", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ferry_queue::event_retry(&client, a.id, id, 0)
+        .await
+        .unwrap());
+    assert!(!ferry_queue::event_retry(&client, a.id, id + 1000, 0)
+        .await
+        .unwrap());
+    ferry_queue::finish_batch(&client, a.id).await.unwrap();
+    let b = ferry_queue::next_batch(&client, "q", "b", None)
+        .await
+        .unwrap()
+        .unwrap();
+    ferry_queue::finish_batch(&client, b.id).await.unwrap();
+
+    assert_eq!(ferry_queue::maint_retry_events(&client).await.unwrap(), 1);
+    assert_eq!(
+        ferry_queue::tick_queues(&client).await.unwrap(),
+        1,
+        "a requeued event is news"
+    );
+    let a2 = ferry_queue::next_batch(&client, "q", "a", None)
+        .await
+        .unwrap()
+        .unwrap();
+    let again = ferry_queue::get_batch_events(&client, a2.id).await.unwrap();
+    assert_eq!(payloads(&again), vec!["once more"]);
+    assert_eq!(again[0].id, id);
+    assert_eq!(again[0].retry, Some(1));
+    let b2 = ferry_queue::next_batch(&client, "q", "b", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ferry_queue::get_batch_events(&client, b2.id)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn rotation_never_truncates_an_event_written_by_a_writer_with_an_old_snapshot() {
+    let (client, conninfo) = installed_db("stale_writer").await;
+    ferry_queue::create_queue(&client, "q").await.unwrap();
+    ferry_queue::register_consumer(&client, "q", "c")
+        .await
+        .unwrap();
+    ferry_queue::set_queue_config(&client, "q", "rotation_period", "0")
+        .await
+        .unwrap();
+    let consume_all = || async {
+        let mut got = Vec::new();
+        ferry_queue::tick(&client, "q").await.unwrap();
+        while let Some(b) = ferry_queue::next_batch(&client, "q", "c", None)
+            .await
+            .unwrap()
+        {
+            got.extend(payloads(
+                &ferry_queue::get_batch_events(&client, b.id).await.unwrap(),
+            ));
+            ferry_queue::finish_batch(&client, b.id).await.unwrap();
+        }
+        got
+    };
+
+    // a REPEATABLE READ writer takes its snapshot while table 0 is current
+    let mut stale = ferry_testkit::connect(&conninfo).await;
+    let stale_tx = stale
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    stale_tx.query_one("select 1", &[]).await.unwrap();
+
+    // two rotations: table 1, then table 2 current; table 0 is next to be truncated
+    assert!(ferry_queue::maint_rotate_tables(&client, "q")
+        .await
+        .unwrap());
+    consume_all().await;
+    assert!(ferry_queue::maint_rotate_tables(&client, "q")
+        .await
+        .unwrap());
+    consume_all().await;
+
+    // the writer still sees table 0 as current, and writes there
+    stale_tx
+        .query_one(
+            r#"select "ferry"."insert_event"('q', 't', 'stale writer')"#,
+            &[],
+        )
+        .await
+        .unwrap();
+    stale_tx.commit().await.unwrap();
+    let in_table_0: i64 = client
+        .query_one(
+            r#"select count(*) from "ferry"."event" where "ev_part" = 0"#,
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(in_table_0, 1, "the writer used the table of its snapshot");
+
+    // the consumer has passed the last switch, but this event is unread: rotating onto
+    // table 0 must wait
+    assert!(
+        !ferry_queue::maint_rotate_tables(&client, "q")
+            .await
+            .unwrap(),
+        "rotation truncated a table holding an unread event"
+    );
+    assert_eq!(consume_all().await, vec!["stale writer"]);
+    consume_all().await;
+    assert!(ferry_queue::maint_rotate_tables(&client, "q")
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
+async fn drop_queue_refuses_while_consumers_are_registered() {
+    let (client, _) = installed_db("drop_queue").await;
+    ferry_queue::create_queue(&client, "q").await.unwrap();
+    assert!(!ferry_queue::create_queue(&client, "q").await.unwrap());
+    ferry_queue::register_consumer(&client, "q", "c")
+        .await
+        .unwrap();
+    let err = ferry_queue::drop_queue(&client, "q", false)
+        .await
+        .unwrap_err();
+    let text = error_chain(&err);
+    assert!(text.contains("still has 1 consumer"), "{text}");
+    assert!(ferry_queue::drop_queue(&client, "q", true).await.unwrap());
+    assert!(!ferry_queue::drop_queue(&client, "q", false).await.unwrap());
+    let left: i64 = client
+        .query_one(
+            r#"select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                where n.nspname = 'ferry' and c.relname like 'event\_1%'"#,
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "event tables and sequence dropped");
+}
+
+#[tokio::test]
+async fn missing_schema_is_reported_as_not_installed() {
+    let db = Cluster::shared().database("not_installed").await;
+    let client = ferry_testkit::connect(&db.conninfo).await;
+    let err = ferry_queue::tick_queues(&client).await.unwrap_err();
+    assert!(err.is_not_installed());
+    assert!(!err.is_connection_lost());
+    assert!(err.to_string().contains("ferry CONFIG install"), "{err}");
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -116,9 +116,14 @@ impl Reload {
     }
 }
 
-/// Turns SIGINT, SIGTERM and SIGHUP into shutdown and reload requests. Must run inside a
-/// tokio runtime; the task lives as long as the runtime.
-pub fn handle_signals(shutdown: ShutdownHandle, reload: ReloadHandle) -> std::io::Result<()> {
+/// Turns SIGINT, SIGTERM and SIGHUP into shutdown and reload requests. On SIGHUP `on_hangup`
+/// (reopening the log file) runs before reloaders are woken, so what they log lands in the
+/// new file. Must run inside a tokio runtime; the task lives as long as the runtime.
+pub fn handle_signals(
+    shutdown: ShutdownHandle,
+    reload: ReloadHandle,
+    on_hangup: impl Fn() + Send + 'static,
+) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -135,6 +140,7 @@ pub fn handle_signals(shutdown: ShutdownHandle, reload: ReloadHandle) -> std::io
                     shutdown.request(StopMode::Immediate);
                 }
                 Some(()) = hangup.recv() => {
+                    on_hangup();
                     tracing::info!("sighup received: reloading configuration and reopening the log file");
                     reload.request();
                 }

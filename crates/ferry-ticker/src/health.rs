@@ -1,34 +1,28 @@
-//! One log line when a problem starts (or changes), one when it ends; nothing per attempt.
+//! One warning when trouble starts, one line when it ends; the attempts in between (and how
+//! the trouble's message changes while it lasts) are debug lines only.
 
 use std::time::Instant;
 
-/// The current problem, if any, and since when.
+/// Whether something is failing, since when.
 #[derive(Debug, Default)]
 pub(crate) struct Health {
-    problem: Option<(String, Instant)>,
+    failing_since: Option<Instant>,
 }
 
 impl Health {
-    /// Records a failing attempt; logs only when this problem is new.
+    /// Records a failed attempt; warns only if things were fine until now.
     pub(crate) fn problem(&mut self, message: &str) {
-        match &self.problem {
-            Some((current, _)) if current == message => {
-                tracing::debug!(error = %message, "still failing");
-            }
-            Some((_, since)) => {
-                tracing::warn!(error = %message, "retrying");
-                self.problem = Some((message.to_string(), *since));
-            }
-            None => {
-                tracing::warn!(error = %message, "retrying");
-                self.problem = Some((message.to_string(), Instant::now()));
-            }
+        if self.failing_since.is_some() {
+            tracing::debug!(error = %message, "still failing; retrying");
+        } else {
+            tracing::warn!(error = %message, "retrying until it works");
+            self.failing_since = Some(Instant::now());
         }
     }
 
-    /// Records a success; logs the end of a problem.
+    /// Records a success; logs the end of the trouble.
     pub(crate) fn ok(&mut self) {
-        if let Some((_, since)) = self.problem.take() {
+        if let Some(since) = self.failing_since.take() {
             tracing::info!(
                 after_secs = since.elapsed().as_secs_f64().round(),
                 "working again"

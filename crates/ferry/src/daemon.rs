@@ -137,24 +137,16 @@ impl Prepared {
         let result = runtime.block_on(async {
             let (shutdown_handle, shutdown) = ferry_daemon::shutdown_channel();
             let (reload_handle, reload) = ferry_daemon::reload_channel();
-            ferry_daemon::handle_signals(shutdown_handle, reload_handle)
+            ferry_daemon::handle_signals(shutdown_handle, reload_handle, self.log.reopener())
                 .map_err(|e| Failure::runtime(&e))?;
-            let mut log_reload = reload.clone();
-            let reopen = self.log.reopener();
-            tokio::spawn(async move {
-                loop {
-                    log_reload.requested().await;
-                    reopen();
-                }
-            });
             job(shutdown, reload).await
         });
         if let Err(Failure::Runtime(message) | Failure::Usage(message)) = &result {
             tracing::error!(error = %message, "stopped by an error");
         }
         runtime.shutdown_timeout(Duration::from_secs(1));
-        drop(self.pidfile);
         drop(self.log);
+        drop(self.pidfile);
         result
     }
 }
@@ -204,7 +196,7 @@ pub fn control(config: &Path, command: Option<&str>, what: Control) -> Result<()
                     } else {
                         30
                     };
-                    wait_gone(path, Duration::from_secs(limit)).map_err(|_| {
+                    wait_gone(path, pid, Duration::from_secs(limit)).map_err(|_| {
                         Failure::Runtime(format!(
                             "{}: pid {pid} still running after {limit} s",
                             daemon.job_name
@@ -228,13 +220,29 @@ pub fn control(config: &Path, command: Option<&str>, what: Control) -> Result<()
     Ok(())
 }
 
-fn wait_gone(path: &Path, limit: Duration) -> Result<(), ()> {
+/// Waits until the daemon has released its pid file and its process has exited.
+fn wait_gone(path: &Path, pid: i32, limit: Duration) -> Result<(), ()> {
     let start = Instant::now();
     while start.elapsed() < limit {
-        if pidfile::running_pid(path).is_err() {
+        if pidfile::running_pid(path).is_err() && process_gone(pid) {
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
     Err(())
+}
+
+/// Whether `pid` has exited (a zombie waiting for its parent counts as exited).
+fn process_gone(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return true;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
 }

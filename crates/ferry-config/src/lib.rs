@@ -334,3 +334,31 @@ mod tests {
         assert_eq!(c.daemon.pidfile.unwrap(), Path::new("/etc/ferry/run/x.pid"));
     }
 }
+
+#[cfg(test)]
+mod shipped_examples {
+    use super::*;
+
+    #[test]
+    fn the_example_configs_in_etc_parse_without_warnings() {
+        let ticker = IniFile::parse(
+            Path::new("etc/db1-ticker.ini"),
+            include_str!("../../../etc/db1-ticker.ini"),
+        )
+        .unwrap();
+        let (config, warnings) = TickerConfig::from_ini(&ticker).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            config.daemon.pidfile.unwrap(),
+            Path::new("/var/run/ferry/db1-ticker.pid")
+        );
+        let replication = IniFile::parse(
+            Path::new("etc/db1-londiste.ini"),
+            include_str!("../../../etc/db1-londiste.ini"),
+        )
+        .unwrap();
+        let (config, warnings) = ReplicationConfig::from_ini(&replication).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(config.queue_name, "db1-londiste-queue");
+    }
+}

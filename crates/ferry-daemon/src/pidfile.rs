@@ -24,6 +24,12 @@ pub enum PidFileError {
         /// The pid file.
         path: PathBuf,
     },
+    /// A process holds the pid file but has not written its pid yet (it is starting).
+    #[error("starting (pid file {path} is held but has no pid yet)")]
+    Starting {
+        /// The pid file.
+        path: PathBuf,
+    },
     /// The pid file could not be used.
     #[error("pid file {path}")]
     Io {
@@ -82,7 +88,8 @@ fn read_pid(file: &mut File) -> Option<i32> {
 impl PidFile {
     /// Takes the pid file at `path` for this job, creating its directory if needed. Fails with
     /// [`PidFileError::AlreadyRunning`] while another live process holds it; a stale file is
-    /// taken over. Call [`PidFile::write_pid`] once the final process (after detaching) runs.
+    /// taken over and emptied. Call [`PidFile::write_pid`] once the final process (after
+    /// detaching) handles signals, so that whoever reads the pid can signal it safely.
     pub fn acquire(path: &Path) -> Result<PidFile, PidFileError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io_error(path))?;
@@ -100,6 +107,8 @@ impl PidFile {
                 path: path.to_path_buf(),
             });
         }
+        // a stale pid must never be read as ours: empty the file until write_pid
+        file.set_len(0).map_err(io_error(path))?;
         Ok(PidFile {
             path: path.to_path_buf(),
             file,
@@ -149,14 +158,27 @@ pub fn running_pid(path: &Path) -> Result<i32, PidFileError> {
             path: path.to_path_buf(),
         });
     }
-    read_pid(&mut file).ok_or_else(|| PidFileError::NotRunning {
+    read_pid(&mut file).ok_or_else(|| PidFileError::Starting {
         path: path.to_path_buf(),
     })
 }
 
-/// Sends `signal` to the process holding the pid file at `path`; returns its pid.
-pub fn signal_running(path: &Path, signal: libc::c_int) -> Result<i32, PidFileError> {
-    let pid = running_pid(path)?;
+/// Sends `signal` to the process holding the pid file at `path`; returns its pid. A daemon
+/// still starting (pid not written yet) is waited for up to `start_wait`.
+pub fn signal_running(
+    path: &Path,
+    signal: libc::c_int,
+    start_wait: std::time::Duration,
+) -> Result<i32, PidFileError> {
+    let started = std::time::Instant::now();
+    let pid = loop {
+        match running_pid(path) {
+            Err(PidFileError::Starting { .. }) if started.elapsed() < start_wait => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => break other?,
+        }
+    };
     // SAFETY: kill with a pid read from a locked pid file.
     if unsafe { libc::kill(pid, signal) } != 0 {
         return Err(PidFileError::Signal {
@@ -187,6 +209,14 @@ mod tests {
         }
         drop(first);
         assert!(!path.exists(), "pid file removed on drop");
+        // held but not yet written: starting, never the stale pid
+        std::fs::write(&path, "999999\n").unwrap();
+        let held = PidFile::acquire(&path).unwrap();
+        assert!(matches!(
+            running_pid(&path),
+            Err(PidFileError::Starting { .. })
+        ));
+        drop(held);
         std::fs::write(&path, "999999\n").unwrap();
         assert!(matches!(
             running_pid(&path),

@@ -87,7 +87,7 @@ fn prepare(
             config.display()
         )));
     }
-    let mut pidfile = match &daemon.pidfile {
+    let pidfile = match &daemon.pidfile {
         Some(path) => Some(PidFile::acquire(path).map_err(|e| match e {
             PidFileError::AlreadyRunning { .. } => {
                 Failure::Runtime(format!("{}: {}", daemon.job_name, ferry_ticker::report(&e)))
@@ -114,9 +114,6 @@ fn prepare(
         }
         ferry_daemon::detach().map_err(|e| Failure::Runtime(format!("cannot detach: {e}")))?;
     }
-    if let Some(pidfile) = pidfile.as_mut() {
-        pidfile.write_pid().map_err(|e| Failure::runtime(&e))?;
-    }
     let log = logging::init(&target, verbosity).map_err(|e| Failure::runtime(&e))?;
     Ok(Prepared { pidfile, log })
 }
@@ -124,7 +121,7 @@ fn prepare(
 impl Prepared {
     /// Builds the runtime, wires signals to shutdown and reload (reload also reopens the log
     /// file), runs `job` to its end, then releases the pid file.
-    fn run<F, Fut>(self, job: F) -> Result<(), Failure>
+    fn run<F, Fut>(mut self, job: F) -> Result<(), Failure>
     where
         F: FnOnce(ferry_daemon::Shutdown, ferry_daemon::Reload) -> Fut,
         Fut: std::future::Future<Output = Result<(), Failure>>,
@@ -139,6 +136,10 @@ impl Prepared {
             let (reload_handle, reload) = ferry_daemon::reload_channel();
             ferry_daemon::handle_signals(shutdown_handle, reload_handle, self.log.reopener())
                 .map_err(|e| Failure::runtime(&e))?;
+            // only now may anyone read our pid and signal us
+            if let Some(pidfile) = self.pidfile.as_mut() {
+                pidfile.write_pid().map_err(|e| Failure::runtime(&e))?;
+            }
             job(shutdown, reload).await
         });
         if let Err(Failure::Runtime(message) | Failure::Usage(message)) = &result {
@@ -187,7 +188,7 @@ pub fn control(config: &Path, command: Option<&str>, what: Control) -> Result<()
             Control::Kill => libc::SIGTERM,
             Control::Reload => libc::SIGHUP,
         };
-        match pidfile::signal_running(path, signal) {
+        match pidfile::signal_running(path, signal, Duration::from_secs(10)) {
             Ok(pid) => match what {
                 Control::Reload => println!("{}: reload requested (pid {pid})", daemon.job_name),
                 Control::Stop | Control::Kill => {
@@ -214,6 +215,13 @@ pub fn control(config: &Path, command: Option<&str>, what: Control) -> Result<()
                 }
                 _ => println!("{}: not running", daemon.job_name),
             },
+            Err(e @ PidFileError::Starting { .. }) => {
+                return Err(Failure::Runtime(format!(
+                    "{}: {}",
+                    daemon.job_name,
+                    ferry_ticker::report(&e)
+                )))
+            }
             Err(other) => return Err(Failure::runtime(&other)),
         }
     }

@@ -47,6 +47,7 @@ fn stderr_of(out: &std::process::Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detach_pidfile_second_instance_reload_stop_kill_and_stale_takeover() {
     let setup = Setup::new("daemon_control").await;
+    let _cleanup = KillDaemonOnDrop(setup.config());
     let config = setup.config();
     let config = config.to_str().unwrap();
     let pidfile = setup.pid_file();
@@ -235,6 +236,7 @@ async fn ticker_reconnects_after_the_database_restarts_and_logs_once_per_outage(
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ticker.ini");
     write_ticker_config(&config, &db.conninfo, "0.05", "600");
+    let _cleanup = KillDaemonOnDrop(config.clone());
     let config = config.to_str().unwrap();
     ferry_ok(&[config, "install"]);
     ferry_ok(&[config, "create", "q"]);

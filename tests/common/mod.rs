@@ -79,16 +79,18 @@ impl Setup {
         ferry_testkit::connect(&self.db.conninfo).await
     }
 
-    /// Starts `ferry CONFIG ticker` in the foreground as a child process.
-    pub fn spawn_ticker(&self) -> Child {
-        Command::new(ferry_bin())
-            .arg(self.config())
-            .arg("ticker")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("ticker starts")
+    /// Starts `ferry CONFIG ticker` in the foreground as a child process, killed on drop.
+    pub fn spawn_ticker(&self) -> ChildProcess {
+        ChildProcess(
+            Command::new(ferry_bin())
+                .arg(self.config())
+                .arg("ticker")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("ticker starts"),
+        )
     }
 }
 
@@ -260,8 +262,26 @@ pub async fn wait_for_tick(client: &Client, queue: &str, target: i64, limit: Dur
     }
 }
 
-/// Stops a child started with `spawn_ticker` for good.
-pub fn kill(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+/// A child process that is SIGKILLed when dropped, so a failing test leaves none behind.
+pub struct ChildProcess(Child);
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        kill(self);
+    }
+}
+
+/// SIGKILLs a child started with `spawn_ticker` and reaps it.
+pub fn kill(child: &mut ChildProcess) {
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+}
+
+/// Runs `ferry -k CONFIG` when dropped: stops any daemon a (failing) test started detached.
+pub struct KillDaemonOnDrop(pub PathBuf);
+
+impl Drop for KillDaemonOnDrop {
+    fn drop(&mut self) {
+        let _ = ferry(&["-k", self.0.to_str().unwrap_or_default()]);
+    }
 }

@@ -339,3 +339,32 @@ async fn ticker_killed_and_restarted_during_load_loses_nothing() {
     .await;
     kill(&mut ticker);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ticker_wakes_listening_consumers_with_notify() {
+    let setup = Setup::new("notify").await;
+    let config = setup.config();
+    ferry_ok(&[config.to_str().unwrap(), "create", QUEUE]);
+    let mut ticker = setup.spawn_ticker();
+    let conninfo = ferry_connect::ConnInfo::parse(&setup.db.conninfo).unwrap();
+    let mut listener = ferry_connect::connect(&conninfo, "test listener")
+        .await
+        .unwrap();
+    listener
+        .client()
+        .batch_execute(&format!("listen {}", ferry_queue::TICK_CHANNEL))
+        .await
+        .unwrap();
+    listener.drain_notifications();
+    let writer = setup.connect().await;
+    ferry_queue::insert_event(&writer, QUEUE, "t", "wake up")
+        .await
+        .unwrap();
+    let note = tokio::time::timeout(Duration::from_secs(5), listener.notification())
+        .await
+        .expect("no notification within 5 s of an event")
+        .expect("connection open");
+    assert_eq!(note.channel(), ferry_queue::TICK_CHANNEL);
+    assert_eq!(note.payload(), QUEUE);
+    kill(&mut ticker);
+}

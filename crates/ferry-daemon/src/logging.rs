@@ -210,9 +210,38 @@ impl Write for RotatingFile {
     }
 }
 
+/// An error and its causes on one line (for logs and stderr), messages that repeat their
+/// cause's text left out.
+pub fn one_line(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line.replace('\n', " ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Middle);
+    #[derive(Debug, thiserror::Error)]
+    #[error("middle: inner\ndetail")]
+    struct Middle(#[source] std::io::Error);
+
+    #[test]
+    fn one_line_joins_causes_and_skips_repeats() {
+        let error = Outer(Middle(std::io::Error::other("inner")));
+        assert_eq!(one_line(&error), "outer: middle: inner detail");
+    }
 
     #[test]
     fn rotates_by_size_and_keeps_count() {

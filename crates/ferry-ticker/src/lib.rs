@@ -9,6 +9,7 @@ mod health;
 use std::time::Duration;
 
 use ferry_connect::{ConnInfo, ConnectError, Session};
+use ferry_daemon::logging::one_line as report;
 use ferry_daemon::{Reload, Shutdown};
 use ferry_queue::QueueError;
 use tokio::time::{interval, sleep, Instant, MissedTickBehavior};
@@ -185,19 +186,4 @@ async fn maintenance(session: &Session) -> Result<(), QueueError> {
         );
     }
     Ok(())
-}
-
-/// An error and its causes on one line, repeated messages left out.
-pub fn report(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    line.replace('\n', " ")
 }

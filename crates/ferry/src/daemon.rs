@@ -32,7 +32,7 @@ fn ticker_settings(config: &Path) -> Result<(TickerConfig, TickerSettings, Vec<S
         Failure::Usage(format!(
             "{}: [{TICKER_SECTION}] db: {}",
             config.display(),
-            ferry_ticker::report(&e)
+            ferry_daemon::logging::one_line(&e)
         ))
     })?;
     let settings = TickerSettings {
@@ -89,9 +89,11 @@ fn prepare(
     }
     let pidfile = match &daemon.pidfile {
         Some(path) => Some(PidFile::acquire(path).map_err(|e| match e {
-            PidFileError::AlreadyRunning { .. } => {
-                Failure::Runtime(format!("{}: {}", daemon.job_name, ferry_ticker::report(&e)))
-            }
+            PidFileError::AlreadyRunning { .. } => Failure::Runtime(format!(
+                "{}: {}",
+                daemon.job_name,
+                ferry_daemon::logging::one_line(&e)
+            )),
             other => Failure::runtime(&other),
         })?),
         None => None,
@@ -219,7 +221,7 @@ pub fn control(config: &Path, command: Option<&str>, what: Control) -> Result<()
                 return Err(Failure::Runtime(format!(
                     "{}: {}",
                     daemon.job_name,
-                    ferry_ticker::report(&e)
+                    ferry_daemon::logging::one_line(&e)
                 )))
             }
             Err(other) => return Err(Failure::runtime(&other)),

@@ -22,12 +22,12 @@ pub enum Failure {
 impl Failure {
     /// A runtime failure from an error and its causes.
     pub fn runtime(error: &dyn std::error::Error) -> Failure {
-        Failure::Runtime(ferry_ticker::report(error))
+        Failure::Runtime(ferry_daemon::logging::one_line(error))
     }
 
     /// A usage or configuration failure from an error and its causes.
     pub fn usage(error: &dyn std::error::Error) -> Failure {
-        Failure::Usage(ferry_ticker::report(error))
+        Failure::Usage(ferry_daemon::logging::one_line(error))
     }
 }
 

@@ -26,7 +26,7 @@ where
         Failure::Usage(format!(
             "{}: [{TICKER_SECTION}] db: {}",
             config.display(),
-            ferry_ticker::report(&e)
+            ferry_daemon::logging::one_line(&e)
         ))
     })?;
     let runtime = tokio::runtime::Builder::new_current_thread()

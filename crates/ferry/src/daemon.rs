@@ -25,7 +25,10 @@ pub enum Control {
     Reload,
 }
 
-fn ticker_settings(config: &Path) -> Result<(TickerConfig, TickerSettings, Vec<String>), Failure> {
+/// Reads `[pgqadm]` of `config` with its `db` parsed, and the config's warnings.
+pub fn ticker_settings(
+    config: &Path,
+) -> Result<(TickerConfig, TickerSettings, Vec<String>), Failure> {
     let ini = load_ini(config)?;
     let (ticker, warnings) = TickerConfig::from_ini(&ini).map_err(|e| Failure::usage(&e))?;
     let db = ConnInfo::parse(&ticker.db).map_err(|e| {

@@ -4,11 +4,9 @@
 use std::future::Future;
 use std::path::Path;
 
-use ferry_config::{TickerConfig, TICKER_SECTION};
-use ferry_connect::{ConnInfo, Session};
+use ferry_connect::Session;
 use ferry_queue::{ConsumerInfo, QueueError, QueueInfo};
 
-use crate::cli::load_ini;
 use crate::Failure;
 
 /// Connects to `[pgqadm] db` of `config` and runs `work` on a small runtime.
@@ -17,18 +15,11 @@ where
     F: FnOnce(Session) -> Fut,
     Fut: Future<Output = Result<T, QueueError>>,
 {
-    let ini = load_ini(config)?;
-    let (ticker, warnings) = TickerConfig::from_ini(&ini).map_err(|e| Failure::usage(&e))?;
+    let (_, settings, warnings) = crate::daemon::ticker_settings(config)?;
     for warning in warnings {
         eprintln!("ferry: warning: {warning}");
     }
-    let db = ConnInfo::parse(&ticker.db).map_err(|e| {
-        Failure::Usage(format!(
-            "{}: [{TICKER_SECTION}] db: {}",
-            config.display(),
-            ferry_daemon::logging::one_line(&e)
-        ))
-    })?;
+    let db = settings.db;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -49,10 +49,8 @@ async fn run_writers(conninfo: String, writers: usize, per_writer: usize) -> Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exactly_once_with_concurrent_writers_rollbacks_and_a_long_transaction() {
     let setup = Setup::new("exactly_once").await;
-    let config = setup.config();
-    ferry_ok(&[config.to_str().unwrap(), "create", QUEUE]);
-    ferry_ok(&[config.to_str().unwrap(), "register", QUEUE, "c1"]);
-    let mut ticker = setup.spawn_ticker();
+    setup.queue_with_consumers(QUEUE, &["c1"]);
+    let _ticker = setup.spawn_ticker();
 
     // the long transaction: opened first, held across several ticks while the load runs
     let mut long_client = setup.connect().await;
@@ -127,17 +125,13 @@ async fn exactly_once_with_concurrent_writers_rollbacks_and_a_long_transaction()
         "expected many batches, got {}",
         received.batches
     );
-    kill(&mut ticker);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_consumers_at_different_speeds_each_get_every_event_once() {
     let setup = Setup::new("two_consumers").await;
-    let config = setup.config();
-    ferry_ok(&[config.to_str().unwrap(), "create", QUEUE]);
-    ferry_ok(&[config.to_str().unwrap(), "register", QUEUE, "fast"]);
-    ferry_ok(&[config.to_str().unwrap(), "register", QUEUE, "slow"]);
-    let mut ticker = setup.spawn_ticker();
+    setup.queue_with_consumers(QUEUE, &["fast", "slow"]);
+    let _ticker = setup.spawn_ticker();
 
     let load = run_writers(setup.db.conninfo.clone(), 4, 5_000);
     let mut fast_client = setup.connect().await;
@@ -183,7 +177,6 @@ async fn two_consumers_at_different_speeds_each_get_every_event_once() {
         Duration::from_secs(120),
     )
     .await;
-    kill(&mut ticker);
 }
 
 /// Rows left in the queue's event tables, and whether event `ev_id` is still among them.
@@ -213,7 +206,7 @@ async fn rotation_waits_for_a_stopped_consumer_and_truncates_after_it_catches_up
     ferry_ok(&[config, "config", QUEUE, "rotation_period=1 second"]);
     ferry_ok(&[config, "register", QUEUE, "running"]);
     ferry_ok(&[config, "register", QUEUE, "stopped"]);
-    let mut ticker = setup.spawn_ticker();
+    let _ticker = setup.spawn_ticker();
     let observer = setup.connect().await;
     let mut writer = setup.connect().await;
     let mut running = setup.connect().await;
@@ -286,15 +279,12 @@ async fn rotation_waits_for_a_stopped_consumer_and_truncates_after_it_catches_up
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    kill(&mut ticker);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ticker_killed_and_restarted_during_load_loses_nothing() {
     let setup = Setup::new("ticker_kill").await;
-    let config = setup.config();
-    ferry_ok(&[config.to_str().unwrap(), "create", QUEUE]);
-    ferry_ok(&[config.to_str().unwrap(), "register", QUEUE, "c1"]);
+    setup.queue_with_consumers(QUEUE, &["c1"]);
     let mut ticker = setup.spawn_ticker();
     let load = tokio::spawn({
         let conninfo = setup.db.conninfo.clone();
@@ -337,15 +327,13 @@ async fn ticker_killed_and_restarted_during_load_loses_nothing() {
         Duration::from_secs(60),
     )
     .await;
-    kill(&mut ticker);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ticker_wakes_listening_consumers_with_notify() {
     let setup = Setup::new("notify").await;
-    let config = setup.config();
-    ferry_ok(&[config.to_str().unwrap(), "create", QUEUE]);
-    let mut ticker = setup.spawn_ticker();
+    setup.queue_with_consumers(QUEUE, &[]);
+    let _ticker = setup.spawn_ticker();
     let conninfo = ferry_connect::ConnInfo::parse(&setup.db.conninfo).unwrap();
     let mut listener = ferry_connect::connect(&conninfo, "test listener")
         .await
@@ -366,5 +354,4 @@ async fn the_ticker_wakes_listening_consumers_with_notify() {
         .expect("connection open");
     assert_eq!(note.channel(), ferry_queue::TICK_CHANNEL);
     assert_eq!(note.payload(), QUEUE);
-    kill(&mut ticker);
 }

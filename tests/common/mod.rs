@@ -57,6 +57,16 @@ impl Setup {
         setup
     }
 
+    /// Creates `queue` and registers `consumers` on it, through the binary.
+    pub fn queue_with_consumers(&self, queue: &str, consumers: &[&str]) {
+        let config = self.config();
+        let config = config.to_str().unwrap();
+        ferry_ok(&[config, "create", queue]);
+        for consumer in consumers {
+            ferry_ok(&[config, "register", queue, consumer]);
+        }
+    }
+
     /// The ticker's config file.
     pub fn config(&self) -> PathBuf {
         self.dir.path().join("ticker.ini")

@@ -15,6 +15,25 @@ use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Notification};
 
 pub use conninfo::ConnInfo;
 
+/// Whether `error` means the connection is gone (closed, terminated by the server, server
+/// shutting down or not accepting connections): reconnecting is the remedy.
+pub fn is_connection_lost(error: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    if error.is_closed() {
+        return true;
+    }
+    match error.code() {
+        Some(code) => {
+            code.code().starts_with("08")
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+        }
+        // an error without SQLSTATE is the transport failing
+        None => true,
+    }
+}
+
 /// Waiting for a connection gives up after this long unless `connect_timeout` says otherwise.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 

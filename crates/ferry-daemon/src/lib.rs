@@ -3,6 +3,7 @@
 //! drive them (SIGINT: finish the current unit and stop; SIGTERM: stop now; SIGHUP: reload),
 //! and logging.
 
+mod health;
 pub mod logging;
 pub mod pidfile;
 
@@ -10,6 +11,7 @@ use std::path::Path;
 
 use tokio::sync::watch;
 
+pub use health::Health;
 pub use pidfile::{PidFile, PidFileError};
 
 /// How a daemon was asked to stop.

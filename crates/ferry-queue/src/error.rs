@@ -59,22 +59,9 @@ impl QueueError {
     /// Whether the connection is gone (closed, terminated by the server, server shutting
     /// down): reconnecting is the remedy.
     pub fn is_connection_lost(&self) -> bool {
-        let Some(source) = &self.source else {
-            return false;
-        };
-        if source.is_closed() {
-            return true;
-        }
-        match source.code() {
-            Some(code) => {
-                code.code().starts_with("08")
-                    || *code == SqlState::ADMIN_SHUTDOWN
-                    || *code == SqlState::CRASH_SHUTDOWN
-                    || *code == SqlState::CANNOT_CONNECT_NOW
-            }
-            // an error without SQLSTATE is the transport failing
-            None => true,
-        }
+        self.source
+            .as_ref()
+            .is_some_and(ferry_connect::is_connection_lost)
     }
 }
 

@@ -14,14 +14,27 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-/// The queue schema's steps, oldest first. Append new ones; never edit a released one.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: include_str!("../../../sql/queue/0001_schema.sql"),
-}];
+/// A part of what ferry installs in a database (the queue, the provider's or the subscriber's
+/// catalog): versioned steps applied once each, and functions re-applied on every install.
+#[derive(Debug, Clone, Copy)]
+pub struct Component {
+    /// The name its versions are recorded under in `"ferry"."schema_migration"`.
+    pub name: &'static str,
+    /// Its steps, oldest first. Append new ones; never edit a released one.
+    pub migrations: &'static [Migration],
+    /// Its functions, re-applied on every install so they follow the binary's version.
+    pub functions: &'static str,
+}
 
-/// The queue's functions, re-applied on every install so they follow the binary's version.
-pub const FUNCTIONS: &str = include_str!("../../../sql/queue/functions.sql");
+/// The queue: event tables, ticks, consumers and their functions.
+pub const QUEUE: Component = Component {
+    name: COMPONENT,
+    migrations: &[Migration {
+        version: 1,
+        sql: include_str!("../../../sql/queue/0001_schema.sql"),
+    }],
+    functions: include_str!("../../../sql/queue/functions.sql"),
+};
 
 /// The component name the queue's versions are recorded under.
 pub const COMPONENT: &str = "queue";
@@ -46,15 +59,32 @@ impl InstallReport {
     }
 }
 
-/// The schema version this binary installs.
+/// The queue schema version this binary installs.
 pub fn latest_version() -> i32 {
-    MIGRATIONS.last().map(|m| m.version).unwrap_or(0)
+    QUEUE.latest_version()
+}
+
+impl Component {
+    /// The version this binary installs.
+    pub fn latest_version(&self) -> i32 {
+        self.migrations.last().map(|m| m.version).unwrap_or(0)
+    }
 }
 
 /// Installs the queue schema into the connected database, or upgrades it in place; running it
 /// again changes nothing. Works for a non-superuser that owns the database (no extension is
 /// created). Concurrent installs are serialized by an advisory lock.
 pub async fn install(client: &mut Client) -> Result<InstallReport, QueueError> {
+    install_component(client, &QUEUE).await
+}
+
+/// Installs `component` into the connected database (in schema "ferry"), or upgrades it in
+/// place, in one transaction; running it again changes nothing but refreshing its functions.
+pub async fn install_component(
+    client: &mut Client,
+    component: &Component,
+) -> Result<InstallReport, QueueError> {
+    let name = component.name;
     let server_version: i32 = client
         .query_one("select current_setting('server_version_num')::int", &[])
         .await
@@ -87,34 +117,46 @@ pub async fn install(client: &mut Client) -> Result<InstallReport, QueueError> {
     let previous: Option<i32> = tx
         .query_one(
             r#"select max("version") from "ferry"."schema_migration" where "component" = $1"#,
-            &[&COMPONENT],
+            &[&name],
         )
         .await
         .context("reading the installed version")?
         .get(0);
-    for migration in MIGRATIONS.iter().filter(|m| Some(m.version) > previous) {
+    for migration in component
+        .migrations
+        .iter()
+        .filter(|m| Some(m.version) > previous)
+    {
         tx.batch_execute(migration.sql)
             .await
-            .with_context(|| format!("applying queue schema version {}", migration.version))?;
+            .with_context(|| format!("applying {name} schema version {}", migration.version))?;
         tx.execute(
             r#"insert into "ferry"."schema_migration" ("component", "version", "ferry_version") values ($1, $2, $3)"#,
-            &[&COMPONENT, &migration.version, &env!("CARGO_PKG_VERSION")],
+            &[&name, &migration.version, &env!("CARGO_PKG_VERSION")],
         )
         .await
         .context("recording the schema version")?;
     }
-    tx.batch_execute(FUNCTIONS)
+    tx.batch_execute(component.functions)
         .await
-        .context("installing the queue functions")?;
+        .with_context(|| format!("installing the {name} functions"))?;
     tx.commit().await.context("committing the install")?;
     Ok(InstallReport {
         previous_version: previous,
-        version: latest_version(),
+        version: component.latest_version(),
     })
 }
 
 /// The installed queue schema version, `None` if the queue is not installed.
 pub async fn installed_version(client: &Client) -> Result<Option<i32>, QueueError> {
+    installed_version_of(client, COMPONENT).await
+}
+
+/// The installed version of the component called `name`, `None` if it is not installed.
+pub async fn installed_version_of(
+    client: &Client,
+    name: &str,
+) -> Result<Option<i32>, QueueError> {
     let installed: bool = client
         .query_one(
             "select to_regclass('\"ferry\".\"schema_migration\"') is not null",
@@ -129,7 +171,7 @@ pub async fn installed_version(client: &Client) -> Result<Option<i32>, QueueErro
     Ok(client
         .query_one(
             r#"select max("version") from "ferry"."schema_migration" where "component" = $1"#,
-            &[&COMPONENT],
+            &[&name],
         )
         .await
         .context("reading the installed version")?

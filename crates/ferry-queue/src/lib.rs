@@ -16,7 +16,8 @@ use tokio_postgres::{GenericClient, Portal, Row, Transaction};
 pub use error::QueueError;
 use error::ResultExt;
 pub use install::{
-    install, installed_version, latest_version, InstallReport, COMPONENT, MIN_SERVER_VERSION_NUM,
+    install, install_component, installed_version, installed_version_of, latest_version,
+    Component, InstallReport, Migration, COMPONENT, MIN_SERVER_VERSION_NUM, QUEUE,
 };
 
 /// The NOTIFY channel the ticker signals on after each tick; the payload is the queue name.
@@ -448,4 +449,23 @@ pub async fn maint_tick_cleanup(
         .await
         .with_context(|| format!("cleaning up the ticks of queue \"{queue}\""))?;
     Ok(row.get(0))
+}
+
+/// The txid snapshot (text form `xmin:xmax:xip,...`) of a queue's tick; `None` when the tick
+/// is gone or never existed.
+pub async fn tick_snapshot(
+    client: &impl GenericClient,
+    queue: &str,
+    tick_id: i64,
+) -> Result<Option<String>, QueueError> {
+    let row = client
+        .query_opt(
+            r#"select t."tick_snapshot"::text from "ferry"."tick" t
+                 join "ferry"."queue" q on q."queue_id" = t."tick_queue"
+                where q."queue_name" = $1 and t."tick_id" = $2"#,
+            &[&queue, &tick_id],
+        )
+        .await
+        .with_context(|| format!("reading tick {tick_id} of queue \"{queue}\""))?;
+    Ok(row.map(|r| r.get(0)))
 }

@@ -4,17 +4,14 @@
 //! switch soon), puts due retried events back and deletes ticks no consumer needs. Each tick NOTIFYs the queue's consumers. When the database goes away it
 //! reconnects with backoff, logging one line when the outage starts and one when it ends.
 
-mod health;
-
 use std::time::Duration;
 
 use ferry_connect::{ConnInfo, ConnectError, Session};
 use ferry_daemon::logging::one_line as report;
-use ferry_daemon::{Reload, Shutdown};
+use ferry_daemon::{Health, Reload, Shutdown};
 use ferry_queue::QueueError;
 use tokio::time::{interval, sleep, Instant, MissedTickBehavior};
 
-use health::Health;
 
 /// After a failure that is not a lost connection, wait this long before trying again.
 const PROBLEM_RETRY: Duration = Duration::from_secs(5);

@@ -7,6 +7,7 @@ use clap::Parser;
 use ferry_config::{ConfigError, IniFile};
 use ferry_daemon::logging::Verbosity;
 
+use crate::replication_admin::{self, Flags};
 use crate::{daemon, queue_admin, Failure};
 
 const COMMANDS: &str = "\
@@ -19,6 +20,13 @@ commands (CONFIG is a Londiste 2 / pgqadm ini file):
   ferry CONFIG register QUEUE CONSUMER   register a consumer
   ferry CONFIG unregister QUEUE CONSUMER unregister a consumer
   ferry CONFIG config QUEUE KEY=VALUE    set rotation_period or ticker_idle_period
+  ferry CONFIG replay [-d]               run replication ([londiste]); -d detaches
+  ferry CONFIG provider install | add [--all | TABLE...] | remove TABLE... |
+                        add-seq [--all | SEQ...] | remove-seq SEQ... | tables | seqs
+  ferry CONFIG subscriber install | add [--all | TABLE...] [--create] [--skip-truncate] |
+                        remove TABLE... | add-seq [--all | SEQ...] | remove-seq SEQ... |
+                        tables | seqs | missing | resync TABLE... | check
+  ferry demo [--keep]                    two throwaway clusters replicating under load
   ferry -s CONFIG   stop the daemon of CONFIG gracefully (SIGINT) and wait for it
   ferry -k CONFIG   kill it (SIGTERM);  ferry -r CONFIG   reload its config (SIGHUP)
 exit codes: 0 success, 1 runtime failure, 2 usage or configuration error";
@@ -51,6 +59,15 @@ pub struct Cli {
     /// Do it even if it is refused otherwise (drop a queue that has consumers).
     #[arg(long)]
     pub force: bool,
+    /// add/add-seq: every table (sequence) of the provider, or of the queue on the subscriber.
+    #[arg(long)]
+    pub all: bool,
+    /// subscriber add: create a missing table from the provider's definition.
+    #[arg(long)]
+    pub create: bool,
+    /// subscriber add: keep the rows already in the subscriber's table when copying.
+    #[arg(long = "skip-truncate")]
+    pub skip_truncate: bool,
     /// CONFIG COMMAND [ARGS...]
     #[arg(value_name = "CONFIG COMMAND ARGS")]
     pub words: Vec<String>,
@@ -108,11 +125,23 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
             )))
         }
     };
+    let flags = Flags {
+        all: cli.all,
+        create: cli.create,
+        skip_truncate: cli.skip_truncate,
+        json: cli.json,
+    };
     match command.as_str() {
         "ticker" => {
             expect_args(0, "[-d]")?;
             daemon::run_ticker(&config_path, cli.daemon, cli.verbosity())
         }
+        "replay" => {
+            expect_args(0, "[-d]")?;
+            daemon::run_replay(&config_path, cli.daemon, cli.verbosity())
+        }
+        "provider" => replication_admin::provider(&config_path, args, flags),
+        "subscriber" => replication_admin::subscriber(&config_path, args, flags),
         "install" => {
             expect_args(0, "")?;
             queue_admin::install(&config_path)

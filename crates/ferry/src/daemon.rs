@@ -4,8 +4,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry_config::{
-    daemon_sections, DaemonSettings, TickerConfig, REPLICATION_SECTION, TICKER_SECTION,
+    daemon_sections, DaemonSettings, ReplicationConfig, TickerConfig, REPLICATION_SECTION,
+    TICKER_SECTION,
 };
+use ferry_replica::ReplaySettings;
 use ferry_connect::ConnInfo;
 use ferry_daemon::logging::{self, LogFileSettings, LogTarget, Verbosity};
 use ferry_daemon::{pidfile, PidFile, PidFileError};
@@ -45,6 +47,60 @@ pub fn ticker_settings(
         maint_delay: ticker.maint_delay,
     };
     Ok((ticker, settings, warnings))
+}
+
+/// Reads `[londiste]` of `config` with both connection strings parsed, and the warnings.
+pub fn replay_settings(
+    config: &Path,
+) -> Result<(ReplicationConfig, ReplaySettings, Vec<String>), Failure> {
+    let ini = load_ini(config)?;
+    let (replication, warnings) =
+        ReplicationConfig::from_ini(&ini).map_err(|e| Failure::usage(&e))?;
+    let parse = |key: &str, value: &str| {
+        ConnInfo::parse(value).map_err(|e| {
+            Failure::Usage(format!(
+                "{}: [{REPLICATION_SECTION}] {key}: {}",
+                config.display(),
+                ferry_daemon::logging::one_line(&e)
+            ))
+        })
+    };
+    let settings = ReplaySettings {
+        job_name: replication.daemon.job_name.clone(),
+        provider: parse("provider_db", &replication.provider_db)?,
+        subscriber: parse("subscriber_db", &replication.subscriber_db)?,
+        queue: replication.queue_name.clone(),
+        loop_delay: replication.loop_delay,
+    };
+    Ok((replication, settings, warnings))
+}
+
+/// `ferry CONFIG replay [-d]`.
+pub fn run_replay(config: &Path, detach: bool, verbosity: Verbosity) -> Result<(), Failure> {
+    let (replication, settings, warnings) = replay_settings(config)?;
+    let daemon = prepare(
+        config,
+        REPLICATION_SECTION,
+        &replication.daemon,
+        detach,
+        verbosity,
+    )?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let config = config.to_path_buf();
+    let reload_settings = move || {
+        replay_settings(&config)
+            .map(|(_, settings, _)| settings)
+            .map_err(|f| match f {
+                Failure::Usage(m) | Failure::Runtime(m) => m,
+            })
+    };
+    daemon.run(|shutdown, reload| async move {
+        ferry_replica::run(settings, reload_settings, shutdown, reload)
+            .await
+            .map_err(|e| Failure::usage(&e))
+    })
 }
 
 /// `ferry CONFIG ticker [-d]`.

@@ -5,6 +5,7 @@
 mod cli;
 mod daemon;
 mod queue_admin;
+mod replication_admin;
 
 use std::process::ExitCode;
 

@@ -3,15 +3,16 @@
 
 use std::time::Instant;
 
-/// Whether something is failing, since when.
+/// Whether a daemon's work is failing, and since when: it keeps retry logs to one warning per
+/// outage.
 #[derive(Debug, Default)]
-pub(crate) struct Health {
+pub struct Health {
     failing_since: Option<Instant>,
 }
 
 impl Health {
     /// Records a failed attempt; warns only if things were fine until now.
-    pub(crate) fn problem(&mut self, message: &str) {
+    pub fn problem(&mut self, message: &str) {
         if self.failing_since.is_some() {
             tracing::debug!(error = %message, "still failing; retrying");
         } else {
@@ -21,7 +22,7 @@ impl Health {
     }
 
     /// Records a success; logs the end of the trouble.
-    pub(crate) fn ok(&mut self) {
+    pub fn ok(&mut self) {
         if let Some(since) = self.failing_since.take() {
             tracing::info!(
                 after_secs = since.elapsed().as_secs_f64().round(),

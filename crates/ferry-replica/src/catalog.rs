@@ -1,0 +1,119 @@
+//! What a table looks like on either side: its columns, their types, which are generated, and
+//! its primary key, read from the system catalogs.
+
+use tokio_postgres::GenericClient;
+
+use crate::error::{ReplicaError, ResultExt};
+use crate::names::RelName;
+
+/// A column of a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    /// Its name.
+    pub name: String,
+    /// Its type as `format_type` writes it (`numeric(10,2)`, `public.mood[]`).
+    pub type_name: String,
+    /// Whether it is computed (`GENERATED ALWAYS AS ... STORED`): never written by replay.
+    pub generated: bool,
+    /// Whether it is part of the primary key.
+    pub in_primary_key: bool,
+    /// Whether it is NOT NULL.
+    pub not_null: bool,
+    /// Its default or generation expression.
+    pub default: Option<String>,
+    /// Whether it is an identity column.
+    pub identity: bool,
+}
+
+/// The columns of a table, in column order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableShape {
+    /// The table.
+    pub table: RelName,
+    /// Its columns (dropped ones left out).
+    pub columns: Vec<Column>,
+}
+
+impl TableShape {
+    /// The column called `name`.
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// Primary-key column names, in column order.
+    pub fn primary_key(&self) -> Vec<&str> {
+        self.columns
+            .iter()
+            .filter(|c| c.in_primary_key)
+            .map(|c| c.name.as_str())
+            .collect()
+    }
+}
+
+/// Reads the shape of `table`; `None` when there is no such table.
+pub async fn table_shape(
+    client: &impl GenericClient,
+    table: &RelName,
+) -> Result<Option<TableShape>, ReplicaError> {
+    // attgenerated exists from PostgreSQL 12 on; read it through jsonb so older servers work
+    let rows = client
+        .query(
+            r#"select a.attname::text,
+                      format_type(a.atttypid, a.atttypmod),
+                      coalesce(to_jsonb(a) ->> 'attgenerated', '') <> '',
+                      coalesce(a.attnum = any (i.indkey::int2[]), false),
+                      a.attnotnull,
+                      pg_get_expr(d.adbin, d.adrelid),
+                      coalesce(to_jsonb(a) ->> 'attidentity', '') <> ''
+                 from pg_attribute a
+                 left join pg_index i on i.indrelid = a.attrelid and i.indisprimary
+                 left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
+                where a.attrelid = to_regclass($1) and a.attnum > 0 and not a.attisdropped
+                order by a.attnum"#,
+            &[&table.quoted()],
+        )
+        .await
+        .with_context(|| format!("reading the columns of {table}"))?;
+    if rows.is_empty() {
+        let exists: bool = client
+            .query_one("select to_regclass($1) is not null", &[&table.quoted()])
+            .await
+            .with_context(|| format!("looking for {table}"))?
+            .get(0);
+        if !exists {
+            return Ok(None);
+        }
+    }
+    Ok(Some(TableShape {
+        table: table.clone(),
+        columns: rows
+            .iter()
+            .map(|r| Column {
+                name: r.get(0),
+                type_name: r.get(1),
+                generated: r.get(2),
+                in_primary_key: r.get(3),
+                not_null: r.get(4),
+                default: r.get(5),
+                identity: r.get(6),
+            })
+            .collect(),
+    }))
+}
+
+/// Resolves a name as the user typed it (`table`, `schema.table`, `"Odd Schema"."T"`) into its
+/// parts, the way PostgreSQL parses identifiers; a bare name means schema `public`.
+pub async fn parse_name(client: &impl GenericClient, text: &str) -> Result<RelName, ReplicaError> {
+    let parts: Vec<String> = client
+        .query_one("select parse_ident($1)", &[&text])
+        .await
+        .map_err(|e| ReplicaError::refused(format!("{text:?} is not a valid table name: {}", e.as_db_error().map(|d| d.message()).unwrap_or("unparsable"))))?
+        .get(0);
+    match parts.as_slice() {
+        [name] => Ok(RelName::new("public", name.as_str())),
+        [schema, name] => Ok(RelName::new(schema.as_str(), name.as_str())),
+        _ => Err(ReplicaError::refused(format!(
+            "{text:?}: give a table as NAME or SCHEMA.NAME"
+        ))),
+    }
+}

@@ -1,0 +1,128 @@
+//! The initial copy of a table: the provider's rows under a snapshot that is recorded, so
+//! that replay later skips exactly the events the copy already contains.
+
+use futures_util::{pin_mut, SinkExt, TryStreamExt};
+use tokio_postgres::{Client, IsolationLevel};
+
+use crate::catalog::table_shape;
+use crate::error::{ReplicaError, ResultExt};
+use crate::names::{quote_ident, RelName};
+use crate::subscriber::column_problems;
+
+/// What a finished copy left behind.
+#[derive(Debug, Clone)]
+pub struct CopyDone {
+    /// Rows copied.
+    pub rows: u64,
+    /// The provider snapshot the rows were read under.
+    pub snapshot: String,
+}
+
+/// Copies `table` from the provider into the subscriber and moves it to `catching-up` with
+/// the copy's snapshot, all in one subscriber transaction: a copy cut short leaves the table
+/// `in-copy` with its old rows, to be copied again. Returns `None` when the table is no longer
+/// waiting for a copy.
+pub async fn copy_table(
+    provider: &mut Client,
+    subscriber: &mut Client,
+    queue: &str,
+    table: &RelName,
+) -> Result<Option<CopyDone>, ReplicaError> {
+    let source = table_shape(provider, table).await?.ok_or_else(|| {
+        ReplicaError::refused(format!("table {table} does not exist on the provider"))
+    })?;
+    let target = table_shape(subscriber, table).await?.ok_or_else(|| {
+        ReplicaError::refused(format!("table {table} does not exist on the subscriber"))
+    })?;
+    if let Some(problem) = column_problems(&source, &target).into_iter().next() {
+        return Err(ReplicaError::refused(problem));
+    }
+    // provider columns, except those the subscriber computes itself
+    let columns: Vec<String> = source
+        .columns
+        .iter()
+        .filter(|c| target.column(&c.name).is_some_and(|t| !t.generated))
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    let column_list = columns.join(", ");
+
+    let stx = subscriber
+        .transaction()
+        .await
+        .context("starting the copy on the subscriber")?;
+    stx.batch_execute("set local ferry.replay = 'on'")
+        .await
+        .context("starting the copy on the subscriber")?;
+    let row = stx
+        .query_opt(
+            r#"select "skip_truncate" from "ferry"."subscriber_table"
+                where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3
+                  and "state" = 'in-copy'
+                  for update"#,
+            &[&queue, &table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("locking the state of {table}"))?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let skip_truncate: bool = row.get(0);
+    if !skip_truncate {
+        stx.batch_execute(&format!("truncate {}", table.quoted()))
+            .await
+            .with_context(|| format!("emptying {table} before its copy"))?;
+    }
+
+    let ptx = provider
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .context("starting the copy on the provider")?;
+    // the first statement fixes the transaction's snapshot: the COPY below reads under it
+    let snapshot: String = ptx
+        .query_one("select txid_current_snapshot()::text", &[])
+        .await
+        .context("taking the copy's snapshot")?
+        .get(0);
+    let rows_out = ptx
+        .copy_out(&format!(
+            "copy (select {column_list} from only {}) to stdout",
+            table.quoted()
+        ))
+        .await
+        .with_context(|| format!("reading {table} on the provider"))?;
+    let sink = stx
+        .copy_in(&format!(
+            "copy {} ({column_list}) from stdin",
+            table.quoted()
+        ))
+        .await
+        .with_context(|| format!("writing {table} on the subscriber"))?;
+    pin_mut!(sink);
+    pin_mut!(rows_out);
+    sink.send_all(&mut rows_out.map_ok(|bytes| bytes))
+        .await
+        .with_context(|| format!("copying {table}"))?;
+    let rows = sink
+        .finish()
+        .await
+        .with_context(|| format!("finishing the copy of {table}"))?;
+    ptx.commit()
+        .await
+        .context("ending the copy on the provider")?;
+    stx.execute(
+        r#"update "ferry"."subscriber_table"
+              set "state" = 'catching-up', "copy_snapshot" = $4, "copied_rows" = $5,
+                  "state_changed" = now()
+            where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3"#,
+        &[&queue, &table.schema, &table.name, &snapshot, &(rows as i64)],
+    )
+    .await
+    .with_context(|| format!("recording the copy of {table}"))?;
+    stx.commit()
+        .await
+        .with_context(|| format!("committing the copy of {table}"))?;
+    Ok(Some(CopyDone { rows, snapshot }))
+}

@@ -1,0 +1,23 @@
+//! ferry's replication: the provider's catalog and capture triggers, the subscriber's catalog
+//! and table states, the initial copy, and the replay daemon that applies each batch exactly
+//! once.
+//!
+//! A table travels `in-copy` → `catching-up` → `ok` on each subscriber: replay copies it under
+//! a provider snapshot it records, then skips the events of transactions that snapshot saw,
+//! and applies all events once a batch starts at a tick that saw everything the copy saw.
+
+mod apply;
+pub mod catalog;
+mod copy;
+mod error;
+pub mod names;
+pub mod provider;
+pub mod replay;
+pub mod snapshot;
+pub mod subscriber;
+
+pub use apply::{Applier, BatchOutcome};
+pub use copy::{copy_table, CopyDone};
+pub use error::ReplicaError;
+pub use names::RelName;
+pub use replay::{run, ReplayError, ReplaySettings};

@@ -1,0 +1,204 @@
+//! The provider side: installing, and registering the tables and sequences a queue carries.
+
+use ferry_queue::{Component, InstallReport, Migration};
+use tokio_postgres::{Client, GenericClient};
+
+use crate::catalog::parse_name;
+use crate::error::{ReplicaError, ResultExt};
+use crate::names::RelName;
+
+/// The provider's catalog: registered tables and sequences, capture triggers.
+pub const PROVIDER: Component = Component {
+    name: "provider",
+    migrations: &[Migration {
+        version: 1,
+        sql: include_str!("../../../sql/provider/0001_schema.sql"),
+    }],
+    functions: include_str!("../../../sql/provider/functions.sql"),
+};
+
+/// What `provider install` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProviderInstall {
+    /// The queue schema.
+    pub queue: InstallReport,
+    /// The provider catalog.
+    pub provider: InstallReport,
+    /// Whether the queue was created now (`false`: it existed).
+    pub queue_created: bool,
+}
+
+/// Installs (or upgrades) the queue and the provider catalog and creates `queue`. Running it
+/// again changes nothing.
+pub async fn install(client: &mut Client, queue: &str) -> Result<ProviderInstall, ReplicaError> {
+    let queue_report = ferry_queue::install(client).await?;
+    let provider = ferry_queue::install_component(client, &PROVIDER).await?;
+    let queue_created = ferry_queue::create_queue(client, queue).await?;
+    Ok(ProviderInstall {
+        queue: queue_report,
+        provider,
+        queue_created,
+    })
+}
+
+/// Fails with a clear message unless the provider catalog is installed.
+pub async fn require_installed(client: &Client) -> Result<(), ReplicaError> {
+    if ferry_queue::installed_version_of(client, PROVIDER.name)
+        .await?
+        .is_none()
+    {
+        return Err(ReplicaError::refused(
+            "ferry is not installed on the provider: run `ferry CONFIG provider install`",
+        ));
+    }
+    Ok(())
+}
+
+/// What `--all` means on the provider: every user table (`tables`) or sequence.
+pub async fn candidates(
+    client: &impl GenericClient,
+    sequences: bool,
+) -> Result<Vec<RelName>, ReplicaError> {
+    let kind: i8 = if sequences { b'S' as i8 } else { b'r' as i8 };
+    let rows = client
+        .query(
+            r#"select table_schema, table_name from "ferry"."provider_candidates"($1)"#,
+            &[&kind],
+        )
+        .await
+        .context("listing the provider's tables")?;
+    Ok(rows.iter().map(|r| RelName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect())
+}
+
+/// Registers a table with `queue` and creates its capture triggers. Returns its name and
+/// whether it is new. A table without a primary key is refused, saying what to do.
+pub async fn add_table(
+    client: &impl GenericClient,
+    queue: &str,
+    table: &str,
+) -> Result<(RelName, bool), ReplicaError> {
+    let name = parse_name(client, table).await?;
+    let added: i32 = client
+        .query_one(
+            r#"select "ferry"."provider_add_table"($1, $2)"#,
+            &[&queue, &name.quoted()],
+        )
+        .await
+        .with_context(|| format!("adding {name} to queue \"{queue}\""))?
+        .get(0);
+    Ok((name, added == 1))
+}
+
+/// Stops capturing a table. Returns its name and whether it was registered.
+pub async fn remove_table(
+    client: &impl GenericClient,
+    queue: &str,
+    table: &str,
+) -> Result<(RelName, bool), ReplicaError> {
+    let name = parse_name(client, table).await?;
+    let removed: i32 = client
+        .query_one(
+            r#"select "ferry"."provider_remove_table"($1, $2, $3)"#,
+            &[&queue, &name.schema, &name.name],
+        )
+        .await
+        .with_context(|| format!("removing {name} from queue \"{queue}\""))?
+        .get(0);
+    Ok((name, removed == 1))
+}
+
+/// Registers a sequence with `queue`. Returns its name and whether it is new.
+pub async fn add_seq(
+    client: &impl GenericClient,
+    queue: &str,
+    seq: &str,
+) -> Result<(RelName, bool), ReplicaError> {
+    let name = parse_name(client, seq).await?;
+    let added: i32 = client
+        .query_one(
+            r#"select "ferry"."provider_add_seq"($1, $2)"#,
+            &[&queue, &name.quoted()],
+        )
+        .await
+        .with_context(|| format!("adding sequence {name} to queue \"{queue}\""))?
+        .get(0);
+    Ok((name, added == 1))
+}
+
+/// Unregisters a sequence. Returns its name and whether it was registered.
+pub async fn remove_seq(
+    client: &impl GenericClient,
+    queue: &str,
+    seq: &str,
+) -> Result<(RelName, bool), ReplicaError> {
+    let name = parse_name(client, seq).await?;
+    let removed: i32 = client
+        .query_one(
+            r#"select "ferry"."provider_remove_seq"($1, $2, $3)"#,
+            &[&queue, &name.schema, &name.name],
+        )
+        .await
+        .with_context(|| format!("removing sequence {name} from queue \"{queue}\""))?
+        .get(0);
+    Ok((name, removed == 1))
+}
+
+/// The tables registered with `queue`, by name.
+pub async fn tables(client: &impl GenericClient, queue: &str) -> Result<Vec<RelName>, ReplicaError> {
+    let rows = client
+        .query(
+            r#"select "table_schema", "table_name" from "ferry"."provider_table"
+                where "queue_name" = $1 order by 1, 2"#,
+            &[&queue],
+        )
+        .await
+        .context("listing the provider's tables")?;
+    Ok(rows.iter().map(|r| RelName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect())
+}
+
+/// The sequences registered with `queue`, by name.
+pub async fn seqs(client: &impl GenericClient, queue: &str) -> Result<Vec<RelName>, ReplicaError> {
+    let rows = client
+        .query(
+            r#"select "seq_schema", "seq_name" from "ferry"."provider_seq"
+                where "queue_name" = $1 order by 1, 2"#,
+            &[&queue],
+        )
+        .await
+        .context("listing the provider's sequences")?;
+    Ok(rows.iter().map(|r| RelName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect())
+}
+
+/// A provider sequence's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqValue {
+    /// The sequence.
+    pub seq: RelName,
+    /// Its last_value.
+    pub last_value: i64,
+    /// Whether last_value was handed out already.
+    pub is_called: bool,
+    /// Its increment (negative for descending sequences).
+    pub increment: i64,
+}
+
+/// Current values of the sequences registered with `queue`.
+pub async fn seq_values(client: &impl GenericClient, queue: &str) -> Result<Vec<SeqValue>, ReplicaError> {
+    let rows = client
+        .query(
+            r#"select seq_schema, seq_name, last_value, is_called, increment
+                 from "ferry"."provider_seq_values"($1)"#,
+            &[&queue],
+        )
+        .await
+        .context("reading the provider's sequences")?;
+    Ok(rows
+        .iter()
+        .map(|r| SeqValue {
+            seq: RelName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            last_value: r.get(2),
+            is_called: r.get(3),
+            increment: r.get(4),
+        })
+        .collect())
+}

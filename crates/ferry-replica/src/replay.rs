@@ -1,0 +1,355 @@
+//! The replay daemon: copies tables waiting for their copy, applies each batch of the queue to
+//! the subscriber, and waits for the ticker's wake-up (or `loop_delay`) when there is nothing
+//! to do. Failures are retried with backoff, nothing is skipped; a lost connection is
+//! re-established.
+
+use std::time::Duration;
+
+use ferry_connect::{ConnInfo, Session};
+use ferry_daemon::logging::one_line as report;
+use ferry_daemon::{Health, Reload, Shutdown, StopMode};
+use tokio::time::sleep;
+
+use crate::apply::{Applier, BatchOutcome};
+use crate::copy::copy_table;
+use crate::error::{ReplicaError, ResultExt};
+use crate::subscriber;
+
+/// Wait this long after a failure that is not a lost connection before trying again.
+const PROBLEM_RETRY: Duration = Duration::from_secs(5);
+/// First and longest wait between reconnection attempts.
+const RECONNECT_MIN: Duration = Duration::from_millis(500);
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// Most events one batch may span when replay is behind (several ticks merged).
+const MAX_BATCH_EVENTS: i64 = 100_000;
+
+/// Settings every session of replay uses, so values are written out (COPY) and read
+/// (json_populate_record) the same way on both sides, whatever the servers' defaults.
+pub const SESSION_SETTINGS: &str = "set datestyle = 'ISO, YMD'; set intervalstyle = 'postgres'; \
+     set extra_float_digits = 3; set bytea_output = 'hex'; set timezone = 'UTC'; \
+     set lc_monetary = 'C'";
+
+/// What replay needs to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplaySettings {
+    /// The job name: the consumer's name on the queue, and in logs.
+    pub job_name: String,
+    /// The provider (where the queue is).
+    pub provider: ConnInfo,
+    /// The subscriber.
+    pub subscriber: ConnInfo,
+    /// The queue.
+    pub queue: String,
+    /// Longest wait for a new batch without a wake-up.
+    pub loop_delay: Duration,
+}
+
+/// Errors that stop replay: ones waiting cannot fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The connection settings are unusable.
+    #[error("cannot use the replay's database settings")]
+    Connection(#[source] ReplicaError),
+}
+
+/// Both connections.
+struct Link {
+    provider: Session,
+    subscriber: Session,
+}
+
+/// How a round of work ended.
+enum Round {
+    /// Nothing left to do: wait for a wake-up.
+    Idle,
+    /// Stopped because a stop was requested.
+    Stopped,
+}
+
+/// Runs replay until `shutdown`. On `reload`, `load_settings` is called; if it fails the old
+/// settings stay; changed connection settings reconnect.
+pub async fn run(
+    mut settings: ReplaySettings,
+    mut load_settings: impl FnMut() -> Result<ReplaySettings, String>,
+    mut shutdown: Shutdown,
+    mut reload: Reload,
+) -> Result<(), ReplayError> {
+    let mut health = Health::default();
+    tracing::info!(
+        job = %settings.job_name,
+        queue = %settings.queue,
+        provider = %settings.provider.resolve().describe(),
+        subscriber = %settings.subscriber.resolve().describe(),
+        "replay starting"
+    );
+    'connect: loop {
+        let Some(mut link) = connect(&settings, &mut shutdown, &mut health).await? else {
+            break 'connect;
+        };
+        let mut applier = Applier::default();
+        // the round looks at the stop request between units; the select below acts on an
+        // immediate one at once
+        let stop_watch = shutdown.clone();
+        if let Err(error) = prepare(&mut link, &settings).await {
+            if !settings_problem(&mut health, &error, &link) {
+                continue 'connect;
+            }
+            if wait_or_stop(&mut shutdown, PROBLEM_RETRY).await {
+                break 'connect;
+            }
+            continue 'connect;
+        }
+        loop {
+            // the round itself: an immediate stop abandons it (its transactions roll back)
+            let round = tokio::select! {
+                biased;
+                _ = shutdown.wait_immediate() => break 'connect,
+                round = work(&mut link, &mut applier, &settings, &stop_watch) => round,
+            };
+            match round {
+                Ok(Round::Stopped) => break 'connect,
+                Ok(Round::Idle) => health.ok(),
+                Err(error) => {
+                    applier = Applier::default();
+                    if !settings_problem(&mut health, &error, &link) {
+                        continue 'connect;
+                    }
+                    if wait_or_stop(&mut shutdown, PROBLEM_RETRY).await {
+                        break 'connect;
+                    }
+                    continue;
+                }
+            }
+            // 1 shutdown, 2 connection loss, 3 reload, 4 wake-up from the ticker, 5 timer
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => break 'connect,
+                _ = link.provider.closed() => {
+                    health.problem("provider connection lost; reconnecting");
+                    continue 'connect;
+                }
+                _ = link.subscriber.closed() => {
+                    health.problem("subscriber connection lost; reconnecting");
+                    continue 'connect;
+                }
+                _ = reload.requested() => match load_settings() {
+                    Ok(new) => {
+                        let reconnect = new.provider != settings.provider
+                            || new.subscriber != settings.subscriber
+                            || new.queue != settings.queue
+                            || new.job_name != settings.job_name;
+                        settings = new;
+                        tracing::info!(loop_delay = ?settings.loop_delay, "configuration reloaded");
+                        if reconnect {
+                            continue 'connect;
+                        }
+                    }
+                    Err(message) => {
+                        tracing::error!(error = %message, "configuration not reloaded; keeping the old one");
+                    }
+                },
+                _ = link.provider.notification() => link.provider.drain_notifications(),
+                _ = sleep(settings.loop_delay) => {}
+            }
+        }
+    }
+    tracing::info!(job = %settings.job_name, "replay stopped");
+    Ok(())
+}
+
+/// Logs a failed round; returns `false` when the connection is gone (reconnect), `true` when
+/// the same connections should retry after a pause.
+fn settings_problem(health: &mut Health, error: &ReplicaError, link: &Link) -> bool {
+    if error.is_connection_lost() || link.provider.is_closed() || link.subscriber.is_closed() {
+        health.problem(&format!("connection lost: {}", report(error)));
+        false
+    } else {
+        health.problem(&report(error));
+        true
+    }
+}
+
+/// Sleeps `delay` unless a stop comes first (`true`).
+async fn wait_or_stop(shutdown: &mut Shutdown, delay: Duration) -> bool {
+    tokio::select! {
+        biased;
+        _ = shutdown.wait() => true,
+        _ = sleep(delay) => false,
+    }
+}
+
+/// Connects to both sides, retrying with backoff until it works or a stop is requested.
+async fn connect(
+    settings: &ReplaySettings,
+    shutdown: &mut Shutdown,
+    health: &mut Health,
+) -> Result<Option<Link>, ReplayError> {
+    let application_name = format!("ferry replay {}", settings.job_name);
+    let mut delay = RECONNECT_MIN;
+    loop {
+        let attempt = tokio::select! {
+            biased;
+            _ = shutdown.wait() => return Ok(None),
+            attempt = open_link(settings, &application_name) => attempt,
+        };
+        match attempt {
+            Ok(link) => return Ok(Some(link)),
+            Err(error) if error.is_configuration() => return Err(ReplayError::Connection(error)),
+            Err(error) => health.problem(&format!("database unavailable: {}", report(&error))),
+        }
+        if wait_or_stop(shutdown, delay).await {
+            return Ok(None);
+        }
+        delay = (delay * 2).min(RECONNECT_MAX);
+    }
+}
+
+async fn open_link(settings: &ReplaySettings, application_name: &str) -> Result<Link, ReplicaError> {
+    let provider = open_session(&settings.provider, "provider", application_name).await?;
+    let subscriber = open_session(&settings.subscriber, "subscriber", application_name).await?;
+    Ok(Link {
+        provider,
+        subscriber,
+    })
+}
+
+/// Connects one side with replay's session settings.
+pub async fn open_session(
+    conninfo: &ConnInfo,
+    side: &str,
+    application_name: &str,
+) -> Result<Session, ReplicaError> {
+    let session = ferry_connect::connect(conninfo, application_name)
+        .await
+        .map_err(|e| ReplicaError::connect(side, e))?;
+    session
+        .client()
+        .batch_execute(SESSION_SETTINGS)
+        .await
+        .with_context(|| format!("setting up the {side} session"))?;
+    Ok(session)
+}
+
+/// Checks both sides are installed, makes sure the consumer is registered (copying every
+/// table again if it was not: events before the registration are lost to it), and listens for
+/// the ticker's wake-ups.
+async fn prepare(link: &mut Link, settings: &ReplaySettings) -> Result<(), ReplicaError> {
+    crate::provider::require_installed(link.provider.client()).await?;
+    subscriber::require_installed(link.subscriber.client(), &settings.queue).await?;
+    let registered = ferry_queue::consumer_info(link.provider.client(), Some(&settings.queue))
+        .await?
+        .iter()
+        .any(|c| c.consumer == settings.job_name);
+    if !registered {
+        ferry_queue::register_consumer(link.provider.client(), &settings.queue, &settings.job_name)
+            .await?;
+        let resynced = link
+            .subscriber
+            .client()
+            .execute(
+                r#"update "ferry"."subscriber_table"
+                      set "state" = 'in-copy', "copy_snapshot" = null, "state_changed" = now()
+                    where "queue_name" = $1 and "state" <> 'in-copy'"#,
+                &[&settings.queue],
+            )
+            .await
+            .context("sending tables back to in-copy")?;
+        tracing::warn!(
+            queue = %settings.queue,
+            consumer = %settings.job_name,
+            tables = resynced,
+            "the consumer was not registered on the queue: registered it; its tables are copied again"
+        );
+    }
+    link.provider
+        .client()
+        .batch_execute(&format!("listen {}", ferry_queue::TICK_CHANNEL))
+        .await
+        .context("listening for ticks")?;
+    Ok(())
+}
+
+/// One round: copy every table waiting for it, then apply batches until none is left.
+/// A graceful stop is honoured between units.
+async fn work(
+    link: &mut Link,
+    applier: &mut Applier,
+    settings: &ReplaySettings,
+    shutdown: &Shutdown,
+) -> Result<Round, ReplicaError> {
+    let queue = settings.queue.as_str();
+    let waiting: Vec<_> = subscriber::registered_tables(link.subscriber.client(), queue)
+        .await?
+        .into_iter()
+        .filter(|t| t.state == "in-copy")
+        .collect();
+    let copies = waiting.len();
+    for table in waiting {
+        if shutdown.requested() == Some(StopMode::Graceful) {
+            return Ok(Round::Stopped);
+        }
+        tracing::info!(table = %table.table, "copy started");
+        let started = std::time::Instant::now();
+        if let Some(done) = copy_table(
+            link.provider.client_mut(),
+            link.subscriber.client_mut(),
+            queue,
+            &table.table,
+        )
+        .await?
+        {
+            tracing::info!(
+                table = %table.table,
+                rows = done.rows,
+                secs = started.elapsed().as_secs_f64(),
+                snapshot = %done.snapshot,
+                "copy done: catching-up"
+            );
+        }
+    }
+    if copies > 0 {
+        // a tick after the copies lets their tables become ok with the next batch, instead of
+        // waiting for the queue's next event or idle tick
+        ferry_queue::tick(link.provider.client(), queue).await?;
+    }
+    loop {
+        if shutdown.requested().is_some() {
+            return Ok(Round::Stopped);
+        }
+        link.provider.drain_notifications();
+        let Some(batch) = ferry_queue::next_batch(
+            link.provider.client(),
+            queue,
+            &settings.job_name,
+            Some(MAX_BATCH_EVENTS),
+        )
+        .await?
+        else {
+            return Ok(Round::Idle);
+        };
+        let outcome = applier
+            .apply_batch(
+                link.provider.client_mut(),
+                link.subscriber.client_mut(),
+                queue,
+                &batch,
+            )
+            .await?;
+        match outcome {
+            BatchOutcome::Applied {
+                applied, skipped, ..
+            } => tracing::debug!(
+                batch = batch.id,
+                tick = batch.cur_tick.id,
+                applied,
+                skipped,
+                "batch applied"
+            ),
+            BatchOutcome::AlreadyApplied => tracing::info!(
+                batch = batch.id,
+                tick = batch.cur_tick.id,
+                "batch was applied before the last stop; finished it"
+            ),
+        }
+    }
+}

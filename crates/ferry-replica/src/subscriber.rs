@@ -1,0 +1,472 @@
+//! The subscriber side: installing, and choosing which of the provider's tables and sequences
+//! are replicated here.
+
+use std::collections::BTreeMap;
+
+use ferry_queue::{Component, InstallReport, Migration};
+use tokio_postgres::{Client, GenericClient};
+
+use crate::catalog::{parse_name, table_shape, TableShape};
+use crate::error::{ReplicaError, ResultExt};
+use crate::names::{quote_ident, RelName};
+use crate::provider;
+
+/// The subscriber's catalog: position, table states, sequences, write protection.
+pub const SUBSCRIBER: Component = Component {
+    name: "subscriber",
+    migrations: &[Migration {
+        version: 1,
+        sql: include_str!("../../../sql/subscriber/0001_schema.sql"),
+    }],
+    functions: include_str!("../../../sql/subscriber/functions.sql"),
+};
+
+/// The state shown for a table registered on the provider but not added here.
+pub const NOT_ADDED: &str = "-";
+
+/// What `subscriber install` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SubscriberInstall {
+    /// The subscriber catalog.
+    pub subscriber: InstallReport,
+    /// Whether the consumer was registered on the provider's queue now (`false`: it was).
+    pub consumer_registered: bool,
+}
+
+/// Installs (or upgrades) the subscriber catalog, records `queue` here and registers
+/// `consumer` on the provider's queue. Running it again changes nothing.
+pub async fn install(
+    subscriber: &mut Client,
+    provider: &Client,
+    queue: &str,
+    consumer: &str,
+) -> Result<SubscriberInstall, ReplicaError> {
+    provider::require_installed(provider).await?;
+    let report = ferry_queue::install_component(subscriber, &SUBSCRIBER).await?;
+    subscriber
+        .execute(
+            r#"insert into "ferry"."subscriber_position" ("queue_name", "consumer")
+               values ($1, $2) on conflict ("queue_name") do nothing"#,
+            &[&queue, &consumer],
+        )
+        .await
+        .context("recording the queue on the subscriber")?;
+    let consumer_registered = ferry_queue::register_consumer(provider, queue, consumer).await?;
+    Ok(SubscriberInstall {
+        subscriber: report,
+        consumer_registered,
+    })
+}
+
+/// Fails with a clear message unless the subscriber is installed for `queue`.
+pub async fn require_installed(client: &Client, queue: &str) -> Result<(), ReplicaError> {
+    let installed = ferry_queue::installed_version_of(client, SUBSCRIBER.name)
+        .await?
+        .is_some()
+        && client
+            .query_one(
+                r#"select exists (select 1 from "ferry"."subscriber_position" where "queue_name" = $1)"#,
+                &[&queue],
+            )
+            .await
+            .context("reading the subscriber's queues")?
+            .get::<_, bool>(0);
+    if installed {
+        Ok(())
+    } else {
+        Err(ReplicaError::refused(format!(
+            "ferry is not installed on the subscriber for queue \"{queue}\": run `ferry CONFIG subscriber install`"
+        )))
+    }
+}
+
+/// A replicated table's state on the subscriber.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SubscriberTable {
+    /// The table.
+    pub table: RelName,
+    /// `in-copy`, `catching-up` or `ok`.
+    pub state: String,
+    /// The snapshot the copy was made under (`catching-up` and `ok`).
+    pub copy_snapshot: Option<String>,
+    /// Keep existing rows when copying.
+    pub skip_truncate: bool,
+}
+
+/// The tables added for `queue` on this subscriber.
+pub async fn registered_tables(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Vec<SubscriberTable>, ReplicaError> {
+    let rows = client
+        .query(
+            r#"select "table_schema", "table_name", "state", "copy_snapshot", "skip_truncate"
+                 from "ferry"."subscriber_table" where "queue_name" = $1 order by 1, 2"#,
+            &[&queue],
+        )
+        .await
+        .context("reading the subscriber's tables")?;
+    Ok(rows
+        .iter()
+        .map(|r| SubscriberTable {
+            table: RelName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            state: r.get(2),
+            copy_snapshot: r.get(3),
+            skip_truncate: r.get(4),
+        })
+        .collect())
+}
+
+/// One line of `subscriber tables`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TableStatus {
+    /// The table.
+    pub table: RelName,
+    /// Its state here, or [`NOT_ADDED`] when only the provider has it.
+    pub state: String,
+}
+
+/// Every table of the queue: the subscriber's with their states, and the provider's not yet
+/// added here with state `-`.
+pub async fn table_states(
+    subscriber: &Client,
+    provider: &Client,
+    queue: &str,
+) -> Result<Vec<TableStatus>, ReplicaError> {
+    let mut all: BTreeMap<RelName, String> = provider::tables(provider, queue)
+        .await?
+        .into_iter()
+        .map(|t| (t, NOT_ADDED.to_string()))
+        .collect();
+    for t in registered_tables(subscriber, queue).await? {
+        all.insert(t.table, t.state);
+    }
+    Ok(all
+        .into_iter()
+        .map(|(table, state)| TableStatus { table, state })
+        .collect())
+}
+
+/// How `subscriber add` treats a table.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AddOptions {
+    /// Create the table here from the provider's definition when it is missing.
+    pub create: bool,
+    /// Keep the rows already here when copying.
+    pub skip_truncate: bool,
+}
+
+/// Adds a provider table of `queue` here: replay copies it, then keeps it in step. The table
+/// must be registered on the provider; it must exist here with every provider column, unless
+/// `create` lets ferry create it. Returns the table and whether it is new here.
+pub async fn add_table(
+    subscriber: &Client,
+    provider: &Client,
+    queue: &str,
+    table: &str,
+    options: AddOptions,
+) -> Result<(RelName, bool), ReplicaError> {
+    let name = parse_name(provider, table).await?;
+    if !provider::tables(provider, queue).await?.contains(&name) {
+        return Err(ReplicaError::refused(format!(
+            "{name} is not registered on the provider for queue \"{queue}\": run `ferry CONFIG provider add {name}` first"
+        )));
+    }
+    let Some(source) = table_shape(provider, &name).await? else {
+        return Err(ReplicaError::refused(format!(
+            "{name} is registered on the provider but does not exist there any more"
+        )));
+    };
+    let target = match table_shape(subscriber, &name).await? {
+        Some(shape) => shape,
+        None if options.create => {
+            create_table(subscriber, provider, &source).await?;
+            table_shape(subscriber, &name)
+                .await?
+                .expect("table just created")
+        }
+        None => {
+            return Err(ReplicaError::refused(format!(
+                "table {name} does not exist on the subscriber: create it (pg_dump -s of the provider) or add it with --create"
+            )))
+        }
+    };
+    if let Some(problem) = column_problems(&source, &target).into_iter().next() {
+        return Err(ReplicaError::refused(problem));
+    }
+    let added: i32 = subscriber
+        .query_one(
+            r#"select "ferry"."subscriber_add_table"($1, $2, $3, $4)"#,
+            &[&queue, &name.schema, &name.name, &options.skip_truncate],
+        )
+        .await
+        .with_context(|| format!("adding {name} on the subscriber"))?
+        .get(0);
+    Ok((name, added == 1))
+}
+
+/// Differences between a provider table and its subscriber table that stop replication:
+/// a provider column missing here, or a column of another type.
+pub fn column_problems(source: &TableShape, target: &TableShape) -> Vec<String> {
+    let mut problems = Vec::new();
+    for column in &source.columns {
+        match target.column(&column.name) {
+            None => problems.push(format!(
+                "column {} of table {} is missing on the subscriber (add it there, type {})",
+                quote_ident(&column.name),
+                target.table,
+                column.type_name
+            )),
+            Some(there) if there.type_name != column.type_name => problems.push(format!(
+                "column {} of table {} is {} on the subscriber but {} on the provider",
+                quote_ident(&column.name),
+                target.table,
+                there.type_name,
+                column.type_name
+            )),
+            Some(_) => {}
+        }
+    }
+    if target.primary_key().is_empty() {
+        problems.push(format!(
+            "table {} has no primary key on the subscriber (give it the provider's: {})",
+            target.table,
+            source.primary_key().join(", ")
+        ));
+    }
+    problems
+}
+
+/// Creates a provider table here: its schema if missing, sequences its defaults use, columns
+/// with types, defaults and generation expressions, NOT NULL, and the primary key.
+async fn create_table(
+    subscriber: &Client,
+    provider: &Client,
+    source: &TableShape,
+) -> Result<(), ReplicaError> {
+    let table = &source.table;
+    let mut ddl = format!(
+        "create schema if not exists {};\n",
+        quote_ident(&table.schema)
+    );
+    let sequences = provider
+        .query(
+            r#"select distinct n.nspname::text, c.relname::text
+                 from pg_attrdef d
+                 join pg_depend dep on dep.classid = 'pg_attrdef'::regclass and dep.objid = d.oid
+                 join pg_class c on c.oid = dep.refobjid and c.relkind = 'S'
+                 join pg_namespace n on n.oid = c.relnamespace
+                where d.adrelid = to_regclass($1)"#,
+            &[&table.quoted()],
+        )
+        .await
+        .with_context(|| format!("reading the sequences {table} uses"))?;
+    for seq in &sequences {
+        let seq = RelName::new(seq.get::<_, String>(0), seq.get::<_, String>(1));
+        ddl.push_str(&format!(
+            "create schema if not exists {};\ncreate sequence if not exists {};\n",
+            quote_ident(&seq.schema),
+            seq.quoted()
+        ));
+    }
+    let mut lines: Vec<String> = source
+        .columns
+        .iter()
+        .map(|c| {
+            let mut line = format!("{} {}", quote_ident(&c.name), c.type_name);
+            match (&c.default, c.generated, c.identity) {
+                (Some(expr), true, _) => {
+                    line.push_str(&format!(" generated always as ({expr}) stored"))
+                }
+                (_, _, true) => line.push_str(" generated by default as identity"),
+                (Some(expr), false, false) => line.push_str(&format!(" default {expr}")),
+                (None, _, false) => {}
+            }
+            if c.not_null {
+                line.push_str(" not null");
+            }
+            line
+        })
+        .collect();
+    let pk = source.primary_key();
+    if !pk.is_empty() {
+        lines.push(format!(
+            "primary key ({})",
+            pk.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    ddl.push_str(&format!(
+        "create table {} (\n    {}\n);",
+        table.quoted(),
+        lines.join(",\n    ")
+    ));
+    subscriber
+        .batch_execute(&format!("begin;\n{ddl}\ncommit;"))
+        .await
+        .with_context(|| format!("creating table {table} on the subscriber"))?;
+    tracing::info!(table = %table, "table created on the subscriber");
+    Ok(())
+}
+
+/// Stops replicating a table here. Returns it and whether it was added.
+pub async fn remove_table(
+    client: &Client,
+    queue: &str,
+    table: &str,
+) -> Result<(RelName, bool), ReplicaError> {
+    let name = parse_name(client, table).await?;
+    let removed: i32 = client
+        .query_one(
+            r#"select "ferry"."subscriber_remove_table"($1, $2, $3)"#,
+            &[&queue, &name.schema, &name.name],
+        )
+        .await
+        .with_context(|| format!("removing {name} on the subscriber"))?
+        .get(0);
+    Ok((name, removed == 1))
+}
+
+/// Makes replay copy a table again. Returns it and whether it is added here.
+pub async fn resync_table(
+    client: &Client,
+    queue: &str,
+    table: &str,
+) -> Result<(RelName, bool), ReplicaError> {
+    let name = parse_name(client, table).await?;
+    let done: i32 = client
+        .query_one(
+            r#"select "ferry"."subscriber_resync_table"($1, $2, $3)"#,
+            &[&queue, &name.schema, &name.name],
+        )
+        .await
+        .with_context(|| format!("resyncing {name}"))?
+        .get(0);
+    Ok((name, done == 1))
+}
+
+/// The sequences kept in step here for `queue`.
+pub async fn seqs(client: &impl GenericClient, queue: &str) -> Result<Vec<RelName>, ReplicaError> {
+    let rows = client
+        .query(
+            r#"select "seq_schema", "seq_name" from "ferry"."subscriber_seq"
+                where "queue_name" = $1 order by 1, 2"#,
+            &[&queue],
+        )
+        .await
+        .context("listing the subscriber's sequences")?;
+    Ok(rows
+        .iter()
+        .map(|r| RelName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// Keeps a provider sequence of `queue` in step here; it must exist on both sides and be
+/// registered on the provider. Returns it and whether it is new here.
+pub async fn add_seq(
+    subscriber: &Client,
+    provider: &Client,
+    queue: &str,
+    seq: &str,
+) -> Result<(RelName, bool), ReplicaError> {
+    let name = parse_name(provider, seq).await?;
+    if !provider::seqs(provider, queue).await?.contains(&name) {
+        return Err(ReplicaError::refused(format!(
+            "sequence {name} is not registered on the provider for queue \"{queue}\": run `ferry CONFIG provider add-seq {name}` first"
+        )));
+    }
+    let kind: Option<i8> = subscriber
+        .query_one(
+            "select (select relkind from pg_class where oid = to_regclass($1))",
+            &[&name.quoted()],
+        )
+        .await
+        .with_context(|| format!("looking for sequence {name}"))?
+        .get(0);
+    if kind != Some(b'S' as i8) {
+        return Err(ReplicaError::refused(format!(
+            "sequence {name} does not exist on the subscriber: create it (pg_dump -s of the provider)"
+        )));
+    }
+    let added = subscriber
+        .execute(
+            r#"insert into "ferry"."subscriber_seq" ("queue_name", "seq_schema", "seq_name")
+               values ($1, $2, $3) on conflict do nothing"#,
+            &[&queue, &name.schema, &name.name],
+        )
+        .await
+        .with_context(|| format!("adding sequence {name} on the subscriber"))?;
+    Ok((name, added == 1))
+}
+
+/// Stops keeping a sequence in step. Returns it and whether it was added.
+pub async fn remove_seq(
+    client: &Client,
+    queue: &str,
+    seq: &str,
+) -> Result<(RelName, bool), ReplicaError> {
+    let name = parse_name(client, seq).await?;
+    let removed = client
+        .execute(
+            r#"delete from "ferry"."subscriber_seq"
+                where "queue_name" = $1 and "seq_schema" = $2 and "seq_name" = $3"#,
+            &[&queue, &name.schema, &name.name],
+        )
+        .await
+        .with_context(|| format!("removing sequence {name} on the subscriber"))?;
+    Ok((name, removed == 1))
+}
+
+/// What the provider carries for `queue` that this subscriber has not added: (tables, sequences).
+pub async fn missing(
+    subscriber: &Client,
+    provider: &Client,
+    queue: &str,
+) -> Result<(Vec<RelName>, Vec<RelName>), ReplicaError> {
+    let here: Vec<RelName> = registered_tables(subscriber, queue)
+        .await?
+        .into_iter()
+        .map(|t| t.table)
+        .collect();
+    let tables = provider::tables(provider, queue)
+        .await?
+        .into_iter()
+        .filter(|t| !here.contains(t))
+        .collect();
+    let seqs_here = seqs(subscriber, queue).await?;
+    let seqs = provider::seqs(provider, queue)
+        .await?
+        .into_iter()
+        .filter(|s| !seqs_here.contains(s))
+        .collect();
+    Ok((tables, seqs))
+}
+
+/// Every problem that would stop replay of this subscriber's tables: tables gone on either
+/// side, tables no longer registered on the provider, missing columns, differing types.
+pub async fn check(
+    subscriber: &Client,
+    provider: &Client,
+    queue: &str,
+) -> Result<Vec<String>, ReplicaError> {
+    let registered = provider::tables(provider, queue).await?;
+    let mut problems = Vec::new();
+    for t in registered_tables(subscriber, queue).await? {
+        let name = &t.table;
+        if !registered.contains(name) {
+            problems.push(format!(
+                "table {name} is not registered on the provider for queue \"{queue}\""
+            ));
+            continue;
+        }
+        let Some(source) = table_shape(provider, name).await? else {
+            problems.push(format!("table {name} does not exist on the provider"));
+            continue;
+        };
+        let Some(target) = table_shape(subscriber, name).await? else {
+            problems.push(format!("table {name} does not exist on the subscriber"));
+            continue;
+        };
+        problems.extend(column_problems(&source, &target));
+    }
+    Ok(problems)
+}

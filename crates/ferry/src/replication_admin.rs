@@ -1,0 +1,398 @@
+//! `ferry CONFIG provider ...` and `ferry CONFIG subscriber ...`: installing, registering
+//! tables and sequences, and showing their state, against `[londiste]`'s databases.
+
+use std::future::Future;
+use std::path::Path;
+
+use ferry_connect::Session;
+use ferry_replica::subscriber::AddOptions;
+use ferry_replica::{provider, subscriber, RelName, ReplicaError, ReplaySettings};
+
+use crate::Failure;
+
+/// Options of the table and sequence commands.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Flags {
+    /// `--all`.
+    pub all: bool,
+    /// `--create` (subscriber add).
+    pub create: bool,
+    /// `--skip-truncate` (subscriber add).
+    pub skip_truncate: bool,
+    /// `--json` (listings).
+    pub json: bool,
+}
+
+const PROVIDER_USAGE: &str = "usage: ferry CONFIG provider install | add [--all | TABLE...] | remove TABLE... | add-seq [--all | SEQ...] | remove-seq SEQ... | tables | seqs";
+const SUBSCRIBER_USAGE: &str = "usage: ferry CONFIG subscriber install | add [--all | TABLE...] [--create] [--skip-truncate] | remove TABLE... | add-seq [--all | SEQ...] | remove-seq SEQ... | tables | seqs | missing | resync TABLE... | check";
+
+/// The open connections a command needs.
+struct Sides {
+    settings: ReplaySettings,
+    provider: Session,
+    subscriber: Option<Session>,
+}
+
+impl Sides {
+    fn subscriber(&self) -> &Session {
+        self.subscriber.as_ref().expect("subscriber connected")
+    }
+}
+
+/// Connects as `[londiste]` of `config` says (the subscriber only if asked) and runs `work`.
+fn with_sides<T, F, Fut>(config: &Path, with_subscriber: bool, work: F) -> Result<T, Failure>
+where
+    F: FnOnce(Sides) -> Fut,
+    Fut: Future<Output = Result<T, ReplicaError>>,
+{
+    let (_, settings, warnings) = crate::daemon::replay_settings(config)?;
+    for warning in warnings {
+        eprintln!("ferry: warning: {warning}");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(&e))?;
+    runtime
+        .block_on(async {
+            let name = format!("ferry admin {}", settings.job_name);
+            let provider =
+                ferry_replica::replay::open_session(&settings.provider, "provider", &name).await?;
+            let subscriber = if with_subscriber {
+                Some(
+                    ferry_replica::replay::open_session(&settings.subscriber, "subscriber", &name)
+                        .await?,
+                )
+            } else {
+                None
+            };
+            work(Sides {
+                settings,
+                provider,
+                subscriber,
+            })
+            .await
+        })
+        .map_err(|e| {
+            if e.is_configuration() {
+                Failure::usage(&e)
+            } else {
+                Failure::runtime(&e)
+            }
+        })
+}
+
+/// Prints names one per line, or as a json array.
+fn print_names(names: &[RelName], json: bool) {
+    if json {
+        let names: Vec<String> = names.iter().map(ToString::to_string).collect();
+        println!("{}", serde_json::to_string_pretty(&names).expect("strings serialize"));
+    } else {
+        for name in names {
+            println!("{name}");
+        }
+    }
+}
+
+/// One line per item of a multi-item command; `Err` if any item failed (after doing the rest).
+fn report_each(results: Vec<(String, Result<String, ReplicaError>)>) -> Result<(), Failure> {
+    let mut failed = 0;
+    for (item, result) in &results {
+        match result {
+            Ok(message) => println!("{message}"),
+            Err(error) => {
+                failed += 1;
+                eprintln!("ferry: {item}: {}", ferry_daemon::logging::one_line(error));
+            }
+        }
+    }
+    if failed > 0 {
+        Err(Failure::Runtime(format!(
+            "{failed} of {} failed (see above)",
+            results.len()
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// `ferry CONFIG provider COMMAND ARGS`.
+pub fn provider(config: &Path, args: &[String], flags: Flags) -> Result<(), Failure> {
+    let Some((command, names)) = args.split_first() else {
+        return Err(Failure::Usage(PROVIDER_USAGE.into()));
+    };
+    let names = names.to_vec();
+    let needs_names = |names: &[String]| {
+        if names.is_empty() && !flags.all {
+            Err(Failure::Usage(PROVIDER_USAGE.into()))
+        } else {
+            Ok(())
+        }
+    };
+    match command.as_str() {
+        "install" => {
+            let done = with_sides(config, false, |mut s| async move {
+                provider::install(s.provider.client_mut(), &s.settings.queue).await
+            })?;
+            println!(
+                "provider installed (queue schema version {}, provider version {}); queue {}",
+                done.queue.version,
+                done.provider.version,
+                if done.queue_created { "created" } else { "exists already" }
+            );
+            Ok(())
+        }
+        "add" | "add-seq" => {
+            needs_names(&names)?;
+            let sequences = command == "add-seq";
+            let results = with_sides(config, false, |s| async move {
+                provider::require_installed(s.provider.client()).await?;
+                let client = s.provider.client();
+                let queue = &s.settings.queue;
+                let names: Vec<String> = if flags.all {
+                    provider::candidates(client, sequences)
+                        .await?
+                        .iter()
+                        .map(RelName::to_string)
+                        .collect()
+                } else {
+                    names
+                };
+                let mut results = Vec::new();
+                for name in names {
+                    let result = if sequences {
+                        provider::add_seq(client, queue, &name).await
+                    } else {
+                        provider::add_table(client, queue, &name).await
+                    };
+                    results.push((
+                        name,
+                        result.map(|(rel, new)| {
+                            format!("{rel}: {}", if new { "added" } else { "registered already" })
+                        }),
+                    ));
+                }
+                Ok(results)
+            })?;
+            report_each(results)
+        }
+        "remove" | "remove-seq" => {
+            if names.is_empty() {
+                return Err(Failure::Usage(PROVIDER_USAGE.into()));
+            }
+            let sequences = command == "remove-seq";
+            let results = with_sides(config, false, |s| async move {
+                provider::require_installed(s.provider.client()).await?;
+                let mut results = Vec::new();
+                for name in names {
+                    let client = s.provider.client();
+                    let result = if sequences {
+                        provider::remove_seq(client, &s.settings.queue, &name).await
+                    } else {
+                        provider::remove_table(client, &s.settings.queue, &name).await
+                    };
+                    results.push((
+                        name,
+                        result.map(|(rel, gone)| {
+                            format!("{rel}: {}", if gone { "removed" } else { "was not registered" })
+                        }),
+                    ));
+                }
+                Ok(results)
+            })?;
+            report_each(results)
+        }
+        "tables" | "seqs" => {
+            let sequences = command == "seqs";
+            let names = with_sides(config, false, |s| async move {
+                provider::require_installed(s.provider.client()).await?;
+                if sequences {
+                    provider::seqs(s.provider.client(), &s.settings.queue).await
+                } else {
+                    provider::tables(s.provider.client(), &s.settings.queue).await
+                }
+            })?;
+            print_names(&names, flags.json);
+            Ok(())
+        }
+        _ => Err(Failure::Usage(PROVIDER_USAGE.into())),
+    }
+}
+
+/// `ferry CONFIG subscriber COMMAND ARGS`.
+pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Failure> {
+    let Some((command, names)) = args.split_first() else {
+        return Err(Failure::Usage(SUBSCRIBER_USAGE.into()));
+    };
+    let names = names.to_vec();
+    match command.as_str() {
+        "install" => {
+            let done = with_sides(config, true, |mut s| async move {
+                let subscriber = s.subscriber.as_mut().expect("subscriber connected");
+                subscriber::install(
+                    subscriber.client_mut(),
+                    s.provider.client(),
+                    &s.settings.queue,
+                    &s.settings.job_name,
+                )
+                .await
+            })?;
+            println!(
+                "subscriber installed (version {}); consumer {}",
+                done.subscriber.version,
+                if done.consumer_registered {
+                    "registered on the queue"
+                } else {
+                    "was registered already"
+                }
+            );
+            Ok(())
+        }
+        "add" | "add-seq" => {
+            if names.is_empty() && !flags.all {
+                return Err(Failure::Usage(SUBSCRIBER_USAGE.into()));
+            }
+            let sequences = command == "add-seq";
+            let results = with_sides(config, true, |s| async move {
+                let (sub, prov, queue) =
+                    (s.subscriber().client(), s.provider.client(), &s.settings.queue);
+                provider::require_installed(prov).await?;
+                subscriber::require_installed(sub, queue).await?;
+                let names: Vec<String> = if flags.all {
+                    let (tables, seqs) = subscriber::missing(sub, prov, queue).await?;
+                    let wanted = if sequences { seqs } else { tables };
+                    wanted.iter().map(RelName::to_string).collect()
+                } else {
+                    names
+                };
+                let options = AddOptions {
+                    create: flags.create,
+                    skip_truncate: flags.skip_truncate,
+                };
+                let mut results = Vec::new();
+                for name in names {
+                    let result = if sequences {
+                        subscriber::add_seq(sub, prov, queue, &name).await
+                    } else {
+                        subscriber::add_table(sub, prov, queue, &name, options).await
+                    };
+                    results.push((
+                        name,
+                        result.map(|(rel, new)| {
+                            format!("{rel}: {}", if new { "added" } else { "added already" })
+                        }),
+                    ));
+                }
+                Ok(results)
+            })?;
+            report_each(results)
+        }
+        "remove" | "remove-seq" | "resync" => {
+            if names.is_empty() {
+                return Err(Failure::Usage(SUBSCRIBER_USAGE.into()));
+            }
+            let command = command.clone();
+            let results = with_sides(config, true, |s| async move {
+                let (sub, queue) = (s.subscriber().client(), &s.settings.queue);
+                subscriber::require_installed(sub, queue).await?;
+                let mut results = Vec::new();
+                for name in names {
+                    let result = match command.as_str() {
+                        "remove" => subscriber::remove_table(sub, queue, &name)
+                            .await
+                            .map(|(rel, done)| (rel, done, "removed")),
+                        "remove-seq" => subscriber::remove_seq(sub, queue, &name)
+                            .await
+                            .map(|(rel, done)| (rel, done, "removed")),
+                        _ => subscriber::resync_table(sub, queue, &name)
+                            .await
+                            .map(|(rel, done)| (rel, done, "will be copied again")),
+                    };
+                    results.push((
+                        name,
+                        result.map(|(rel, done, what)| {
+                            format!("{rel}: {}", if done { what } else { "was not added" })
+                        }),
+                    ));
+                }
+                Ok(results)
+            })?;
+            report_each(results)
+        }
+        "tables" => {
+            let states = with_sides(config, true, |s| async move {
+                let (sub, prov, queue) =
+                    (s.subscriber().client(), s.provider.client(), &s.settings.queue);
+                subscriber::require_installed(sub, queue).await?;
+                subscriber::table_states(sub, prov, queue).await
+            })?;
+            if flags.json {
+                let rows: Vec<_> = states
+                    .iter()
+                    .map(|t| serde_json::json!({ "table": t.table.to_string(), "state": t.state }))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows).expect("plain data"));
+            } else {
+                println!("Table State");
+                for t in &states {
+                    println!("{} {}", t.table, t.state);
+                }
+            }
+            Ok(())
+        }
+        "seqs" => {
+            let seqs = with_sides(config, true, |s| async move {
+                subscriber::require_installed(s.subscriber().client(), &s.settings.queue).await?;
+                subscriber::seqs(s.subscriber().client(), &s.settings.queue).await
+            })?;
+            print_names(&seqs, flags.json);
+            Ok(())
+        }
+        "missing" => {
+            let (tables, seqs) = with_sides(config, true, |s| async move {
+                let (sub, prov, queue) =
+                    (s.subscriber().client(), s.provider.client(), &s.settings.queue);
+                subscriber::require_installed(sub, queue).await?;
+                subscriber::missing(sub, prov, queue).await
+            })?;
+            if flags.json {
+                let doc = serde_json::json!({
+                    "tables": tables.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "seqs": seqs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&doc).expect("plain data"));
+            } else {
+                for t in &tables {
+                    println!("table {t}");
+                }
+                for s in &seqs {
+                    println!("sequence {s}");
+                }
+            }
+            Ok(())
+        }
+        "check" => {
+            let problems = with_sides(config, true, |s| async move {
+                let (sub, prov, queue) =
+                    (s.subscriber().client(), s.provider.client(), &s.settings.queue);
+                subscriber::require_installed(sub, queue).await?;
+                subscriber::check(sub, prov, queue).await
+            })?;
+            if flags.json {
+                println!("{}", serde_json::to_string_pretty(&problems).expect("strings"));
+            } else if problems.is_empty() {
+                println!("ok: every replicated table matches the provider");
+            } else {
+                for p in &problems {
+                    println!("{p}");
+                }
+            }
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure::Runtime(format!("{} problem(s) found", problems.len())))
+            }
+        }
+        _ => Err(Failure::Usage(SUBSCRIBER_USAGE.into())),
+    }
+}

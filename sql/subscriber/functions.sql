@@ -1,0 +1,78 @@
+-- ferry subscriber functions. Re-applied by every `ferry CONF subscriber install`.
+
+-- Statement trigger on every replicated subscriber table: refuses writes from anyone but
+-- replay (which sets "ferry.replay" to 'on' in its transactions). It guards against mistakes,
+-- not against a session that sets the flag on purpose.
+create or replace function "ferry"."protect_replica"() returns trigger
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+begin
+    if coalesce(current_setting('ferry.replay', true), '') <> 'on' then
+        raise exception 'ferry: %.% is a replica of queue "%": only ferry replay may change it',
+                        quote_ident(TG_TABLE_SCHEMA), quote_ident(TG_TABLE_NAME), TG_ARGV[0]
+            using errcode = 'read_only_sql_transaction',
+                  hint = 'write on the provider, or run "ferry CONF subscriber remove TABLE" to stop replicating it';
+    end if;
+    return null;
+end $$;
+comment on function "ferry"."protect_replica"() is
+    'ferry: statement trigger that makes a replicated table read-only for all but replay';
+
+-- Registers a subscriber table for a queue (state in-copy) and protects it. Returns 1 when
+-- new, 0 when registered already.
+create or replace function "ferry"."subscriber_add_table"(i_queue_name text, i_schema text, i_name text,
+    i_skip_truncate boolean default false)
+returns integer language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    v_oid oid := to_regclass(format('%I.%I', i_schema, i_name));
+    v_new integer;
+begin
+    if v_oid is null then
+        raise exception 'ferry: table %.% does not exist on the subscriber', quote_ident(i_schema), quote_ident(i_name)
+            using errcode = 'undefined_table',
+                  hint = 'create it (pg_dump -s of the provider), or add it with --create';
+    end if;
+    if not exists (select 1 from "ferry"."subscriber_position" where "queue_name" = i_queue_name) then
+        raise exception 'ferry: queue "%" is not set up on this subscriber', i_queue_name
+            using errcode = 'undefined_object', hint = 'run "ferry CONF subscriber install" first';
+    end if;
+    execute format('drop trigger if exists "ferry_protect" on %I.%I', i_schema, i_name);
+    execute format('create trigger "ferry_protect" before insert or update or delete or truncate on %I.%I '
+                   'for each statement execute procedure "ferry"."protect_replica"(%L)', i_schema, i_name, i_queue_name);
+    insert into "ferry"."subscriber_table" ("queue_name", "table_schema", "table_name", "skip_truncate")
+    values (i_queue_name, i_schema, i_name, i_skip_truncate)
+    on conflict do nothing;
+    get diagnostics v_new = row_count;
+    return v_new;
+end $$;
+comment on function "ferry"."subscriber_add_table"(text, text, text, boolean) is
+    'ferry: replicate a table into this subscriber, starting with its copy (1 new, 0 already)';
+
+-- Stops replicating a table here and lifts its protection. Returns 0 when it was not registered.
+create or replace function "ferry"."subscriber_remove_table"(i_queue_name text, i_schema text, i_name text)
+returns integer language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    v_gone integer;
+begin
+    delete from "ferry"."subscriber_table"
+     where "queue_name" = i_queue_name and "table_schema" = i_schema and "table_name" = i_name;
+    get diagnostics v_gone = row_count;
+    if to_regclass(format('%I.%I', i_schema, i_name)) is not null then
+        execute format('drop trigger if exists "ferry_protect" on %I.%I', i_schema, i_name);
+    end if;
+    return v_gone;
+end $$;
+comment on function "ferry"."subscriber_remove_table"(text, text, text) is
+    'ferry: stop replicating a table into this subscriber (1 removed, 0 was not registered)';
+
+-- Sends a table back to in-copy: replay copies it again. Returns 0 when it is not registered.
+create or replace function "ferry"."subscriber_resync_table"(i_queue_name text, i_schema text, i_name text)
+returns integer language sql as $$
+    with changed as (
+        update "ferry"."subscriber_table"
+           set "state" = 'in-copy', "copy_snapshot" = null, "copied_rows" = null, "state_changed" = now()
+         where "queue_name" = i_queue_name and "table_schema" = i_schema and "table_name" = i_name
+        returning 1)
+    select count(*)::integer from changed
+$$;
+comment on function "ferry"."subscriber_resync_table"(text, text, text) is
+    'ferry: copy a replicated table again (1 done, 0 not registered)';

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use ferry_testkit::{Cluster, TestDb};
 use tokio_postgres::Client;
 
+pub mod replication;
+
 /// The ferry binary under test.
 pub fn ferry_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ferry")
@@ -274,6 +276,12 @@ pub async fn wait_for_tick(client: &Client, queue: &str, target: i64, limit: Dur
 
 /// A child process that is SIGKILLed when dropped, so a failing test leaves none behind.
 pub struct ChildProcess(Child);
+
+impl From<Child> for ChildProcess {
+    fn from(child: Child) -> ChildProcess {
+        ChildProcess(child)
+    }
+}
 
 impl Drop for ChildProcess {
     fn drop(&mut self) {

@@ -153,10 +153,7 @@ pub async fn installed_version(client: &Client) -> Result<Option<i32>, QueueErro
 }
 
 /// The installed version of the component called `name`, `None` if it is not installed.
-pub async fn installed_version_of(
-    client: &Client,
-    name: &str,
-) -> Result<Option<i32>, QueueError> {
+pub async fn installed_version_of(client: &Client, name: &str) -> Result<Option<i32>, QueueError> {
     let installed: bool = client
         .query_one(
             "select to_regclass('\"ferry\".\"schema_migration\"') is not null",

@@ -16,8 +16,8 @@ use tokio_postgres::{GenericClient, Portal, Row, Transaction};
 pub use error::QueueError;
 use error::ResultExt;
 pub use install::{
-    install, install_component, installed_version, installed_version_of, latest_version,
-    Component, InstallReport, Migration, COMPONENT, MIN_SERVER_VERSION_NUM, QUEUE,
+    install, install_component, installed_version, installed_version_of, latest_version, Component,
+    InstallReport, Migration, COMPONENT, MIN_SERVER_VERSION_NUM, QUEUE,
 };
 
 /// The NOTIFY channel the ticker signals on after each tick; the payload is the queue name.

@@ -112,10 +112,7 @@ impl Applier {
                 break;
             }
             for event in &page {
-                let target = event
-                    .extra[0]
-                    .as_deref()
-                    .and_then(|key| tables.get(key));
+                let target = event.extra[0].as_deref().and_then(|key| tables.get(key));
                 let apply = match target {
                     None => false,
                     Some((_, TableState::InCopy)) => false,
@@ -124,10 +121,7 @@ impl Applier {
                 };
                 if apply {
                     let (table, _) = target.expect("checked above");
-                    self.apply_event(&stx, table, event).await.map_err(|e| {
-                        tracing::debug!(table = %table, event = event.id, "event failed");
-                        e
-                    })?;
+                    self.apply_event(&stx, table, event).await?;
                     applied += 1;
                 } else {
                     skipped += 1;
@@ -267,7 +261,10 @@ impl Applier {
             }
             "U" => {
                 let key = event.extra[1].as_deref().ok_or_else(|| {
-                    ReplicaError::refused(format!("update event {} of {table} has no key", event.id))
+                    ReplicaError::refused(format!(
+                        "update event {} of {table} has no key",
+                        event.id
+                    ))
                 })?;
                 let columns = self.writable_columns(stx, table, data).await?;
                 let keys = self.key_columns(stx, table, key).await?;
@@ -329,7 +326,11 @@ impl Applier {
             )
         })?;
         if expect_one && changed != 1 {
-            let key = if ev_type == "U" { event.extra[1].as_deref() } else { Some(data) };
+            let key = if ev_type == "U" {
+                event.extra[1].as_deref()
+            } else {
+                Some(data)
+            };
             return Err(ReplicaError::refused(format!(
                 "{} of {table} found {changed} rows with key {} on the subscriber, expected 1: the replica is out of step (`subscriber resync {table}` copies it again)",
                 operation_name(ev_type),

@@ -107,7 +107,12 @@ pub async fn parse_name(client: &impl GenericClient, text: &str) -> Result<RelNa
     let parts: Vec<String> = client
         .query_one("select parse_ident($1)", &[&text])
         .await
-        .map_err(|e| ReplicaError::refused(format!("{text:?} is not a valid table name: {}", e.as_db_error().map(|d| d.message()).unwrap_or("unparsable"))))?
+        .map_err(|e| {
+            ReplicaError::refused(format!(
+                "{text:?} is not a valid table name: {}",
+                e.as_db_error().map(|d| d.message()).unwrap_or("unparsable")
+            ))
+        })?
         .get(0);
     match parts.as_slice() {
         [name] => Ok(RelName::new("public", name.as_str())),

@@ -117,7 +117,13 @@ pub async fn copy_table(
               set "state" = 'catching-up', "copy_snapshot" = $4, "copied_rows" = $5,
                   "state_changed" = now()
             where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3"#,
-        &[&queue, &table.schema, &table.name, &snapshot, &(rows as i64)],
+        &[
+            &queue,
+            &table.schema,
+            &table.name,
+            &snapshot,
+            &(rows as i64),
+        ],
     )
     .await
     .with_context(|| format!("recording the copy of {table}"))?;

@@ -31,7 +31,12 @@ impl RelName {
 /// (`public.table1`, `"My Schema"."x.y"`), so output can be pasted back as input.
 impl fmt::Display for RelName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", display_ident(&self.schema), display_ident(&self.name))
+        write!(
+            f,
+            "{}.{}",
+            display_ident(&self.schema),
+            display_ident(&self.name)
+        )
     }
 }
 

@@ -67,7 +67,10 @@ pub async fn candidates(
         )
         .await
         .context("listing the provider's tables")?;
-    Ok(rows.iter().map(|r| RelName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| RelName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
 }
 
 /// Registers a table with `queue` and creates its capture triggers. Returns its name and
@@ -144,7 +147,10 @@ pub async fn remove_seq(
 }
 
 /// The tables registered with `queue`, by name.
-pub async fn tables(client: &impl GenericClient, queue: &str) -> Result<Vec<RelName>, ReplicaError> {
+pub async fn tables(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Vec<RelName>, ReplicaError> {
     let rows = client
         .query(
             r#"select "table_schema", "table_name" from "ferry"."provider_table"
@@ -153,7 +159,10 @@ pub async fn tables(client: &impl GenericClient, queue: &str) -> Result<Vec<RelN
         )
         .await
         .context("listing the provider's tables")?;
-    Ok(rows.iter().map(|r| RelName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| RelName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
 }
 
 /// The sequences registered with `queue`, by name.
@@ -166,7 +175,10 @@ pub async fn seqs(client: &impl GenericClient, queue: &str) -> Result<Vec<RelNam
         )
         .await
         .context("listing the provider's sequences")?;
-    Ok(rows.iter().map(|r| RelName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| RelName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
 }
 
 /// A provider sequence's state.
@@ -183,7 +195,10 @@ pub struct SeqValue {
 }
 
 /// Current values of the sequences registered with `queue`.
-pub async fn seq_values(client: &impl GenericClient, queue: &str) -> Result<Vec<SeqValue>, ReplicaError> {
+pub async fn seq_values(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Vec<SeqValue>, ReplicaError> {
     let rows = client
         .query(
             r#"select seq_schema, seq_name, last_value, is_called, increment

@@ -204,7 +204,10 @@ async fn connect(
     }
 }
 
-async fn open_link(settings: &ReplaySettings, application_name: &str) -> Result<Link, ReplicaError> {
+async fn open_link(
+    settings: &ReplaySettings,
+    application_name: &str,
+) -> Result<Link, ReplicaError> {
     let provider = open_session(&settings.provider, "provider", application_name).await?;
     let subscriber = open_session(&settings.subscriber, "subscriber", application_name).await?;
     Ok(Link {

@@ -292,7 +292,10 @@ async fn create_table(
     if !pk.is_empty() {
         lines.push(format!(
             "primary key ({})",
-            pk.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ")
+            pk.iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     ddl.push_str(&format!(

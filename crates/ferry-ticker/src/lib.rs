@@ -12,7 +12,6 @@ use ferry_daemon::{Health, Reload, Shutdown};
 use ferry_queue::QueueError;
 use tokio::time::{interval, sleep, Instant, MissedTickBehavior};
 
-
 /// After a failure that is not a lost connection, wait this long before trying again.
 const PROBLEM_RETRY: Duration = Duration::from_secs(5);
 /// First and longest wait between reconnection attempts.

@@ -7,10 +7,10 @@ use ferry_config::{
     daemon_sections, DaemonSettings, ReplicationConfig, TickerConfig, REPLICATION_SECTION,
     TICKER_SECTION,
 };
-use ferry_replica::ReplaySettings;
 use ferry_connect::ConnInfo;
 use ferry_daemon::logging::{self, LogFileSettings, LogTarget, Verbosity};
 use ferry_daemon::{pidfile, PidFile, PidFileError};
+use ferry_replica::ReplaySettings;
 use ferry_ticker::TickerSettings;
 
 use crate::cli::load_ini;

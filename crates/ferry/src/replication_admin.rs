@@ -6,7 +6,7 @@ use std::path::Path;
 
 use ferry_connect::Session;
 use ferry_replica::subscriber::AddOptions;
-use ferry_replica::{provider, subscriber, RelName, ReplicaError, ReplaySettings};
+use ferry_replica::{provider, subscriber, RelName, ReplaySettings, ReplicaError};
 
 use crate::Failure;
 
@@ -86,7 +86,10 @@ where
 fn print_names(names: &[RelName], json: bool) {
     if json {
         let names: Vec<String> = names.iter().map(ToString::to_string).collect();
-        println!("{}", serde_json::to_string_pretty(&names).expect("strings serialize"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&names).expect("strings serialize")
+        );
     } else {
         for name in names {
             println!("{name}");
@@ -138,7 +141,11 @@ pub fn provider(config: &Path, args: &[String], flags: Flags) -> Result<(), Fail
                 "provider installed (queue schema version {}, provider version {}); queue {}",
                 done.queue.version,
                 done.provider.version,
-                if done.queue_created { "created" } else { "exists already" }
+                if done.queue_created {
+                    "created"
+                } else {
+                    "exists already"
+                }
             );
             Ok(())
         }
@@ -168,7 +175,10 @@ pub fn provider(config: &Path, args: &[String], flags: Flags) -> Result<(), Fail
                     results.push((
                         name,
                         result.map(|(rel, new)| {
-                            format!("{rel}: {}", if new { "added" } else { "registered already" })
+                            format!(
+                                "{rel}: {}",
+                                if new { "added" } else { "registered already" }
+                            )
                         }),
                     ));
                 }
@@ -194,7 +204,14 @@ pub fn provider(config: &Path, args: &[String], flags: Flags) -> Result<(), Fail
                     results.push((
                         name,
                         result.map(|(rel, gone)| {
-                            format!("{rel}: {}", if gone { "removed" } else { "was not registered" })
+                            format!(
+                                "{rel}: {}",
+                                if gone {
+                                    "removed"
+                                } else {
+                                    "was not registered"
+                                }
+                            )
                         }),
                     ));
                 }
@@ -254,8 +271,11 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
             }
             let sequences = command == "add-seq";
             let results = with_sides(config, true, |s| async move {
-                let (sub, prov, queue) =
-                    (s.subscriber().client(), s.provider.client(), &s.settings.queue);
+                let (sub, prov, queue) = (
+                    s.subscriber().client(),
+                    s.provider.client(),
+                    &s.settings.queue,
+                );
                 provider::require_installed(prov).await?;
                 subscriber::require_installed(sub, queue).await?;
                 let names: Vec<String> = if flags.all {
@@ -321,8 +341,11 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
         }
         "tables" => {
             let states = with_sides(config, true, |s| async move {
-                let (sub, prov, queue) =
-                    (s.subscriber().client(), s.provider.client(), &s.settings.queue);
+                let (sub, prov, queue) = (
+                    s.subscriber().client(),
+                    s.provider.client(),
+                    &s.settings.queue,
+                );
                 subscriber::require_installed(sub, queue).await?;
                 subscriber::table_states(sub, prov, queue).await
             })?;
@@ -331,7 +354,10 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
                     .iter()
                     .map(|t| serde_json::json!({ "table": t.table.to_string(), "state": t.state }))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows).expect("plain data"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).expect("plain data")
+                );
             } else {
                 println!("Table State");
                 for t in &states {
@@ -350,8 +376,11 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
         }
         "missing" => {
             let (tables, seqs) = with_sides(config, true, |s| async move {
-                let (sub, prov, queue) =
-                    (s.subscriber().client(), s.provider.client(), &s.settings.queue);
+                let (sub, prov, queue) = (
+                    s.subscriber().client(),
+                    s.provider.client(),
+                    &s.settings.queue,
+                );
                 subscriber::require_installed(sub, queue).await?;
                 subscriber::missing(sub, prov, queue).await
             })?;
@@ -360,7 +389,10 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
                     "tables": tables.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "seqs": seqs.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 });
-                println!("{}", serde_json::to_string_pretty(&doc).expect("plain data"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&doc).expect("plain data")
+                );
             } else {
                 for t in &tables {
                     println!("table {t}");
@@ -373,13 +405,19 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
         }
         "check" => {
             let problems = with_sides(config, true, |s| async move {
-                let (sub, prov, queue) =
-                    (s.subscriber().client(), s.provider.client(), &s.settings.queue);
+                let (sub, prov, queue) = (
+                    s.subscriber().client(),
+                    s.provider.client(),
+                    &s.settings.queue,
+                );
                 subscriber::require_installed(sub, queue).await?;
                 subscriber::check(sub, prov, queue).await
             })?;
             if flags.json {
-                println!("{}", serde_json::to_string_pretty(&problems).expect("strings"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&problems).expect("strings")
+                );
             } else if problems.is_empty() {
                 println!("ok: every replicated table matches the provider");
             } else {
@@ -390,7 +428,10 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
             if problems.is_empty() {
                 Ok(())
             } else {
-                Err(Failure::Runtime(format!("{} problem(s) found", problems.len())))
+                Err(Failure::Runtime(format!(
+                    "{} problem(s) found",
+                    problems.len()
+                )))
             }
         }
         _ => Err(Failure::Usage(SUBSCRIBER_USAGE.into())),

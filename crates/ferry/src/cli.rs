@@ -26,7 +26,7 @@ commands (CONFIG is a Londiste 2 / pgqadm ini file):
   ferry CONFIG subscriber install | add [--all | TABLE...] [--create] [--skip-truncate] |
                         remove TABLE... | add-seq [--all | SEQ...] | remove-seq SEQ... |
                         tables | seqs | missing | resync TABLE... | check
-  ferry demo [--keep]                    two throwaway clusters replicating under load
+  ferry demo                             two throwaway clusters replicating under load
   ferry -s CONFIG   stop the daemon of CONFIG gracefully (SIGINT) and wait for it
   ferry -k CONFIG   kill it (SIGTERM);  ferry -r CONFIG   reload its config (SIGHUP)
 exit codes: 0 success, 1 runtime failure, 2 usage or configuration error";
@@ -94,6 +94,9 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
         .count();
     if control > 1 {
         return Err(Failure::Usage("-s, -k and -r exclude each other".into()));
+    }
+    if cli.words.len() == 1 && cli.words[0] == "demo" && !Path::new("demo").exists() {
+        return crate::demo::run();
     }
     let Some((config, rest)) = cli.words.split_first() else {
         return Err(Failure::Usage(format!(

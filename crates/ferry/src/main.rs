@@ -4,6 +4,7 @@
 
 mod cli;
 mod daemon;
+mod demo;
 mod queue_admin;
 mod replication_admin;
 

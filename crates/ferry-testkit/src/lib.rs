@@ -1,4 +1,4 @@
-//! Throwaway PostgreSQL clusters for ferry's tests: `initdb` + `pg_ctl` of the machine's
+//! Throwaway PostgreSQL clusters for ferry's tests and `ferry demo`: `initdb` + `pg_ctl` of the machine's
 //! PostgreSQL on a free port, listening on 127.0.0.1 and on a private socket directory.
 //!
 //! * The server binaries are found through `FERRY_PG_BINDIR`, `pg_config --bindir`, `PATH`,

@@ -656,3 +656,67 @@ async fn truncate_replicates_and_resync_repairs() {
     wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
     identical().await;
 }
+
+/// A table whose copy cannot work (a column dropped on the subscriber after `add`) stays
+/// in-copy, is named in the log, and does not hold up the other tables; once fixed it copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_copy_does_not_stop_the_others() {
+    let schema = "create table good (id int primary key, v text);
+                  create table bad (id int primary key, v text);
+                  insert into good select i, 'g' from generate_series(1, 100) i;
+                  insert into bad select i, 'b' from generate_series(1, 100) i;";
+    let pair = Pair::new("failcopy", schema, Some(schema)).await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    run(&ticker, &["install"]);
+    run(&ticker, &["ticker", "-d"]);
+    run(&londiste, &["provider", "install"]);
+    run(&londiste, &["subscriber", "install"]);
+    run(&londiste, &["provider", "add", "--all"]);
+    run(&londiste, &["subscriber", "add", "--all"]);
+    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    subscriber
+        .batch_execute("alter table bad drop column v")
+        .await
+        .unwrap();
+    run(&londiste, &["replay", "-d"]);
+    let provider = ferry_testkit::connect(&pair.provider.conninfo).await;
+    provider
+        .batch_execute("insert into good values (1000, 'later')")
+        .await
+        .unwrap();
+    wait_identical(
+        &pair.provider.conninfo,
+        &pair.subscriber.conninfo,
+        &["good"],
+        Duration::from_secs(30),
+        || pair.replay_log(),
+    )
+    .await;
+    let tables = run(&londiste, &["subscriber", "tables"]);
+    assert!(tables.contains("public.bad in-copy"), "{tables}");
+    assert!(tables.contains("public.good ok"), "{tables}");
+    assert!(
+        pair.replay_log()
+            .contains("column \"v\" of table public.bad is missing on the subscriber"),
+        "{}",
+        pair.replay_log()
+    );
+
+    subscriber
+        .batch_execute("alter table bad add column v text")
+        .await
+        .unwrap();
+    wait_all_ok(&londiste, Duration::from_secs(90), || pair.replay_log());
+    wait_identical(
+        &pair.provider.conninfo,
+        &pair.subscriber.conninfo,
+        &["good", "bad"],
+        Duration::from_secs(30),
+        || pair.replay_log(),
+    )
+    .await;
+}

@@ -3,7 +3,8 @@
 //! to do. Failures are retried with backoff, nothing is skipped; a lost connection is
 //! re-established.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use ferry_connect::{ConnInfo, Session};
 use ferry_daemon::logging::one_line as report;
@@ -13,6 +14,7 @@ use tokio::time::sleep;
 use crate::apply::{Applier, BatchOutcome};
 use crate::copy::copy_table;
 use crate::error::{ReplicaError, ResultExt};
+use crate::names::RelName;
 use crate::subscriber;
 
 /// Wait this long after a failure that is not a lost connection before trying again.
@@ -20,6 +22,8 @@ const PROBLEM_RETRY: Duration = Duration::from_secs(5);
 /// First and longest wait between reconnection attempts.
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// A table whose copy was refused (missing there, a column missing) is tried again after this.
+const COPY_RETRY: Duration = Duration::from_secs(30);
 /// Most events one batch may span when replay is behind (several ticks merged).
 const MAX_BATCH_EVENTS: i64 = 100_000;
 
@@ -87,6 +91,7 @@ pub async fn run(
             break 'connect;
         };
         let mut applier = Applier::default();
+        let mut copy_retry = HashMap::new();
         // the round looks at the stop request between units; the select below acts on an
         // immediate one at once
         let stop_watch = shutdown.clone();
@@ -104,7 +109,7 @@ pub async fn run(
             let round = tokio::select! {
                 biased;
                 _ = shutdown.wait_immediate() => break 'connect,
-                round = work(&mut link, &mut applier, &settings, &stop_watch) => round,
+                round = work(&mut link, &mut applier, &mut copy_retry, &settings, &stop_watch) => round,
             };
             match round {
                 Ok(Round::Stopped) => break 'connect,
@@ -277,37 +282,57 @@ async fn prepare(link: &mut Link, settings: &ReplaySettings) -> Result<(), Repli
 async fn work(
     link: &mut Link,
     applier: &mut Applier,
+    copy_retry: &mut HashMap<RelName, Instant>,
     settings: &ReplaySettings,
     shutdown: &Shutdown,
 ) -> Result<Round, ReplicaError> {
     let queue = settings.queue.as_str();
+    let now = Instant::now();
     let waiting: Vec<_> = subscriber::registered_tables(link.subscriber.client(), queue)
         .await?
         .into_iter()
         .filter(|t| t.state == "in-copy")
+        .filter(|t| copy_retry.get(&t.table).is_none_or(|at| *at <= now))
         .collect();
-    let copies = waiting.len();
+    let mut copies = 0;
     for table in waiting {
         if shutdown.requested() == Some(StopMode::Graceful) {
             return Ok(Round::Stopped);
         }
         tracing::info!(table = %table.table, "copy started");
-        let started = std::time::Instant::now();
-        if let Some(done) = copy_table(
+        let started = Instant::now();
+        let copied = copy_table(
             link.provider.client_mut(),
             link.subscriber.client_mut(),
             queue,
             &table.table,
         )
-        .await?
-        {
-            tracing::info!(
-                table = %table.table,
-                rows = done.rows,
-                secs = started.elapsed().as_secs_f64(),
-                snapshot = %done.snapshot,
-                "copy done: catching-up"
-            );
+        .await;
+        match copied {
+            Ok(Some(done)) => {
+                copies += 1;
+                copy_retry.remove(&table.table);
+                tracing::info!(
+                    table = %table.table,
+                    rows = done.rows,
+                    secs = started.elapsed().as_secs_f64(),
+                    snapshot = %done.snapshot,
+                    "copy done: catching-up"
+                );
+            }
+            Ok(None) => {}
+            // one table that cannot be copied (missing there, a column missing) must not hold
+            // up the others: it stays in-copy, its events are not applied, it is tried again
+            Err(error) if error.is_refused() => {
+                tracing::warn!(
+                    table = %table.table,
+                    error = %report(&error),
+                    retry_secs = COPY_RETRY.as_secs(),
+                    "copy failed; the table stays in-copy"
+                );
+                copy_retry.insert(table.table.clone(), Instant::now() + COPY_RETRY);
+            }
+            Err(error) => return Err(error),
         }
     }
     if copies > 0 {

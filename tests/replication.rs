@@ -720,3 +720,23 @@ async fn one_failing_copy_does_not_stop_the_others() {
     )
     .await;
 }
+
+/// `ferry demo`, the README's first command, runs to its end: replication under load, both
+/// sides identical, everything stopped. Ignored by default: it starts two more clusters and
+/// runs a full-speed load, and once timed out (300 s) while other heavy work shared the two
+/// cores; run it with `cargo test --test replication -- --ignored demo`.
+#[test]
+#[ignore]
+fn demo_runs_to_identical() {
+    let out = ferry(&["demo"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ferry demo failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("every table is ok"), "{stdout}");
+    assert!(stdout.contains("both sides identical"), "{stdout}");
+    assert!(stdout.contains("demo-replay: stopped"), "{stdout}");
+}

@@ -122,10 +122,7 @@ async fn replay_killed_at_random_moments() {
     let pair = Pair::new("kill", &format!("{SCHEMA}{SEED_DATA}"), Some(SCHEMA)).await;
     let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
     let _stop_ticker = KillDaemonOnDrop(ticker.clone());
-    run(&ticker, &["install"]);
-    run(&ticker, &["ticker", "-d"]);
-    run(&londiste, &["provider", "install"]);
-    run(&londiste, &["subscriber", "install"]);
+    pair.install_and_start_ticker();
     let load = WriteLoad::start(&pair.provider.conninfo, 2).await;
     run(&londiste, &["provider", "add", "--all"]);
     run(&londiste, &["provider", "add-seq", "--all"]);
@@ -195,10 +192,7 @@ async fn second_subscriber_added_under_load() {
         KillDaemonOnDrop(londiste.clone()),
         KillDaemonOnDrop(londiste2.clone()),
     ];
-    run(&ticker, &["install"]);
-    run(&ticker, &["ticker", "-d"]);
-    run(&londiste, &["provider", "install"]);
-    run(&londiste, &["subscriber", "install"]);
+    pair.install_and_start_ticker();
     run(&londiste, &["replay", "-d"]);
     let load = WriteLoad::start(&pair.provider.conninfo, 2).await;
     run(&londiste, &["provider", "add", "--all"]);
@@ -512,10 +506,7 @@ async fn values_round_trip_exactly() {
         .batch_execute("insert into fidelity (id) values (3)")
         .await
         .unwrap();
-    run(&ticker, &["install"]);
-    run(&ticker, &["ticker", "-d"]);
-    run(&londiste, &["provider", "install"]);
-    run(&londiste, &["subscriber", "install"]);
+    pair.install_and_start_ticker();
     run(&londiste, &["replay", "-d"]);
     run(&londiste, &["provider", "add", "fidelity"]);
     run(&londiste, &["subscriber", "add", "fidelity"]);
@@ -606,10 +597,7 @@ async fn truncate_replicates_and_resync_repairs() {
         KillDaemonOnDrop(ticker.clone()),
         KillDaemonOnDrop(londiste.clone()),
     ];
-    run(&ticker, &["install"]);
-    run(&ticker, &["ticker", "-d"]);
-    run(&londiste, &["provider", "install"]);
-    run(&londiste, &["subscriber", "install"]);
+    pair.install_and_start_ticker();
     run(&londiste, &["replay", "-d"]);
     run(&londiste, &["provider", "add", "items"]);
     run(&londiste, &["subscriber", "add", "items"]);
@@ -671,10 +659,7 @@ async fn one_failing_copy_does_not_stop_the_others() {
         KillDaemonOnDrop(ticker.clone()),
         KillDaemonOnDrop(londiste.clone()),
     ];
-    run(&ticker, &["install"]);
-    run(&ticker, &["ticker", "-d"]);
-    run(&londiste, &["provider", "install"]);
-    run(&londiste, &["subscriber", "install"]);
+    pair.install_and_start_ticker();
     run(&londiste, &["provider", "add", "--all"]);
     run(&londiste, &["subscriber", "add", "--all"]);
     let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;

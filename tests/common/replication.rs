@@ -98,6 +98,15 @@ impl Pair {
         .expect("write londiste.ini");
     }
 
+    /// Installs the queue, starts the ticker detached, installs provider and subscriber: the
+    /// setup every test shares before it adds tables.
+    pub fn install_and_start_ticker(&self) {
+        run(&self.ticker_ini(), &["install"]);
+        run(&self.ticker_ini(), &["ticker", "-d"]);
+        run(&self.londiste_ini(), &["provider", "install"]);
+        run(&self.londiste_ini(), &["subscriber", "install"]);
+    }
+
     /// The replay log of the default subscriber, for failure messages.
     pub fn replay_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("test-londiste.log")).unwrap_or_default()

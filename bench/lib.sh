@@ -1,0 +1,144 @@
+# Shared pieces of the benchmark: throwaway clusters, the pgbench workload, the probes
+# (checksums, convergence, lag, memory). Sourced by bench/run; every peer script uses them.
+#
+# Clusters live under $BENCH_ROOT/<name>, listen on 127.0.0.1 and a socket in their own folder,
+# and run as the postgres OS user when we are root. PROV and SUB name the pair of the peer
+# being measured; PPORT and SPORT are their ports.
+
+BENCH_ROOT=${BENCH_ROOT:-/tmp/ferry-bench}
+PGBIN=${PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
+SCALE=${SCALE:-10}
+CLIENTS=${CLIENTS:-4}
+SECS=${SECS:-30}
+
+say() { printf '%s  %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { say "FAILED: $*"; exit 1; }
+now() { date +%s.%N; }
+# seconds since $1, three decimals
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+# pg_up NAME PORT: a fresh cluster, settings as in ../shared/bench (fsync and synchronous
+# commit on, logical WAL so the native peer can run on the same settings as the others).
+pg_up() {
+  local name=$1 port=$2 dir=$BENCH_ROOT/$1
+  mkdir -p "$BENCH_ROOT"; chmod 777 "$BENCH_ROOT"
+  pg_down "$name"; rm -rf "$dir"; mkdir -p "$dir"
+  [ "$(id -u)" = 0 ] && chown postgres "$dir"
+  as_pg "$PGBIN/initdb" -D "$dir/data" -U postgres -A trust --no-sync >/dev/null || die "initdb $name"
+  cat >> "$dir/data/postgresql.conf" <<CONF
+port = $port
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$dir'
+fsync = on
+synchronous_commit = on
+shared_buffers = 512MB
+max_wal_size = 4GB
+wal_level = logical
+max_wal_senders = 10
+max_replication_slots = 10
+max_worker_processes = 16
+max_connections = 200
+CONF
+  as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/log" -w start >/dev/null || { cat "$dir/log" >&2; die "starting $name"; }
+}
+pg_down() {
+  [ -d "$BENCH_ROOT/$1/data" ] && as_pg "$PGBIN/pg_ctl" -D "$BENCH_ROOT/$1/data" -m fast -w stop >/dev/null 2>&1
+  return 0
+}
+# connection strings of the pair
+pconn() { echo "dbname=bench host=$BENCH_ROOT/$PROV port=$PPORT user=postgres"; }
+sconn() { echo "dbname=bench host=$BENCH_ROOT/$SUB port=$SPORT user=postgres"; }
+# psql on one side: qp SQL / qs SQL (unaligned, tuples only, stop on error)
+qp() { psql -X -q -At -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres -d bench -v ON_ERROR_STOP=1 -c "$1"; }
+qs() { psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres -d bench -v ON_ERROR_STOP=1 -c "$1"; }
+
+# setup_pair: both clusters, pgbench data on the provider (pgbench_history with a primary key,
+# a heartbeat table for the lag probe), the same schema without data on the subscriber.
+setup_pair() {
+  pg_up "$PROV" "$PPORT"; pg_up "$SUB" "$SPORT"
+  as_pg createdb -h "$BENCH_ROOT/$PROV" -p "$PPORT" bench
+  as_pg createdb -h "$BENCH_ROOT/$SUB" -p "$SPORT" bench
+  pgbench -q -i -s "$SCALE" -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres bench >/dev/null 2>&1 || die "pgbench -i"
+  qp "alter table pgbench_history add column hid bigserial primary key"
+  qp "create table hb (id int primary key, ts timestamptz); insert into hb values (1, clock_timestamp())"
+  qp "vacuum analyze"
+  pg_dump -s -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres bench \
+    | psql -X -q -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres bench >/dev/null || die "schema copy"
+}
+
+# pgbench on the provider for $SECS seconds; prints its tps
+run_pgbench() {
+  pgbench -n -c "$CLIENTS" -j 2 -T "$SECS" -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres bench 2>&1 \
+    | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1
+}
+
+# One table's fingerprint: row count and md5 of its rows in key order.
+fingerprint() { # side table key
+  local sql="select count(*) || ':' || coalesce(md5(string_agg(x::text, ',' order by $3)), '') from $2 x"
+  if [ "$1" = p ]; then qp "$sql"; else qs "$sql"; fi
+}
+# same_tables PHASE: dies loudly unless every pgbench table is identical on both sides
+same_tables() {
+  local t k a b bad=0
+  for tk in "pgbench_accounts aid" "pgbench_branches bid" "pgbench_tellers tid" "pgbench_history hid"; do
+    set -- $tk
+    a=$(fingerprint p "$1" "$2"); b=$(fingerprint s "$1" "$2")
+    if [ "$a" != "$b" ]; then say "MISMATCH after $PHASE: $1 provider=$a subscriber=$b"; bad=1; fi
+  done
+  [ $bad = 0 ] || die "$PEER: tables differ after $PHASE"
+  say "$PEER: identical after $PHASE"
+}
+
+# converge [LIMIT]: waits until the subscriber's pgbench_history matches the provider's
+# (count and sum); prints the seconds it took. Polls every 10 ms.
+converge() {
+  local t0 limit=${1:-900} want got
+  t0=$(now)
+  want=$(qp "select count(*) || ':' || coalesce(sum(delta), 0) from pgbench_history")
+  while :; do
+    got=$(qs "select count(*) || ':' || coalesce(sum(delta), 0) from pgbench_history" 2>/dev/null)
+    [ "$got" = "$want" ] && break
+    awk -v a="$t0" -v b="$(now)" -v l="$limit" 'BEGIN { exit !(b - a > l) }' && die "$PEER: no convergence in ${limit}s"
+    sleep 0.01
+  done
+  since "$t0"
+}
+
+# pgbench with a lag probe: the provider's heartbeat row is updated every 20 ms, the subscriber
+# samples its age every 100 ms. Prints "tps p50_ms p99_ms"; the first 3 s of samples are dropped.
+run_pgbench_lag() {
+  local f=$BENCH_ROOT/$PEER.lag hb smp tps pct
+  (echo "update hb set ts = clock_timestamp() \\watch 0.02" \
+     | psql -X -q -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres bench >/dev/null 2>&1) & hb=$!
+  sleep 1
+  (echo "select extract(epoch from clock_timestamp() - ts) * 1000 from hb \\watch 0.1" \
+     | psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres bench > "$f" 2>/dev/null) & smp=$!
+  tps=$(run_pgbench)
+  pkill -P "$smp" 2>/dev/null; pkill -P "$hb" 2>/dev/null; kill "$smp" "$hb" 2>/dev/null; wait "$smp" "$hb" 2>/dev/null
+  pct=$(grep -E '^-?[0-9.]+$' "$f" | tail -n +31 | sort -n \
+        | awk '{ a[NR] = $1 } END { if (NR == 0) print "null null"; else printf "%.1f %.1f\n", a[int(NR * 0.5) + 1], a[int(NR * 0.99) + 1] }')
+  echo "$tps $pct"
+}
+
+# Memory sampler: every 0.2 s, the resident memory of the pid that `peer_replay_pid` prints,
+# without shared memory (a PostgreSQL worker's shared buffers are not its own), kept as the
+# peak in $BENCH_ROOT/$PEER.rss (kB).
+rss_sampler_start() {
+  echo 0 > "$BENCH_ROOT/$PEER.rss"
+  (
+    peak=0
+    while :; do
+      pid=$(peer_replay_pid 2>/dev/null)
+      if [ -n "$pid" ] && [ -r "/proc/$pid/status" ]; then
+        kb=$(awk '/^VmRSS:/ { r = $2 } /^RssShmem:/ { s = $2 } END { print r - s }' "/proc/$pid/status" 2>/dev/null)
+        if [ -n "$kb" ] && [ "$kb" -gt "$peak" ]; then peak=$kb; echo "$peak" > "$BENCH_ROOT/$PEER.rss"; fi
+      fi
+      sleep 0.2
+    done
+  ) & RSS_SAMPLER=$!
+}
+rss_sampler_stop() { kill "$RSS_SAMPLER" 2>/dev/null; wait "$RSS_SAMPLER" 2>/dev/null; cat "$BENCH_ROOT/$PEER.rss"; }
+
+# history_count: transactions so far (one pgbench_history row each)
+history_count() { qp "select count(*) from pgbench_history"; }

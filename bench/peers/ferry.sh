@@ -1,0 +1,45 @@
+# Peer: ferry, the release build, with its default settings (ticker and replay as daemons).
+# $FERRY is the binary. Sourced by bench/run after lib.sh.
+
+peer_setup() {
+  W=$BENCH_ROOT/ferry-work; rm -rf "$W"; mkdir -p "$W"
+  cat > "$W/ticker.ini" <<INI
+[pgqadm]
+job_name = bench-ticker
+db = $(pconn)
+logfile = $W/ticker.log
+pidfile = $W/ticker.pid
+INI
+  cat > "$W/londiste.ini" <<INI
+[londiste]
+job_name = bench-replay
+provider_db = $(pconn)
+subscriber_db = $(sconn)
+pgq_queue_name = bench
+logfile = $W/replay.log
+pidfile = $W/replay.pid
+INI
+  F() { "$FERRY" "$@" >/dev/null || die "ferry $*"; }
+  F "$W/ticker.ini" install
+  F "$W/ticker.ini" ticker -d
+  F "$W/londiste.ini" provider install
+  F "$W/londiste.ini" subscriber install
+}
+peer_start_copy() {
+  F "$W/londiste.ini" provider add --all
+  F "$W/londiste.ini" subscriber add --all
+  F "$W/londiste.ini" replay -d
+}
+peer_wait_copied() {
+  while "$FERRY" "$W/londiste.ini" subscriber tables | tail -n +2 | awk '{ print $2 }' | grep -qv '^ok$'; do
+    sleep 0.05
+  done
+}
+peer_stop_replay() { F "$W/londiste.ini" replay -s; }
+peer_start_replay() { F "$W/londiste.ini" replay -d; }
+peer_replay_pid() { cat "$W/replay.pid" 2>/dev/null; }
+peer_teardown() {
+  "$FERRY" "$W/londiste.ini" replay -s >/dev/null 2>&1
+  "$FERRY" "$W/ticker.ini" ticker -s >/dev/null 2>&1
+  return 0
+}

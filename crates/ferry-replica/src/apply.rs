@@ -13,11 +13,12 @@ use crate::catalog::{table_shape, TableShape};
 use crate::error::{ReplicaError, ResultExt};
 use crate::names::{quote_ident, RelName};
 use crate::provider::{self, SeqValue};
+use crate::reduce::{column_signature, Change, Pushed, TableChanges};
 use crate::snapshot::Snapshot;
 use crate::subscriber;
 
 /// Events read from the provider per round trip.
-const PAGE_SIZE: i32 = 1000;
+const PAGE_SIZE: i32 = 5000;
 
 /// What applying a batch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +34,15 @@ pub enum BatchOutcome {
     },
     /// The subscriber had this batch already (a crash hit after its commit); only finished.
     AlreadyApplied,
+}
+
+/// How a batch's events reach the subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Independent tables reduced per page and applied with a few statements each.
+    SetWise,
+    /// One statement per event, in event order.
+    EventOrder,
 }
 
 /// A replicated table as the batch sees it.
@@ -54,13 +64,46 @@ pub struct Applier {
 }
 
 impl Applier {
-    /// Applies `batch` of `queue` and finishes it on the provider.
+    /// Applies `batch` of `queue` and finishes it on the provider. Independent tables (see
+    /// [`TableShape::independent`]) are applied set-wise; if that fails for any reason but a
+    /// lost connection, the batch is applied again in plain event order, which either works or
+    /// fails with the precise event, table and key.
     pub async fn apply_batch(
         &mut self,
         provider: &mut Client,
         subscriber: &mut Client,
         queue: &str,
         batch: &Batch,
+    ) -> Result<BatchOutcome, ReplicaError> {
+        match self
+            .apply_batch_in(provider, subscriber, queue, batch, Mode::SetWise)
+            .await
+        {
+            Err(error)
+                if !(error.is_connection_lost()
+                    || provider.is_closed()
+                    || subscriber.is_closed()) =>
+            {
+                tracing::info!(
+                    batch = batch.id,
+                    error = %ferry_daemon::logging::one_line(&error),
+                    "set-wise apply failed; applying the batch again in event order"
+                );
+                self.shapes.clear();
+                self.apply_batch_in(provider, subscriber, queue, batch, Mode::EventOrder)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn apply_batch_in(
+        &mut self,
+        provider: &mut Client,
+        subscriber: &mut Client,
+        queue: &str,
+        batch: &Batch,
+        mode: Mode,
     ) -> Result<BatchOutcome, ReplicaError> {
         let stx = subscriber
             .transaction()
@@ -106,27 +149,17 @@ impl Applier {
         let mut applied = 0;
         let mut skipped = 0;
         let mut cursor = BatchCursor::open(&ptx, batch.id).await?;
-        loop {
-            let page = cursor.next_page(PAGE_SIZE).await?;
-            if page.is_empty() {
-                break;
-            }
-            for event in &page {
-                let target = event.extra[0].as_deref().and_then(|key| tables.get(key));
-                let apply = match target {
-                    None => false,
-                    Some((_, TableState::InCopy)) => false,
-                    Some((_, TableState::CatchingUp(copy))) => !copy.sees(event.txid),
-                    Some((_, TableState::Ok)) => true,
-                };
-                if apply {
-                    let (table, _) = target.expect("checked above");
-                    self.apply_event(&stx, table, event).await?;
-                    applied += 1;
-                } else {
-                    skipped += 1;
-                }
-            }
+        // the next page is read from the provider while the subscriber applies this one
+        let mut page = cursor.next_page(PAGE_SIZE).await?;
+        while !page.is_empty() {
+            let (next, done) = tokio::join!(
+                cursor.next_page(PAGE_SIZE),
+                self.apply_page(&stx, &tables, &page, mode)
+            );
+            let (page_applied, page_skipped) = done?;
+            applied += page_applied;
+            skipped += page_skipped;
+            page = next?;
         }
         drop(cursor);
         let tables_ok = self
@@ -153,6 +186,185 @@ impl Applier {
             skipped,
             tables_ok,
         })
+    }
+
+    /// Applies one page of events: in event order, or with each independent table's changes
+    /// reduced and applied set-wise at the end of the page. Returns (applied, skipped).
+    async fn apply_page(
+        &mut self,
+        stx: &Transaction<'_>,
+        tables: &HashMap<String, (RelName, TableState)>,
+        page: &[Event],
+        mode: Mode,
+    ) -> Result<(u64, u64), ReplicaError> {
+        let mut applied = 0;
+        let mut skipped = 0;
+        let mut gathered: HashMap<&RelName, TableChanges<'_>> = HashMap::new();
+        for event in page {
+            let target = event.extra[0].as_deref().and_then(|key| tables.get(key));
+            let apply = match target {
+                None => false,
+                Some((_, TableState::InCopy)) => false,
+                Some((_, TableState::CatchingUp(copy))) => !copy.sees(event.txid),
+                Some((_, TableState::Ok)) => true,
+            };
+            let Some((table, _)) = target.filter(|_| apply) else {
+                skipped += 1;
+                continue;
+            };
+            applied += 1;
+            if mode == Mode::EventOrder {
+                self.apply_event(stx, table, event).await?;
+                continue;
+            }
+            let change = match change_of(event) {
+                Some(change) if self.is_independent(stx, table).await? => change,
+                // a truncate, or a table others depend on: in event order (after what was
+                // gathered for the table, so its own order holds)
+                _ => {
+                    if let Some(changes) = gathered.get_mut(table) {
+                        self.apply_set_wise(stx, table, changes).await?;
+                    }
+                    self.apply_event(stx, table, event).await?;
+                    continue;
+                }
+            };
+            let changes = match gathered.entry(table) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let shape = self.shape(stx, table, &[]).await?;
+                    let key = shape.primary_key().iter().map(|c| c.to_string()).collect();
+                    e.insert(TableChanges::new(key))
+                }
+            };
+            match changes
+                .push(change)
+                .map_err(|e| ReplicaError::refused(format!("event {} of {table}: {e}", event.id)))?
+            {
+                Pushed::Reduced => {}
+                Pushed::KeyMoved => {
+                    self.apply_set_wise(stx, table, changes).await?;
+                    self.apply_event(stx, table, event).await?;
+                }
+            }
+        }
+        for (table, changes) in &mut gathered {
+            self.apply_set_wise(stx, table, changes).await?;
+        }
+        Ok((applied, skipped))
+    }
+
+    /// Whether `table` may be applied set-wise (cached with its shape).
+    async fn is_independent(
+        &mut self,
+        stx: &Transaction<'_>,
+        table: &RelName,
+    ) -> Result<bool, ReplicaError> {
+        Ok(self.shape(stx, table, &[]).await?.independent)
+    }
+
+    /// Applies the changes gathered for `table`: deletes, then updates, then inserts, each a
+    /// single statement over a json array (per set of columns).
+    async fn apply_set_wise(
+        &mut self,
+        stx: &Transaction<'_>,
+        table: &RelName,
+        changes: &mut TableChanges<'_>,
+    ) -> Result<(), ReplicaError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let plan = changes.take_plan();
+        let t = table.quoted();
+        if !plan.deletes.is_empty() {
+            let shape = self.shape(stx, table, &[]).await?;
+            let keys: Vec<String> = shape.primary_key().iter().map(|c| quote_ident(c)).collect();
+            let sql = format!(
+                "delete from {t} as t using json_populate_recordset(null::{t}, $1::text::json) k where {w}",
+                w = key_match(&keys, "k")
+            );
+            self.run_set(stx, table, &sql, &plan.deletes, "deletes")
+                .await?;
+        }
+        for (rows, is_update) in [(&plan.updates, true), (&plan.inserts, false)] {
+            for group in group_by_columns(table, rows)? {
+                let columns = self.writable_columns(stx, table, group[0]).await?;
+                let list = columns.join(", ");
+                let sql = if is_update {
+                    let shape = self.shape(stx, table, &[]).await?;
+                    let keys: Vec<String> =
+                        shape.primary_key().iter().map(|c| quote_ident(c)).collect();
+                    let set = columns
+                        .iter()
+                        .map(|c| format!("{c} = r.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    format!(
+                        "update {t} as t set {set} from json_populate_recordset(null::{t}, $1::text::json) r where {w}",
+                        w = key_match(&keys, "r")
+                    )
+                } else {
+                    format!(
+                        "insert into {t} ({list}) overriding system value select {list} from json_populate_recordset(null::{t}, $1::text::json)"
+                    )
+                };
+                let what = if is_update { "updates" } else { "inserts" };
+                self.run_set(stx, table, &sql, &group, what).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one set-wise statement over `rows` (json objects); deletes and updates must touch
+    /// every row.
+    async fn run_set(
+        &mut self,
+        stx: &Transaction<'_>,
+        table: &RelName,
+        sql: &str,
+        rows: &[&str],
+        what: &str,
+    ) -> Result<(), ReplicaError> {
+        let mut payload =
+            String::with_capacity(rows.iter().map(|r| r.len() + 1).sum::<usize>() + 2);
+        payload.push('[');
+        for (i, row) in rows.iter().enumerate() {
+            if i > 0 {
+                payload.push(',');
+            }
+            payload.push_str(row);
+        }
+        payload.push(']');
+        let statement = self.statement(stx, table, sql).await?;
+        let changed = stx
+            .execute(&statement, &[&payload])
+            .await
+            .with_context(|| format!("applying {} {what} of {table} set-wise", rows.len()))?;
+        if what != "inserts" && changed != rows.len() as u64 {
+            return Err(ReplicaError::refused(format!(
+                "{what} of {table}: {changed} of {} rows found on the subscriber",
+                rows.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The prepared statement for `sql`, prepared once per session.
+    async fn statement(
+        &mut self,
+        stx: &Transaction<'_>,
+        table: &RelName,
+        sql: &str,
+    ) -> Result<Statement, ReplicaError> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = stx
+            .prepare(sql)
+            .await
+            .with_context(|| format!("preparing the statements for {table}"))?;
+        self.statements.insert(sql.to_string(), s.clone());
+        Ok(s)
     }
 
     /// The subscriber's tables, keyed the way events name them.
@@ -277,7 +489,7 @@ impl Applier {
                     format!(
                         "update {t} as t set {set} from json_populate_record(null::{t}, $1::text::json) r, json_populate_record(null::{t}, $2::text::json) k where {w}",
                         t = table.quoted(),
-                        w = key_match(&keys)
+                        w = key_match(&keys, "k")
                     ),
                     vec![data, key],
                     true,
@@ -289,7 +501,7 @@ impl Applier {
                     format!(
                         "delete from {t} as t using json_populate_record(null::{t}, $1::text::json) k where {w}",
                         t = table.quoted(),
-                        w = key_match(&keys)
+                        w = key_match(&keys, "k")
                     ),
                     vec![data],
                     true,
@@ -302,17 +514,7 @@ impl Applier {
                 )))
             }
         };
-        let statement = match self.statements.get(&sql) {
-            Some(s) => s.clone(),
-            None => {
-                let s = stx
-                    .prepare(&sql)
-                    .await
-                    .with_context(|| format!("preparing the statements for {table}"))?;
-                self.statements.insert(sql.clone(), s.clone());
-                s
-            }
-        };
+        let statement = self.statement(stx, table, &sql).await?;
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
             .iter()
             .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
@@ -399,12 +601,44 @@ impl Applier {
     }
 }
 
-/// `t."a" = k."a" and t."b" = k."b"`.
-fn key_match(keys: &[String]) -> String {
+/// `t."a" = k."a" and t."b" = k."b"` (for `source` k).
+fn key_match(keys: &[String], source: &str) -> String {
     keys.iter()
-        .map(|k| format!("t.{k} = k.{k}"))
+        .map(|k| format!("t.{k} = {source}.{k}"))
         .collect::<Vec<_>>()
         .join(" and ")
+}
+
+/// The row change an I, U or D event carries (`None` for anything else, a TRUNCATE say, or an
+/// event missing its data).
+fn change_of(event: &Event) -> Option<Change<'_>> {
+    let data = event.data.as_deref()?;
+    match event.ev_type.as_deref()? {
+        "I" => Some(Change::Insert { row: data }),
+        "U" => Some(Change::Update {
+            row: data,
+            old_key: event.extra[1].as_deref()?,
+        }),
+        "D" => Some(Change::Delete { old_key: data }),
+        _ => None,
+    }
+}
+
+/// `rows` split into groups with the same columns, in first-seen order.
+fn group_by_columns<'r, 'a>(
+    table: &RelName,
+    rows: &'r [&'a str],
+) -> Result<Vec<Vec<&'a str>>, ReplicaError> {
+    let mut groups: Vec<(String, Vec<&'a str>)> = Vec::new();
+    for row in rows {
+        let signature = column_signature(row)
+            .map_err(|e| ReplicaError::refused(format!("an event of {table}: {e}")))?;
+        match groups.iter_mut().find(|(s, _)| *s == signature) {
+            Some((_, group)) => group.push(row),
+            None => groups.push((signature, vec![row])),
+        }
+    }
+    Ok(groups.into_iter().map(|(_, g)| g).collect())
 }
 
 fn operation_name(ev_type: &str) -> &'static str {

@@ -32,6 +32,10 @@ pub struct TableShape {
     pub table: RelName,
     /// Its columns (dropped ones left out).
     pub columns: Vec<Column>,
+    /// Nothing else depends on the order its rows change in: no foreign key from or to it, no
+    /// unique or exclusion constraint but the primary key, no enabled user trigger (ferry's
+    /// write guard aside) and no rule. Replay applies such a table's changes set-wise.
+    pub independent: bool,
 }
 
 impl TableShape {
@@ -84,8 +88,26 @@ pub async fn table_shape(
             return Ok(None);
         }
     }
+    let independent: bool = client
+        .query_one(
+            r#"select not exists (select 1 from pg_constraint c
+                                   where (c.conrelid = t.oid or c.confrelid = t.oid) and c.contype in ('f', 'x'))
+                  and not exists (select 1 from pg_index i
+                                   where i.indrelid = t.oid and i.indisunique and not i.indisprimary)
+                  and not exists (select 1 from pg_trigger g
+                                   where g.tgrelid = t.oid and not g.tgisinternal and g.tgenabled <> 'D'
+                                     and g.tgname <> 'ferry_protect')
+                  and not exists (select 1 from pg_rewrite r where r.ev_class = t.oid)
+                 from (select to_regclass($1) as oid) t"#,
+            &[&table.quoted()],
+        )
+        .await
+        .with_context(|| format!("reading the constraints of {table}"))?
+        .get::<_, Option<bool>>(0)
+        .unwrap_or(false);
     Ok(Some(TableShape {
         table: table.clone(),
+        independent,
         columns: rows
             .iter()
             .map(|r| Column {

@@ -12,6 +12,7 @@ mod copy;
 mod error;
 pub mod names;
 pub mod provider;
+mod reduce;
 pub mod replay;
 pub mod snapshot;
 pub mod subscriber;

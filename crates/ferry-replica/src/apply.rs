@@ -17,8 +17,13 @@ use crate::reduce::{column_signature, Change, Pushed, TableChanges};
 use crate::snapshot::Snapshot;
 use crate::subscriber;
 
-/// Events read from the provider per round trip.
-const PAGE_SIZE: i32 = 5000;
+/// Events applied together (and reduced set-wise) at most.
+const CHUNK_EVENTS: usize = 5000;
+/// Event text held per chunk at most, so that replay's memory stays bounded however wide the
+/// rows are (two chunks are alive at a time: one applying, one being read).
+const CHUNK_BYTES: usize = 8 << 20;
+/// Rows asked for by the first fetch of a batch, before their size is known.
+const FIRST_FETCH: i32 = 100;
 
 /// What applying a batch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +39,43 @@ pub enum BatchOutcome {
     },
     /// The subscriber had this batch already (a crash hit after its commit); only finished.
     AlreadyApplied,
+}
+
+/// Reads a batch's events in chunks bounded by count and by bytes.
+struct ChunkReader<'t, 'c> {
+    cursor: BatchCursor<'t, 'c>,
+    /// rows asked for per fetch, adapted to the rows' size
+    fetch: i32,
+}
+
+impl ChunkReader<'_, '_> {
+    /// The next chunk: at most [`CHUNK_EVENTS`] events and about [`CHUNK_BYTES`] of text;
+    /// empty when the batch is done.
+    async fn next_chunk(&mut self) -> Result<Vec<Event>, ReplicaError> {
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        while chunk.len() < CHUNK_EVENTS && bytes < CHUNK_BYTES {
+            let want = self.fetch.min((CHUNK_EVENTS - chunk.len()) as i32);
+            let page = self.cursor.next_page(want).await?;
+            if page.is_empty() {
+                break;
+            }
+            let page_bytes: usize = page.iter().map(event_bytes).sum();
+            bytes += page_bytes;
+            // each later fetch aims at a quarter of the budget
+            let average = (page_bytes / page.len()).max(1);
+            self.fetch = (CHUNK_BYTES / 4 / average).clamp(1, CHUNK_EVENTS) as i32;
+            chunk.extend(page);
+        }
+        Ok(chunk)
+    }
+}
+
+/// The text an event holds.
+fn event_bytes(event: &Event) -> usize {
+    event.data.as_ref().map_or(0, String::len)
+        + event.extra.iter().flatten().map(String::len).sum::<usize>()
+        + 64
 }
 
 /// How a batch's events reach the subscriber.
@@ -148,12 +190,15 @@ impl Applier {
         let tables = self.table_states(&stx, queue).await?;
         let mut applied = 0;
         let mut skipped = 0;
-        let mut cursor = BatchCursor::open(&ptx, batch.id).await?;
-        // the next page is read from the provider while the subscriber applies this one
-        let mut page = cursor.next_page(PAGE_SIZE).await?;
+        let mut reader = ChunkReader {
+            cursor: BatchCursor::open(&ptx, batch.id).await?,
+            fetch: FIRST_FETCH,
+        };
+        // the next chunk is read from the provider while the subscriber applies this one
+        let mut page = reader.next_chunk().await?;
         while !page.is_empty() {
             let (next, done) = tokio::join!(
-                cursor.next_page(PAGE_SIZE),
+                reader.next_chunk(),
                 self.apply_page(&stx, &tables, &page, mode)
             );
             let (page_applied, page_skipped) = done?;
@@ -161,7 +206,7 @@ impl Applier {
             skipped += page_skipped;
             page = next?;
         }
-        drop(cursor);
+        drop(reader);
         let tables_ok = self
             .mark_caught_up(&ptx, &stx, queue, batch, &tables)
             .await?;

@@ -13,7 +13,7 @@ use crate::catalog::{table_shape, TableShape};
 use crate::error::{ReplicaError, ResultExt};
 use crate::names::{quote_ident, RelName};
 use crate::provider::{self, SeqValue};
-use crate::reduce::{column_signature, Change, Pushed, TableChanges};
+use crate::reduce::{Change, Pushed, TableChanges};
 use crate::snapshot::Snapshot;
 use crate::subscriber;
 
@@ -39,6 +39,68 @@ pub enum BatchOutcome {
     },
     /// The subscriber had this batch already (a crash hit after its commit); only finished.
     AlreadyApplied,
+}
+
+/// One set-wise statement with its rows.
+struct SetStatement {
+    statement: Statement,
+    /// the rows (json objects) as one json array
+    payload: String,
+    rows: usize,
+    /// "deletes", "updates" or "inserts": deletes and updates must touch every row
+    what: &'static str,
+    table: RelName,
+}
+
+/// Runs `statements` pipelined (sent together, run by the server in order), checking that
+/// deletes and updates touched every row.
+async fn run_set_statements(
+    stx: &Transaction<'_>,
+    statements: Vec<SetStatement>,
+) -> Result<(), ReplicaError> {
+    let runs = statements.iter().map(|s| async move {
+        let changed = stx
+            .execute(&s.statement, &[&s.payload])
+            .await
+            .with_context(|| format!("applying {} {} of {} set-wise", s.rows, s.what, s.table))?;
+        if s.what != "inserts" && changed != s.rows as u64 {
+            return Err(ReplicaError::refused(format!(
+                "{} of {}: {changed} of {} rows found on the subscriber",
+                s.what, s.table, s.rows
+            )));
+        }
+        Ok(())
+    });
+    futures_util::future::try_join_all(runs).await?;
+    Ok(())
+}
+
+/// `rows` (json texts) as one json array.
+fn json_array(rows: &[&str]) -> String {
+    let mut array = String::with_capacity(rows.iter().map(|r| r.len() + 1).sum::<usize>() + 2);
+    array.push('[');
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            array.push(',');
+        }
+        array.push_str(row);
+    }
+    array.push(']');
+    array
+}
+
+/// Finishes batch `batch_id` on the provider without waiting for the provider's WAL flush.
+/// Safe because the subscriber's position, committed before, is what makes replay exactly
+/// once: if a provider crash loses this finish, the batch is handed out again and only
+/// finished (its tick is already recorded on the subscriber). Any later durable commit on the
+/// provider (a rotation, say) flushes it first.
+async fn finish_without_flush(provider: &Client, batch_id: i64) -> Result<(), ReplicaError> {
+    provider
+        .batch_execute(&format!(
+            r#"begin; set local synchronous_commit = off; select "ferry"."finish_batch"({batch_id}); commit;"#
+        ))
+        .await
+        .with_context(|| format!("finishing batch {batch_id}"))
 }
 
 /// Reads a batch's events in chunks bounded by count and by bytes.
@@ -151,16 +213,18 @@ impl Applier {
             .transaction()
             .await
             .context("starting the batch's subscriber transaction")?;
-        stx.batch_execute("set local ferry.replay = 'on'")
-            .await
-            .context("starting the batch's subscriber transaction")?;
-        let position: Option<i64> = stx
-            .query_opt(
+        // sent together: one round trip
+        let queue_param: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&queue];
+        let (replay_on, position) = tokio::join!(
+            stx.batch_execute("set local ferry.replay = 'on'"),
+            stx.query_opt(
                 r#"select "last_tick_id" from "ferry"."subscriber_position"
                     where "queue_name" = $1 for update"#,
-                &[&queue],
+                &queue_param,
             )
-            .await
+        );
+        replay_on.context("starting the batch's subscriber transaction")?;
+        let position: Option<i64> = position
             .context("reading the subscriber's position")?
             .ok_or_else(|| {
                 ReplicaError::refused(format!(
@@ -170,7 +234,7 @@ impl Applier {
             .get(0);
         if position == Some(batch.cur_tick.id) {
             drop(stx);
-            ferry_queue::finish_batch(&*provider, batch.id).await?;
+            finish_without_flush(provider, batch.id).await?;
             return Ok(BatchOutcome::AlreadyApplied);
         }
         if position.is_some_and(|p| p != batch.prev_tick.id) {
@@ -183,11 +247,9 @@ impl Applier {
             );
         }
 
-        let ptx = provider
-            .transaction()
-            .await
-            .context("starting the batch's provider transaction")?;
-        let tables = self.table_states(&stx, queue).await?;
+        let (ptx, tables) = tokio::join!(provider.transaction(), self.table_states(&stx, queue));
+        let ptx = ptx.context("starting the batch's provider transaction")?;
+        let tables = tables?;
         let mut applied = 0;
         let mut skipped = 0;
         let mut reader = ChunkReader {
@@ -211,21 +273,23 @@ impl Applier {
             .mark_caught_up(&ptx, &stx, queue, batch, &tables)
             .await?;
         let seq_values = provider::seq_values(&ptx, queue).await?;
-        ptx.commit()
+        // the provider's read-only transaction ends while the subscriber records its position
+        let (provider_done, subscriber_done) = tokio::join!(ptx.commit(), async {
+            sync_sequences(&stx, queue, &seq_values).await?;
+            stx.execute(
+                r#"update "ferry"."subscriber_position" set "last_tick_id" = $2, "updated" = now()
+                    where "queue_name" = $1"#,
+                &[&queue, &batch.cur_tick.id],
+            )
             .await
-            .context("ending the batch's provider transaction")?;
-        sync_sequences(&stx, queue, &seq_values).await?;
-        stx.execute(
-            r#"update "ferry"."subscriber_position" set "last_tick_id" = $2, "updated" = now()
-                where "queue_name" = $1"#,
-            &[&queue, &batch.cur_tick.id],
-        )
-        .await
-        .context("recording the subscriber's position")?;
+            .context("recording the subscriber's position")
+        });
+        provider_done.context("ending the batch's provider transaction")?;
+        subscriber_done?;
         stx.commit()
             .await
             .with_context(|| format!("committing batch {}", batch.id))?;
-        ferry_queue::finish_batch(&*provider, batch.id).await?;
+        finish_without_flush(provider, batch.id).await?;
         Ok(BatchOutcome::Applied {
             applied,
             skipped,
@@ -293,9 +357,12 @@ impl Applier {
                 }
             }
         }
+        // every table's statements sent at once: the server runs them in order, one round trip
+        let mut statements = Vec::new();
         for (table, changes) in &mut gathered {
-            self.apply_set_wise(stx, table, changes).await?;
+            statements.extend(self.plan_set_wise(stx, table, changes).await?);
         }
+        run_set_statements(stx, statements).await?;
         Ok((applied, skipped))
     }
 
@@ -316,8 +383,21 @@ impl Applier {
         table: &RelName,
         changes: &mut TableChanges<'_>,
     ) -> Result<(), ReplicaError> {
+        let statements = self.plan_set_wise(stx, table, changes).await?;
+        run_set_statements(stx, statements).await
+    }
+
+    /// The statements applying the changes gathered for `table`: deletes, then updates, then
+    /// inserts, each one statement over a json array (per set of columns).
+    async fn plan_set_wise(
+        &mut self,
+        stx: &Transaction<'_>,
+        table: &RelName,
+        changes: &mut TableChanges<'_>,
+    ) -> Result<Vec<SetStatement>, ReplicaError> {
+        let mut statements = Vec::new();
         if changes.is_empty() {
-            return Ok(());
+            return Ok(statements);
         }
         let plan = changes.take_plan();
         let t = table.quoted();
@@ -328,11 +408,16 @@ impl Applier {
                 "delete from {t} as t using json_populate_recordset(null::{t}, $1::text::json) k where {w}",
                 w = key_match(&keys, "k")
             );
-            self.run_set(stx, table, &sql, &plan.deletes, "deletes")
-                .await?;
+            statements.push(SetStatement {
+                statement: self.statement(stx, table, &sql).await?,
+                payload: json_array(&plan.deletes),
+                rows: plan.deletes.len(),
+                what: "deletes",
+                table: table.clone(),
+            });
         }
-        for (rows, is_update) in [(&plan.updates, true), (&plan.inserts, false)] {
-            for group in group_by_columns(table, rows)? {
+        for (groups, is_update) in [(&plan.updates, true), (&plan.inserts, false)] {
+            for group in groups {
                 let columns = self.writable_columns(stx, table, group[0]).await?;
                 let list = columns.join(", ");
                 let sql = if is_update {
@@ -353,45 +438,16 @@ impl Applier {
                         "insert into {t} ({list}) overriding system value select {list} from json_populate_recordset(null::{t}, $1::text::json)"
                     )
                 };
-                let what = if is_update { "updates" } else { "inserts" };
-                self.run_set(stx, table, &sql, &group, what).await?;
+                statements.push(SetStatement {
+                    statement: self.statement(stx, table, &sql).await?,
+                    payload: json_array(group),
+                    rows: group.len(),
+                    what: if is_update { "updates" } else { "inserts" },
+                    table: table.clone(),
+                });
             }
         }
-        Ok(())
-    }
-
-    /// Runs one set-wise statement over `rows` (json objects); deletes and updates must touch
-    /// every row.
-    async fn run_set(
-        &mut self,
-        stx: &Transaction<'_>,
-        table: &RelName,
-        sql: &str,
-        rows: &[&str],
-        what: &str,
-    ) -> Result<(), ReplicaError> {
-        let mut payload =
-            String::with_capacity(rows.iter().map(|r| r.len() + 1).sum::<usize>() + 2);
-        payload.push('[');
-        for (i, row) in rows.iter().enumerate() {
-            if i > 0 {
-                payload.push(',');
-            }
-            payload.push_str(row);
-        }
-        payload.push(']');
-        let statement = self.statement(stx, table, sql).await?;
-        let changed = stx
-            .execute(&statement, &[&payload])
-            .await
-            .with_context(|| format!("applying {} {what} of {table} set-wise", rows.len()))?;
-        if what != "inserts" && changed != rows.len() as u64 {
-            return Err(ReplicaError::refused(format!(
-                "{what} of {table}: {changed} of {} rows found on the subscriber",
-                rows.len()
-            )));
-        }
-        Ok(())
+        Ok(statements)
     }
 
     /// The prepared statement for `sql`, prepared once per session.
@@ -667,23 +723,6 @@ fn change_of(event: &Event) -> Option<Change<'_>> {
         "D" => Some(Change::Delete { old_key: data }),
         _ => None,
     }
-}
-
-/// `rows` split into groups with the same columns, in first-seen order.
-fn group_by_columns<'r, 'a>(
-    table: &RelName,
-    rows: &'r [&'a str],
-) -> Result<Vec<Vec<&'a str>>, ReplicaError> {
-    let mut groups: Vec<(String, Vec<&'a str>)> = Vec::new();
-    for row in rows {
-        let signature = column_signature(row)
-            .map_err(|e| ReplicaError::refused(format!("an event of {table}: {e}")))?;
-        match groups.iter_mut().find(|(s, _)| *s == signature) {
-            Some((_, group)) => group.push(row),
-            None => groups.push((signature, vec![row])),
-        }
-    }
-    Ok(groups.into_iter().map(|(_, g)| g).collect())
 }
 
 fn operation_name(ev_type: &str) -> &'static str {

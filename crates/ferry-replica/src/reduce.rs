@@ -9,7 +9,7 @@
 //! reduced: the caller applies what was gathered so far, then that change on its own.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use serde_json::value::RawValue;
 
@@ -43,8 +43,8 @@ struct Net<'a> {
     deleted: bool,
     /// A json object holding its primary key (for deletes).
     key: &'a str,
-    /// Its final row, `None` when it ends deleted.
-    row: Option<&'a str>,
+    /// Its final row and that row's column signature, `None` when it ends deleted.
+    row: Option<(&'a str, u64)>,
 }
 
 /// The statements a table's page reduces to, in the order they must run.
@@ -52,19 +52,21 @@ struct Net<'a> {
 pub struct Plan<'a> {
     /// Primary keys (json objects) to delete; each must exist.
     pub deletes: Vec<&'a str>,
-    /// Final rows of keys that existed and still do; each must exist.
-    pub updates: Vec<&'a str>,
-    /// Rows to insert (after the deletes).
-    pub inserts: Vec<&'a str>,
+    /// Final rows of keys that existed and still do, in groups with the same columns; each
+    /// must exist.
+    pub updates: Vec<Vec<&'a str>>,
+    /// Rows to insert (after the deletes), in groups with the same columns.
+    pub inserts: Vec<Vec<&'a str>>,
 }
 
 /// The gathered changes of one table.
 #[derive(Debug)]
 pub struct TableChanges<'a> {
     primary_key: Vec<String>,
-    nets: HashMap<String, Net<'a>>,
-    /// keys in the order first seen, so statements are built the same way every time
-    order: Vec<String>,
+    /// where each key's net change is in `nets`
+    index: HashMap<String, usize>,
+    /// in the order keys were first seen, so statements come out the same every time
+    nets: Vec<Net<'a>>,
 }
 
 impl<'a> TableChanges<'a> {
@@ -72,8 +74,8 @@ impl<'a> TableChanges<'a> {
     pub fn new(primary_key: Vec<String>) -> Self {
         TableChanges {
             primary_key,
-            nets: HashMap::new(),
-            order: Vec::new(),
+            index: HashMap::new(),
+            nets: Vec::new(),
         }
     }
 
@@ -86,33 +88,34 @@ impl<'a> TableChanges<'a> {
     /// malformed.
     pub fn push(&mut self, change: Change<'a>) -> Result<Pushed, String> {
         let (key_text, key_json, row) = match change {
-            Change::Insert { row } => (self.key_of(row)?, row, Some(row)),
+            Change::Insert { row } => {
+                let (key, columns) = self.scan(row)?;
+                (key, row, Some((row, columns)))
+            }
             Change::Update { row, old_key } => {
-                let old = self.key_of(old_key)?;
-                if old != self.key_of(row)? {
+                let (old, _) = self.scan(old_key)?;
+                let (new, columns) = self.scan(row)?;
+                if old != new {
                     return Ok(Pushed::KeyMoved);
                 }
-                (old, old_key, Some(row))
+                (old, old_key, Some((row, columns)))
             }
-            Change::Delete { old_key } => (self.key_of(old_key)?, old_key, None),
+            Change::Delete { old_key } => (self.scan(old_key)?.0, old_key, None),
         };
-        match self.nets.get_mut(&key_text) {
-            Some(net) => {
+        match self.index.get(&key_text) {
+            Some(&at) => {
+                let net = &mut self.nets[at];
                 net.deleted |= row.is_none();
                 net.row = row;
             }
             None => {
-                let existed = !matches!(change, Change::Insert { .. });
-                self.order.push(key_text.clone());
-                self.nets.insert(
-                    key_text,
-                    Net {
-                        existed,
-                        deleted: row.is_none(),
-                        key: key_json,
-                        row,
-                    },
-                );
+                self.index.insert(key_text, self.nets.len());
+                self.nets.push(Net {
+                    existed: !matches!(change, Change::Insert { .. }),
+                    deleted: row.is_none(),
+                    key: key_json,
+                    row,
+                });
             }
         }
         Ok(Pushed::Reduced)
@@ -121,74 +124,100 @@ impl<'a> TableChanges<'a> {
     /// The statements the gathered changes come to; the table starts empty again.
     pub fn take_plan(&mut self) -> Plan<'a> {
         let mut plan = Plan::default();
-        for key in self.order.drain(..) {
-            let net = self
-                .nets
-                .remove(&key)
-                .expect("every ordered key has its net");
+        let mut updates = Groups::default();
+        let mut inserts = Groups::default();
+        self.index.clear();
+        for net in self.nets.drain(..) {
             match (net.existed, net.deleted, net.row) {
-                (false, _, Some(row)) => plan.inserts.push(row),
+                (false, _, Some(row)) => inserts.add(row),
                 (false, _, None) => {}
-                (true, false, Some(row)) => plan.updates.push(row),
+                (true, false, Some(row)) => updates.add(row),
                 (true, _, None) => plan.deletes.push(net.key),
                 (true, true, Some(row)) => {
                     plan.deletes.push(net.key);
-                    plan.inserts.push(row);
+                    inserts.add(row);
                 }
             }
         }
+        plan.updates = updates.0.into_iter().map(|(_, g)| g).collect();
+        plan.inserts = inserts.0.into_iter().map(|(_, g)| g).collect();
         plan
     }
 
-    /// The primary-key values of a json row or key, as one comparable text: the values'
-    /// json texts, which PostgreSQL renders the same way for the same stored value.
-    fn key_of(&self, json: &str) -> Result<String, String> {
-        let object: BTreeMap<Cow<'_, str>, &RawValue> =
-            serde_json::from_str(json).map_err(|e| format!("malformed event data: {e}"))?;
+    /// Reads a json row or key once: its primary-key values as one comparable text (the
+    /// values' json texts, which PostgreSQL renders the same way for the same stored value)
+    /// and a signature of its column names in order.
+    fn scan(&self, json: &str) -> Result<(String, u64), String> {
+        let mut seed = RowScan {
+            primary_key: &self.primary_key,
+            values: vec![None; self.primary_key.len()],
+            signature: FNV_OFFSET,
+        };
+        serde::de::DeserializeSeed::deserialize(
+            &mut seed,
+            &mut serde_json::Deserializer::from_str(json),
+        )
+        .map_err(|e| format!("malformed event data: {e}"))?;
         let mut key = String::new();
-        for column in &self.primary_key {
-            let value = object
-                .get(column.as_str())
+        for (column, value) in self.primary_key.iter().zip(&seed.values) {
+            let value = value
                 .ok_or_else(|| format!("primary-key column {column:?} missing from an event"))?;
-            key.push_str(value.get());
+            key.push_str(value);
             key.push('\u{0}');
         }
-        Ok(key)
+        Ok((key, seed.signature))
     }
 }
 
-/// The top-level keys of a json object, in the object's order, joined by NUL: rows with the
-/// same signature can share one statement.
-pub fn column_signature(json: &str) -> Result<String, String> {
-    let keys: OrderedKeys =
-        serde_json::from_str(json).map_err(|e| format!("malformed event data: {e}"))?;
-    Ok(keys.0.join("\u{0}"))
+/// Rows grouped by column signature, groups in first-seen order (few groups: a linear search).
+#[derive(Default)]
+struct Groups<'a>(Vec<(u64, Vec<&'a str>)>);
+
+impl<'a> Groups<'a> {
+    fn add(&mut self, (row, signature): (&'a str, u64)) {
+        match self.0.iter_mut().find(|(s, _)| *s == signature) {
+            Some((_, group)) => group.push(row),
+            None => self.0.push((signature, vec![row])),
+        }
+    }
 }
 
-/// The keys of a json object, in order.
-struct OrderedKeys(Vec<String>);
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
-impl<'de> serde::Deserialize<'de> for OrderedKeys {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Keys;
-        impl<'de> serde::de::Visitor<'de> for Keys {
-            type Value = OrderedKeys;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a json object")
+/// One pass over a json object: the primary-key values (borrowed) and an FNV-1a hash of the
+/// column names in order.
+struct RowScan<'k, 'a> {
+    primary_key: &'k [String],
+    values: Vec<Option<&'a str>>,
+    signature: u64,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for &mut RowScan<'_, 'de> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut RowScan<'_, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a json object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+            for byte in name.bytes().chain([0]) {
+                self.signature = (self.signature ^ u64::from(byte)).wrapping_mul(FNV_PRIME);
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<OrderedKeys, A::Error> {
-                let mut keys = Vec::new();
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match self.primary_key.iter().position(|c| *c == name) {
+                Some(at) => self.values[at] = Some(map.next_value::<&'de RawValue>()?.get()),
+                None => {
                     map.next_value::<serde::de::IgnoredAny>()?;
-                    keys.push(key.into_owned());
                 }
-                Ok(OrderedKeys(keys))
             }
         }
-        deserializer.deserialize_map(Keys)
+        Ok(())
     }
 }
 
@@ -203,10 +232,39 @@ mod tests {
     #[test]
     fn key_text_ignores_spacing_and_other_columns() {
         let t = table();
-        assert_eq!(t.key_of(r#"{"id" : 1}"#), t.key_of(r#"{"x":2,"id":1}"#));
-        assert_ne!(t.key_of(r#"{"id":1}"#), t.key_of(r#"{"id":"1"}"#));
-        assert!(t.key_of(r#"{"x":1}"#).is_err());
-        assert!(t.key_of("not json").is_err());
+        let key = |json| t.scan(json).map(|(key, _)| key);
+        assert_eq!(key(r#"{"id" : 1}"#), key(r#"{"x":2,"id":1}"#));
+        assert_ne!(key(r#"{"id":1}"#), key(r#"{"id":"1"}"#));
+        assert!(key(r#"{"x":1}"#).is_err());
+        assert!(key("not json").is_err());
+    }
+
+    #[test]
+    fn signatures_follow_the_columns() {
+        let t = table();
+        let columns = |json| t.scan(json).unwrap().1;
+        assert_eq!(
+            columns(r#"{"id":1,"b":{"c":2}}"#),
+            columns(r#"{"id" : 7, "b" : null}"#)
+        );
+        assert_ne!(columns(r#"{"id":1}"#), columns(r#"{"id":1,"b":2}"#));
+        assert_ne!(columns(r#"{"id":1,"b":2}"#), columns(r#"{"b":2,"id":1}"#));
+    }
+
+    #[test]
+    fn rows_with_other_columns_go_to_their_own_group() {
+        let mut t = table();
+        for row in [r#"{"id":1}"#, r#"{"id":2,"v":1}"#, r#"{"id":3}"#] {
+            t.push(Change::Insert { row }).unwrap();
+        }
+        let plan = t.take_plan();
+        assert_eq!(
+            plan.inserts,
+            vec![
+                vec![r#"{"id":1}"#, r#"{"id":3}"#],
+                vec![r#"{"id":2,"v":1}"#]
+            ]
+        );
     }
 
     #[test]
@@ -259,8 +317,8 @@ mod tests {
             plan,
             Plan {
                 deletes: vec![r#"{"id" : 3}"#, r#"{"id" : 5}"#, r#"{"id" : 6}"#],
-                updates: vec![r#"{"id":2,"v":"d"}"#],
-                inserts: vec![r#"{"id":1,"v":"b"}"#, r#"{"id":5,"v":"f"}"#],
+                updates: vec![vec![r#"{"id":2,"v":"d"}"#]],
+                inserts: vec![vec![r#"{"id":1,"v":"b"}"#, r#"{"id":5,"v":"f"}"#]],
             }
         );
         assert!(t.is_empty());
@@ -275,17 +333,5 @@ mod tests {
         };
         assert_eq!(t.push(moved), Ok(Pushed::KeyMoved));
         assert!(t.is_empty());
-    }
-
-    #[test]
-    fn signatures_follow_the_object() {
-        assert_eq!(
-            column_signature(r#"{"a":1,"b":{"c":2}}"#).unwrap(),
-            "a\u{0}b"
-        );
-        assert_ne!(
-            column_signature(r#"{"a":1}"#).unwrap(),
-            column_signature(r#"{"a":1,"b":2}"#).unwrap()
-        );
     }
 }

@@ -110,10 +110,10 @@ converge() {
 run_pgbench_lag() {
   local f=$BENCH_ROOT/$PEER.lag hb smp tps pct
   (echo "update hb set ts = clock_timestamp() \\watch 0.02" \
-     | psql -X -q -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres bench >/dev/null 2>&1) & hb=$!
+     | psql -X -q -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres bench >/dev/null 2>&1) 2>/dev/null & hb=$!
   sleep 1
   (echo "select extract(epoch from clock_timestamp() - ts) * 1000 from hb \\watch 0.1" \
-     | psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres bench > "$f" 2>/dev/null) & smp=$!
+     | psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres bench > "$f" 2>/dev/null) 2>/dev/null & smp=$!
   tps=$(run_pgbench)
   pkill -P "$smp" 2>/dev/null; pkill -P "$hb" 2>/dev/null; kill "$smp" "$hb" 2>/dev/null; wait "$smp" "$hb" 2>/dev/null
   pct=$(grep -E '^-?[0-9.]+$' "$f" | tail -n +31 | sort -n \

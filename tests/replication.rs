@@ -706,6 +706,41 @@ async fn one_failing_copy_does_not_stop_the_others() {
     .await;
 }
 
+/// A change to a replicated table whose queue is gone fails the write, saying why, instead of
+/// going uncaptured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_queue_is_gone_fails() {
+    let schema = "create table items (id int primary key, v text);";
+    let pair = Pair::new("queue_gone", schema, None).await;
+    run(&pair.ticker_ini(), &["install"]);
+    run(&pair.londiste_ini(), &["provider", "install"]);
+    run(&pair.londiste_ini(), &["provider", "add", "items"]);
+    let provider = ferry_testkit::connect(&pair.provider.conninfo).await;
+    provider
+        .batch_execute("insert into items values (1, 'captured')")
+        .await
+        .unwrap();
+    provider
+        .batch_execute(r#"select "ferry"."drop_queue"('test-queue', true)"#)
+        .await
+        .unwrap();
+    let error = provider
+        .batch_execute("insert into items values (2, 'lost?')")
+        .await
+        .expect_err("a write with nowhere to capture it must fail");
+    let message = error
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(message.contains("is gone"), "{error:?}");
+    let count: i64 = provider
+        .query_one("select count(*) from items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1);
+}
+
 /// Tables others depend on (a foreign key, a unique constraint besides the primary key) are
 /// applied in event order, where set-wise apply could break a constraint that held on the
 /// provider at every step. And when a constraint appears on the subscriber while replay runs

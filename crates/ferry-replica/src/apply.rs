@@ -401,9 +401,14 @@ impl Applier {
         }
         let plan = changes.take_plan();
         let t = table.quoted();
+        let keys: Vec<String> = self
+            .shape(stx, table, &[])
+            .await?
+            .primary_key()
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect();
         if !plan.deletes.is_empty() {
-            let shape = self.shape(stx, table, &[]).await?;
-            let keys: Vec<String> = shape.primary_key().iter().map(|c| quote_ident(c)).collect();
             let sql = format!(
                 "delete from {t} as t using json_populate_recordset(null::{t}, $1::text::json) k where {w}",
                 w = key_match(&keys, "k")
@@ -421,14 +426,7 @@ impl Applier {
                 let columns = self.writable_columns(stx, table, group[0]).await?;
                 let list = columns.join(", ");
                 let sql = if is_update {
-                    let shape = self.shape(stx, table, &[]).await?;
-                    let keys: Vec<String> =
-                        shape.primary_key().iter().map(|c| quote_ident(c)).collect();
-                    let set = columns
-                        .iter()
-                        .map(|c| format!("{c} = r.{c}"))
-                        .collect::<Vec<_>>()
-                        .join(", ");
+                    let set = assignments(&columns);
                     format!(
                         "update {t} as t set {set} from json_populate_recordset(null::{t}, $1::text::json) r where {w}",
                         w = key_match(&keys, "r")
@@ -581,11 +579,7 @@ impl Applier {
                 })?;
                 let columns = self.writable_columns(stx, table, data).await?;
                 let keys = self.key_columns(stx, table, key).await?;
-                let set = columns
-                    .iter()
-                    .map(|c| format!("{c} = r.{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let set = assignments(&columns);
                 (
                     format!(
                         "update {t} as t set {set} from json_populate_record(null::{t}, $1::text::json) r, json_populate_record(null::{t}, $2::text::json) k where {w}",
@@ -700,6 +694,15 @@ impl Applier {
         }
         Ok(self.shapes.get(table).expect("inserted above"))
     }
+}
+
+/// `"a" = r."a", "b" = r."b"`: every column set from source row r.
+fn assignments(columns: &[String]) -> String {
+    columns
+        .iter()
+        .map(|c| format!("{c} = r.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `t."a" = k."a" and t."b" = k."b"` (for `source` k).

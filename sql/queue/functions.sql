@@ -141,9 +141,9 @@ begin
 end $$;
 comment on function "ferry"."ticker"(text) is 'ferry: tick one queue now; returns the tick_id';
 
--- Tick every queue that needs it: new events since its last tick, a transaction that was
--- running at its last tick has ended since (it may have written events), or the idle period
--- has passed. Returns how many queues were ticked. The ticker daemon calls this every
+-- Tick every queue that needs it: new events since its last tick, a transaction that the
+-- last tick did not see has committed since with events (it was running, or it started
+-- before the tick but at or past its xmax), or the idle period has passed. Returns how many queues were ticked. The ticker daemon calls this every
 -- loop_delay, so events are at most loop_delay late.
 create or replace function "ferry"."ticker"()
 returns integer language plpgsql as $$
@@ -166,6 +166,16 @@ begin
            or now() - v_last."tick_time" >= v_queue."queue_ticker_idle_period"
            or exists (select 1 from pg_catalog.txid_snapshot_xip(v_last."tick_snapshot") as x
                        where pg_catalog.txid_visible_in_snapshot(x, v_now_snap))
+           -- A writer whose id is at or past the last tick's xmax was not listed as running
+           -- even if it had its id already (xmax is the latest completed id + 1), and it may
+           -- have taken its event id before the tick read the sequence. Once something at or
+           -- past that xmax has completed, look for such events (the ev_txid index; new
+           -- events would have moved the sequence, so there are few to look at).
+           or (pg_catalog.txid_snapshot_xmax(v_now_snap) > pg_catalog.txid_snapshot_xmax(v_last."tick_snapshot")
+               and exists (select 1 from "ferry"."event" e
+                            where e."ev_queue" = v_queue."queue_id"
+                              and e."ev_txid" >= pg_catalog.txid_snapshot_xmax(v_last."tick_snapshot")
+                              and pg_catalog.txid_visible_in_snapshot(e."ev_txid", v_now_snap)))
         then
             perform "ferry"."tick_queue"(v_queue."queue_id");
             v_ticked := v_ticked + 1;

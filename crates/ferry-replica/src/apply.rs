@@ -4,6 +4,9 @@
 //! crash between the subscriber's commit and the provider's finish repeats nothing.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 
 use ferry_queue::{Batch, BatchCursor, Event};
 use serde::de::IgnoredAny;
@@ -52,13 +55,17 @@ struct SetStatement {
     table: RelName,
 }
 
-/// Runs `statements` pipelined (sent together, run by the server in order), checking that
-/// deletes and updates touched every row.
-async fn run_set_statements(
-    stx: &Transaction<'_>,
+/// Set-wise statements sent to the subscriber, their results not yet read.
+type InFlight<'a> = Pin<Box<dyn Future<Output = Result<(), ReplicaError>> + Send + 'a>>;
+
+/// Sends `statements` pipelined (the server runs them in order) and returns their results
+/// to come: every statement is on its way when this returns, so whatever the caller sends
+/// next runs after them. The results check that deletes and updates touched every row.
+async fn send_set_statements<'a>(
+    stx: &'a Transaction<'_>,
     statements: Vec<SetStatement>,
-) -> Result<(), ReplicaError> {
-    let runs = statements.iter().map(|s| async move {
+) -> InFlight<'a> {
+    let runs = statements.into_iter().map(move |s| async move {
         let changed = stx
             .execute(&s.statement, &[&s.payload])
             .await
@@ -71,8 +78,23 @@ async fn run_set_statements(
         }
         Ok(())
     });
-    futures_util::future::try_join_all(runs).await?;
-    Ok(())
+    let mut results: InFlight<'a> = Box::pin(async move {
+        futures_util::future::try_join_all(runs).await?;
+        Ok(())
+    });
+    // the first poll sends every statement (tokio-postgres sends a query when first polled)
+    if let Poll::Ready(done) = futures_util::poll!(&mut results) {
+        return Box::pin(std::future::ready(done));
+    }
+    results
+}
+
+/// Runs `statements` pipelined and waits for their results (see [`send_set_statements`]).
+async fn run_set_statements(
+    stx: &Transaction<'_>,
+    statements: Vec<SetStatement>,
+) -> Result<(), ReplicaError> {
+    send_set_statements(stx, statements).await.await
 }
 
 /// `rows` (json texts) as one json array.
@@ -256,17 +278,34 @@ impl Applier {
             cursor: BatchCursor::open(&ptx, batch.id).await?,
             fetch: FIRST_FETCH,
         };
-        // the next chunk is read from the provider while the subscriber applies this one
-        let mut page = reader.next_chunk().await?;
-        while !page.is_empty() {
-            let (next, done) = tokio::join!(
-                reader.next_chunk(),
-                self.apply_page(&stx, &tables, &page, mode)
-            );
-            let (page_applied, page_skipped) = done?;
-            applied += page_applied;
-            skipped += page_skipped;
-            page = next?;
+        // Three chunks at a time: the provider reads the next one, replay reduces this one,
+        // the subscriber runs the statements of the one before. Those statements are sent
+        // (polled once) before this chunk's work starts, so the subscriber runs everything in
+        // chunk order; a failure of theirs is reported before anything this chunk did.
+        {
+            let mut in_flight: Option<InFlight<'_>> = None;
+            let mut page = reader.next_chunk().await?;
+            while !page.is_empty() {
+                let (ran, next, prepared) = tokio::join!(
+                    async {
+                        match in_flight.take() {
+                            Some(statements) => statements.await,
+                            None => Ok(()),
+                        }
+                    },
+                    reader.next_chunk(),
+                    self.prepare_page(&stx, &tables, &page, mode)
+                );
+                ran?;
+                let (statements, page_applied, page_skipped) = prepared?;
+                applied += page_applied;
+                skipped += page_skipped;
+                in_flight = Some(send_set_statements(&stx, statements).await);
+                page = next?;
+            }
+            if let Some(statements) = in_flight.take() {
+                statements.await?;
+            }
         }
         drop(reader);
         let tables_ok = self
@@ -298,14 +337,15 @@ impl Applier {
     }
 
     /// Applies one page of events: in event order, or with each independent table's changes
-    /// reduced and applied set-wise at the end of the page. Returns (applied, skipped).
-    async fn apply_page(
+    /// reduced to statements that the caller runs after the page (see
+    /// [`send_set_statements`]). Returns (those statements, applied, skipped).
+    async fn prepare_page(
         &mut self,
         stx: &Transaction<'_>,
         tables: &HashMap<String, (RelName, TableState)>,
         page: &[Event],
         mode: Mode,
-    ) -> Result<(u64, u64), ReplicaError> {
+    ) -> Result<(Vec<SetStatement>, u64, u64), ReplicaError> {
         let mut applied = 0;
         let mut skipped = 0;
         let mut gathered: HashMap<&RelName, TableChanges<'_>> = HashMap::new();
@@ -357,13 +397,12 @@ impl Applier {
                 }
             }
         }
-        // every table's statements sent at once: the server runs them in order, one round trip
+        // every table's statements, to be sent at once: the server runs them in order
         let mut statements = Vec::new();
         for (table, changes) in &mut gathered {
             statements.extend(self.plan_set_wise(stx, table, changes).await?);
         }
-        run_set_statements(stx, statements).await?;
-        Ok((applied, skipped))
+        Ok((statements, applied, skipped))
     }
 
     /// Whether `table` may be applied set-wise (cached with its shape).

@@ -292,12 +292,16 @@ $$;
 comment on function "ferry"."next_batch"(text, text) is
     'ferry: the consumer''s current or next batch id; null when none';
 
--- The query that returns a batch's events in ev_id order. Run it as a cursor (or through
--- open_batch_cursor) to page through batches of any size.
--- Transactions whose events belong to the batch are those not visible in the previous tick's
--- snapshot and visible in the batch tick's snapshot: those that started after the previous
--- tick (txid >= its xmax), plus those running at the previous tick (its xip list).
-create or replace function "ferry"."batch_event_sql"(i_batch_id bigint)
+-- The query returning the events of a batch's transactions that became visible between two
+-- of its ticks, i_from_tick and i_to_tick (sub_last_tick <= from < to <= sub_next_tick), in
+-- ev_id order. Transactions whose events belong there are those not visible in the from
+-- tick's snapshot and visible in the to tick's: those that started after the from tick (txid
+-- >= its xmax), plus those running at it (its xip list).
+-- Read part by part (see batch_part_ticks), a batch holds the same events as read at once,
+-- in an order just as faithful to the provider: when two transactions of different parts
+-- touch the same row (or unique value), the one of the earlier part wrote first, because
+-- the later writer waited for its commit, which the earlier tick saw.
+create or replace function "ferry"."batch_event_sql"(i_batch_id bigint, i_from_tick bigint, i_to_tick bigint)
 returns text language plpgsql as $$
 declare
     v_batch  record;
@@ -310,12 +314,17 @@ begin
     select s."sub_id", s."sub_queue", p."tick_snapshot" as prev_snap, c."tick_snapshot" as cur_snap
       into v_batch
       from "ferry"."subscription" s
-      join "ferry"."tick" p on p."tick_queue" = s."sub_queue" and p."tick_id" = s."sub_last_tick"
-      join "ferry"."tick" c on c."tick_queue" = s."sub_queue" and c."tick_id" = s."sub_next_tick"
-     where s."sub_batch" = i_batch_id;
+      join "ferry"."tick" p on p."tick_queue" = s."sub_queue" and p."tick_id" = i_from_tick
+      join "ferry"."tick" c on c."tick_queue" = s."sub_queue" and c."tick_id" = i_to_tick
+     where s."sub_batch" = i_batch_id
+       and s."sub_last_tick" <= i_from_tick and i_from_tick < i_to_tick and i_to_tick <= s."sub_next_tick";
     if not found then
-        raise exception 'ferry: batch % is not open (finished already, or never handed out)', i_batch_id
-            using errcode = 'undefined_object';
+        if not exists (select 1 from "ferry"."subscription" where "sub_batch" = i_batch_id) then
+            raise exception 'ferry: batch % is not open (finished already, or never handed out)', i_batch_id
+                using errcode = 'undefined_object';
+        end if;
+        raise exception 'ferry: ticks % to % are not a part of batch %', i_from_tick, i_to_tick, i_batch_id
+            using errcode = 'invalid_parameter_value';
     end if;
 
     v_where := pg_catalog.format('"ev_queue" = %s and ("ev_owner" is null or "ev_owner" = %s)',
@@ -337,8 +346,73 @@ begin
     end if;
     return v_sql || ' order by 1';
 end $$;
+comment on function "ferry"."batch_event_sql"(bigint, bigint, bigint) is
+    'ferry: SQL returning the events of a part of a batch (between two of its ticks), in ev_id order';
+
+-- The query that returns a batch's events in ev_id order. Run it as a cursor (or through
+-- open_batch_cursor) to page through batches of any size.
+create or replace function "ferry"."batch_event_sql"(i_batch_id bigint)
+returns text language plpgsql as $$
+declare
+    v_sub record;
+begin
+    select "sub_last_tick", "sub_next_tick" into v_sub
+      from "ferry"."subscription" where "sub_batch" = i_batch_id;
+    if not found then
+        raise exception 'ferry: batch % is not open (finished already, or never handed out)', i_batch_id
+            using errcode = 'undefined_object';
+    end if;
+    return "ferry"."batch_event_sql"(i_batch_id, v_sub."sub_last_tick", v_sub."sub_next_tick");
+end $$;
 comment on function "ferry"."batch_event_sql"(bigint) is
     'ferry: SQL returning exactly the batch''s events, in ev_id order';
+
+-- A batch cut into consecutive parts of about i_part_events events each (judged by the event
+-- sequence), in order: each part runs from one of the batch's ticks to a later one, the first
+-- from the batch's first tick, the last to its last. A batch of one tick is one part. Reading
+-- the parts one after the other (batch_event_sql with a part's ticks) sorts a little at a
+-- time, so the first events of a big batch come at once.
+create or replace function "ferry"."batch_parts"(i_batch_id bigint, i_part_events bigint,
+    out from_tick bigint, out to_tick bigint)
+returns setof record language plpgsql as $$
+declare
+    v_sub      record;
+    v_tick     record;
+    v_from_seq bigint;
+begin
+    select "sub_queue", "sub_last_tick", "sub_next_tick" into v_sub
+      from "ferry"."subscription" where "sub_batch" = i_batch_id;
+    if not found then
+        raise exception 'ferry: batch % is not open (finished already, or never handed out)', i_batch_id
+            using errcode = 'undefined_object';
+    end if;
+    for v_tick in
+        select "tick_id", "tick_event_seq" from "ferry"."tick"
+         where "tick_queue" = v_sub."sub_queue"
+           and "tick_id" between v_sub."sub_last_tick" and v_sub."sub_next_tick"
+         order by "tick_id"
+    loop
+        if from_tick is null then
+            if v_tick."tick_id" <> v_sub."sub_last_tick" then
+                exit;
+            end if;
+            from_tick := v_tick."tick_id";
+            v_from_seq := v_tick."tick_event_seq";
+        elsif v_tick."tick_id" = v_sub."sub_next_tick"
+              or v_tick."tick_event_seq" - v_from_seq >= i_part_events then
+            to_tick := v_tick."tick_id";
+            return next;
+            from_tick := v_tick."tick_id";
+            v_from_seq := v_tick."tick_event_seq";
+        end if;
+    end loop;
+    if to_tick is distinct from v_sub."sub_next_tick" then
+        raise exception 'ferry: a tick of batch % is gone (% or %)', i_batch_id,
+            v_sub."sub_last_tick", v_sub."sub_next_tick" using errcode = 'data_corrupted';
+    end if;
+end $$;
+comment on function "ferry"."batch_parts"(bigint, bigint) is
+    'ferry: a batch cut into parts of about the given number of events, as pairs of its ticks';
 
 -- All events of a batch at once (convenient for small batches; large ones: batch_event_sql
 -- or open_batch_cursor).

@@ -291,56 +291,86 @@ pub async fn get_batch_events(
     Ok(rows.iter().map(Event::from_row).collect())
 }
 
-/// Pages through a batch's events, in id order, inside a transaction, holding at most one
-/// page in memory.
+/// Events per part of a batch that [`BatchCursor`] reads (and the provider sorts) at a time.
+pub const PART_EVENTS: i64 = 20_000;
+
+/// Pages through a batch's events inside a transaction, holding at most one page in memory.
+/// A big batch is read part after part (see `ferry.batch_parts`), each in id order: the first
+/// events come without waiting for the whole batch to be sorted, and the order is as faithful
+/// to the provider as the id order of the whole batch.
 pub struct BatchCursor<'t, 'c> {
     tx: &'t Transaction<'c>,
-    portal: Portal,
     batch_id: i64,
-    done: bool,
+    /// the query of each part not yet opened, last part first
+    parts: Vec<String>,
+    /// the part being read
+    portal: Option<Portal>,
 }
 
 impl<'t, 'c> BatchCursor<'t, 'c> {
-    /// Opens the cursor over batch `batch_id`'s events.
+    /// Opens the cursor over batch `batch_id`'s events, in parts of about [`PART_EVENTS`].
     pub async fn open(
         tx: &'t Transaction<'c>,
         batch_id: i64,
     ) -> Result<BatchCursor<'t, 'c>, QueueError> {
-        let sql: String = tx
-            .query_one(r#"select "ferry"."batch_event_sql"($1)"#, &[&batch_id])
+        Self::open_in_parts(tx, batch_id, PART_EVENTS).await
+    }
+
+    /// Opens the cursor over batch `batch_id`'s events, in parts of about `part_events`.
+    pub async fn open_in_parts(
+        tx: &'t Transaction<'c>,
+        batch_id: i64,
+        part_events: i64,
+    ) -> Result<BatchCursor<'t, 'c>, QueueError> {
+        let mut parts: Vec<String> = tx
+            .query(
+                r#"select "ferry"."batch_event_sql"($1, p."from_tick", p."to_tick")
+                     from "ferry"."batch_parts"($1, $2) p order by p."from_tick""#,
+                &[&batch_id, &part_events],
+            )
             .await
-            .with_context(|| format!("building the query for batch {batch_id}"))?
-            .get(0);
-        let statement = tx
-            .prepare(&sql)
-            .await
-            .with_context(|| format!("preparing the query for batch {batch_id}"))?;
-        let portal = tx
-            .bind(&statement, &[])
-            .await
-            .with_context(|| format!("opening the cursor for batch {batch_id}"))?;
+            .with_context(|| format!("building the queries for batch {batch_id}"))?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        parts.reverse();
         Ok(BatchCursor {
             tx,
-            portal,
             batch_id,
-            done: false,
+            parts,
+            portal: None,
         })
     }
 
     /// The next page of at most `page_size` events; empty when the batch is exhausted.
     pub async fn next_page(&mut self, page_size: i32) -> Result<Vec<Event>, QueueError> {
-        if self.done {
-            return Ok(Vec::new());
+        let page_size = page_size.max(1);
+        loop {
+            let portal = match &self.portal {
+                Some(portal) => portal,
+                None => {
+                    let Some(sql) = self.parts.pop() else {
+                        return Ok(Vec::new());
+                    };
+                    let portal =
+                        self.tx.bind(sql.as_str(), &[]).await.with_context(|| {
+                            format!("opening a cursor for batch {}", self.batch_id)
+                        })?;
+                    self.portal.insert(portal)
+                }
+            };
+            let rows = self
+                .tx
+                .query_portal(portal, page_size)
+                .await
+                .with_context(|| format!("reading the events of batch {}", self.batch_id))?;
+            if rows.len() < page_size as usize {
+                self.portal = None;
+            }
+            if !rows.is_empty() {
+                return Ok(rows.iter().map(Event::from_row).collect());
+            }
         }
-        let rows = self
-            .tx
-            .query_portal(&self.portal, page_size.max(1))
-            .await
-            .with_context(|| format!("reading the events of batch {}", self.batch_id))?;
-        if rows.len() < page_size.max(1) as usize {
-            self.done = true;
-        }
-        Ok(rows.iter().map(Event::from_row).collect())
     }
 }
 

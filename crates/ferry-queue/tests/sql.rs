@@ -204,6 +204,74 @@ async fn max_events_lets_a_batch_span_several_ticks() {
     );
 }
 
+/// A batch of many ticks read in parts: every event once, each part in id order, and a
+/// transaction that stayed open across ticks in the part where it became visible (after the
+/// events of transactions that committed before it, although its ids are older).
+#[tokio::test]
+async fn a_batch_read_in_parts_holds_every_event_in_commit_faithful_order() {
+    let (mut client, conninfo) = installed_db("batch_parts").await;
+    ferry_queue::create_queue(&client, "q").await.unwrap();
+    ferry_queue::register_consumer(&client, "q", "c")
+        .await
+        .unwrap();
+    let mut long = ferry_testkit::connect(&conninfo).await;
+    let long_tx = long.transaction().await.unwrap();
+    ferry_queue::insert_event(&long_tx, "q", "t", "long-0")
+        .await
+        .unwrap();
+    for t in 0..6 {
+        for i in 0..4 {
+            ferry_queue::insert_event(&client, "q", "t", &format!("t{t}-{i}"))
+                .await
+                .unwrap();
+        }
+        if t == 3 {
+            long_tx.commit().await.unwrap();
+            break;
+        }
+        ferry_queue::tick(&client, "q").await.unwrap();
+    }
+    ferry_queue::tick(&client, "q").await.unwrap();
+    let batch = ferry_queue::next_batch(&client, "q", "c", Some(1000))
+        .await
+        .unwrap()
+        .unwrap();
+    let all = payloads(
+        &ferry_queue::get_batch_events(&client, batch.id)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(all.len(), 17);
+    assert_eq!(all[0], "long-0", "one query for the whole batch: id order");
+
+    let tx = client.transaction().await.unwrap();
+    let mut cursor = BatchCursor::open_in_parts(&tx, batch.id, 4).await.unwrap();
+    let mut parts = Vec::new();
+    loop {
+        let page = cursor.next_page(3).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        parts.extend(page);
+    }
+    drop(cursor);
+    let in_parts = payloads(&parts);
+    let mut sorted_all = all.clone();
+    sorted_all.sort();
+    let mut sorted_parts = in_parts.clone();
+    sorted_parts.sort();
+    assert_eq!(sorted_parts, sorted_all, "the same events, each once");
+    // ticks cut after t0, t1, t2; the long transaction committed with t3
+    let expected: Vec<String> = (0..4)
+        .flat_map(|t| (0..4).map(move |i| format!("t{t}-{i}")))
+        .take(12)
+        .chain(["long-0".to_string()])
+        .chain((0..4).map(|i| format!("t3-{i}")))
+        .collect();
+    assert_eq!(in_parts, expected);
+    tx.commit().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_retried_event_comes_back_to_its_consumer_only() {
     let (client, _) = installed_db("retry").await;

@@ -274,8 +274,10 @@ impl Applier {
         let tables = tables?;
         let mut applied = 0;
         let mut skipped = 0;
+        // parts of a chunk's size: the provider sorts a chunk's worth at a time, so the first
+        // chunk of a big batch comes at once
         let mut reader = ChunkReader {
-            cursor: BatchCursor::open(&ptx, batch.id).await?,
+            cursor: BatchCursor::open_in_parts(&ptx, batch.id, CHUNK_EVENTS as i64).await?,
             fetch: FIRST_FETCH,
         };
         // Three chunks at a time: the provider reads the next one, replay reduces this one,

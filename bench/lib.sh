@@ -91,26 +91,24 @@ same_tables() {
 }
 
 # converge [LIMIT]: waits until the subscriber's pgbench_history matches the provider's
-# (count and sum); prints the seconds it took. The wait runs inside the subscriber (a loop on
-# max(hid) every 10 ms, one session), then the exact check follows: polling with a new psql
-# and a full count every 10 ms would take a good part of a core from the peer being measured.
+# (count and sum); prints the seconds it took. The wait runs inside the subscriber, in one
+# session: every 10 ms a look at max(hid), and the full count only once that has arrived
+# (a new psql and a full count every 10 ms would take a good part of a core from the peer
+# being measured).
 converge() {
-  local t0 limit=${1:-900} want top got
+  local t0 limit=${1:-900} want top
   t0=$(now)
   want=$(qp "select count(*) || ':' || coalesce(sum(delta), 0) from pgbench_history")
   top=$(qp "select coalesce(max(hid), 0) from pgbench_history")
-  while :; do
-    qs "set statement_timeout = '${limit}s';
-        do \$\$ begin
-          while coalesce((select max(hid) from pgbench_history), 0) < $top loop
-            perform pg_sleep(0.01);
-          end loop;
-        end \$\$" >/dev/null 2>&1 || sleep 0.01
-    got=$(qs "select count(*) || ':' || coalesce(sum(delta), 0) from pgbench_history" 2>/dev/null)
-    [ "$got" = "$want" ] && break
-    awk -v a="$t0" -v b="$(now)" -v l="$limit" 'BEGIN { exit !(b - a > l) }' && die "$PEER: no convergence in ${limit}s"
-    sleep 0.01
-  done
+  timeout "$limit" psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres -d bench -v ON_ERROR_STOP=1 -c "
+      do \$\$ begin
+        loop
+          if coalesce((select max(hid) from pgbench_history), 0) >= $top then
+            exit when (select count(*) || ':' || coalesce(sum(delta), 0) from pgbench_history) = '$want';
+          end if;
+          perform pg_sleep(0.01);
+        end loop;
+      end \$\$" >/dev/null || die "$PEER: no convergence in ${limit}s"
   since "$t0"
 }
 

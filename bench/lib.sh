@@ -91,25 +91,33 @@ same_tables() {
 }
 
 # converge [LIMIT]: waits until the subscriber's pgbench_history matches the provider's
-# (count and sum); prints the seconds it took. The wait runs inside the subscriber, in one
-# session: every 10 ms a look at max(hid), and the full count only once that has arrived
-# (a new psql and a full count every 10 ms would take a good part of a core from the peer
-# being measured).
+# (count and sum); prints the seconds it took. One psql session polls every 10 ms, each poll
+# its own short transaction (a snapshot held for the whole wait would stop the subscriber from
+# pruning the rows it updates, and slow down the peer measured); the full count runs only
+# once max(hid) has arrived (a new psql and a full count every 10 ms would take a good part
+# of a core from the peer).
 converge() {
-  local t0 limit=${1:-900} want top
+  local t0 limit=${1:-900} want top got
   t0=$(now)
   want=$(qp "select count(*) || ':' || coalesce(sum(delta), 0) from pgbench_history")
   top=$(qp "select coalesce(max(hid), 0) from pgbench_history")
-  timeout "$limit" psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres -d bench -v ON_ERROR_STOP=1 -c "
-      do \$\$ begin
-        loop
-          if coalesce((select max(hid) from pgbench_history), 0) >= $top then
-            exit when (select count(*) || ':' || coalesce(sum(delta), 0) from pgbench_history) = '$want';
-          end if;
-          perform pg_sleep(0.01);
-        end loop;
-      end \$\$" >/dev/null || die "$PEER: no convergence in ${limit}s"
+  coproc POLL { psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres -d bench 2>/dev/null; }
+  while :; do
+    echo "select case when coalesce(max(hid), 0) >= $top
+                 then (select count(*) || ':' || coalesce(sum(delta), 0) from pgbench_history) = '$want'
+                 else false end from pgbench_history;" >&"${POLL[1]}"
+    read -r -t 60 got <&"${POLL[0]}" || got=""
+    [ "$got" = t ] && break
+    if awk -v a="$t0" -v b="$(now)" -v l="$limit" 'BEGIN { exit !(b - a > l) }'; then
+      kill "$POLL_PID" 2>/dev/null
+      die "$PEER: no convergence in ${limit}s"
+    fi
+    sleep 0.01
+  done
   since "$t0"
+  exec {POLL[1]}>&-
+  wait "$POLL_PID" 2>/dev/null
+  return 0
 }
 
 # pgbench with a lag probe: the provider's heartbeat row is updated every 20 ms, the subscriber

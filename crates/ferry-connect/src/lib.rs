@@ -1,16 +1,18 @@
 //! Connections to PostgreSQL the way libpq makes them: connection strings in both forms, the
 //! PG* environment variables, `~/.pgpass`, local-socket defaults, SCRAM (through
-//! tokio-postgres). A [`Session`] owns its connection task, forwards LISTEN notifications and
-//! says when the connection is gone. Passwords never appear in errors, logs or `Debug`.
+//! tokio-postgres), TLS with libpq's `sslmode` (through rustls). A [`Session`] owns its
+//! connection task, forwards LISTEN notifications and says when the connection is gone.
+//! Passwords never appear in errors, logs or `Debug`.
 
 mod conninfo;
 mod pgpass;
+mod tls;
 
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::config::SslMode;
+use tokio_postgres::config::{ChannelBinding, SslMode};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Notification};
 
 pub use conninfo::ConnInfo;
@@ -46,13 +48,14 @@ pub enum ConnectError {
     /// The connection string is not valid.
     #[error("invalid connection string: {0}")]
     Invalid(String),
-    /// The connection string asks for TLS, which this build cannot do yet.
-    #[error("{target}: sslmode={mode} asks for TLS, which this build of ferry does not support yet; use sslmode=disable or prefer")]
-    TlsUnsupported {
+    /// The connection string's TLS settings cannot be used (a missing or unreadable
+    /// certificate file, say).
+    #[error("{target}: {message}")]
+    Tls {
         /// Where the connection was going (no password).
         target: String,
-        /// The sslmode asked for.
-        mode: String,
+        /// What is wrong and what to do.
+        message: String,
     },
     /// The server could not be reached or refused the connection.
     #[error("cannot connect to {target}")]
@@ -129,18 +132,48 @@ impl Session {
 pub async fn connect(conninfo: &ConnInfo, application_name: &str) -> Result<Session, ConnectError> {
     let resolved = conninfo.resolve();
     let target = resolved.describe();
-    let config = build_config(&resolved, application_name, &target)?;
-    let (client, connection) =
-        config
-            .connect(NoTls)
-            .await
-            .map_err(|source| ConnectError::Connect {
-                target: target.clone(),
-                source,
-            })?;
+    let (config, tls) = build_config(&resolved, application_name)?;
+    let connected = match tls {
+        None => config.connect(NoTls).await.map(|(client, connection)| {
+            let closed = spawn_connection(connection);
+            (client, closed)
+        }),
+        Some(settings) => {
+            let tls_config = settings
+                .client_config()
+                .map_err(|message| ConnectError::Tls {
+                    target: target.clone(),
+                    message,
+                })?;
+            config
+                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls_config))
+                .await
+                .map(|(client, connection)| {
+                    let closed = spawn_connection(connection);
+                    (client, closed)
+                })
+        }
+    };
+    let (client, (notifications, closed)) =
+        connected.map_err(|source| ConnectError::Connect { target, source })?;
+    Ok(Session {
+        client,
+        notifications,
+        closed,
+    })
+}
+
+/// Drives `connection` in a task of its own: forwards its notifications, logs its notices at
+/// debug level, and says when it ends.
+fn spawn_connection<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+) -> (mpsc::Receiver<Notification>, watch::Receiver<bool>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (note_tx, note_rx) = mpsc::channel(NOTIFICATION_BUFFER);
     let (closed_tx, closed_rx) = watch::channel(false);
-    let mut connection = connection;
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
@@ -160,18 +193,14 @@ pub async fn connect(conninfo: &ConnInfo, application_name: &str) -> Result<Sess
         }
         let _ = closed_tx.send(true);
     });
-    Ok(Session {
-        client,
-        notifications: note_rx,
-        closed: closed_rx,
-    })
+    (note_rx, closed_rx)
 }
 
+/// The driver's configuration for `resolved`, and the TLS settings when TLS may be used.
 fn build_config(
     resolved: &ConnInfo,
     application_name: &str,
-    target: &str,
-) -> Result<Config, ConnectError> {
+) -> Result<(Config, Option<tls::TlsSettings>), ConnectError> {
     let mut config = Config::new();
     let params = resolved.params();
     let get = |k: &str| params.get(k).map(String::as_str);
@@ -246,25 +275,48 @@ fn build_config(
             }
         });
     }
+    if let Some(binding) = get("channel_binding") {
+        config.channel_binding(match binding {
+            "disable" => ChannelBinding::Disable,
+            "prefer" => ChannelBinding::Prefer,
+            "require" => ChannelBinding::Require,
+            other => {
+                return Err(ConnectError::invalid(format!(
+                    "invalid channel_binding value: \"{other}\" (disable, prefer, require)"
+                )))
+            }
+        });
+    }
+    // libpq never uses TLS over Unix sockets, whatever sslmode says
+    let only_sockets = get("hostaddr").is_none()
+        && get("host").is_some_and(|hosts| hosts.split(',').all(|h| h.starts_with('/')));
     let mode = get("sslmode").unwrap_or("prefer");
-    match mode {
-        "disable" => {
-            config.ssl_mode(SslMode::Disable);
-        }
-        "allow" | "prefer" => {
-            config.ssl_mode(SslMode::Prefer);
-        }
-        "require" | "verify-ca" | "verify-full" => {
-            return Err(ConnectError::TlsUnsupported {
-                target: target.to_string(),
-                mode: mode.to_string(),
-            })
-        }
+    let ssl_mode = match mode {
+        "disable" => SslMode::Disable,
+        "allow" | "prefer" => SslMode::Prefer,
+        "require" | "verify-ca" | "verify-full" => SslMode::Require,
         other => {
             return Err(ConnectError::invalid(format!(
-                "invalid sslmode value: \"{other}\""
+                "invalid sslmode value: \"{other}\" (disable, allow, prefer, require, verify-ca, verify-full)"
             )))
         }
+    };
+    if ssl_mode == SslMode::Disable || only_sockets {
+        config.ssl_mode(SslMode::Disable);
+        return Ok((config, None));
     }
-    Ok(config)
+    config.ssl_mode(ssl_mode);
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    let settings = tls::TlsSettings::new(
+        mode,
+        get("sslrootcert"),
+        get("sslcert"),
+        get("sslkey"),
+        home.as_deref(),
+    )
+    .map_err(|message| ConnectError::Tls {
+        target: resolved.describe(),
+        message,
+    })?;
+    Ok((config, Some(settings)))
 }

@@ -192,6 +192,85 @@ impl Cluster {
         self.pg_ctl_start()
     }
 
+    /// Turns on TLS and password authentication: a throwaway CA signs a certificate for
+    /// `localhost` and 127.0.0.1; TCP connections must use TLS (`hostssl`) and SCRAM-SHA-256,
+    /// plain TCP is rejected; the socket stays `trust` for the test kit itself. The superuser
+    /// gets `password`. Returns the CA certificate's path (for `sslrootcert`).
+    pub async fn enable_tls_and_scram(&self, password: &str) -> Result<PathBuf, String> {
+        let certificates = TestCertificates::generate()?;
+        let data = self.data_dir();
+        self.write_owned(&data.join("server.crt"), &certificates.server_cert)?;
+        self.write_owned(&data.join("server.key"), &certificates.server_key)?;
+        let ca = self.root.join("ca.crt");
+        std::fs::write(&ca, &certificates.ca_cert).map_err(|e| format!("{}: {e}", ca.display()))?;
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .map_err(|e| format!("postgresql.conf: {e}"))?;
+        writeln!(
+            conf,
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+             password_encryption = 'scram-sha-256'"
+        )
+        .map_err(|e| format!("postgresql.conf: {e}"))?;
+        self.write_owned(
+            &data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n\
+             host all all 127.0.0.1/32 reject\n",
+        )?;
+        self.run(
+            self.bindir.join("pg_ctl"),
+            &["-D", &data.to_string_lossy(), "reload"],
+        )?;
+        // the reload is asynchronous: wait until the server reports TLS on
+        let client = self.connect("postgres").await;
+        client
+            .batch_execute(&format!(
+                "alter role {SUPERUSER} password '{}'",
+                password.replace('\'', "''")
+            ))
+            .await
+            .map_err(|e| format!("setting the password: {e}"))?;
+        for _ in 0..100 {
+            let on: String = client
+                .query_one("show ssl", &[])
+                .await
+                .map_err(|e| format!("show ssl: {e}"))?
+                .get(0);
+            if on == "on" {
+                return Ok(ca);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(format!(
+            "the server did not turn TLS on; see {}",
+            self.log_file().display()
+        ))
+    }
+
+    /// A connection string for `dbname` over TCP to `localhost` (127.0.0.1), with the given
+    /// user and extra parameters (sslmode, sslrootcert, password, ...).
+    pub fn tcp_conninfo(&self, dbname: &str, user: &str, extra: &str) -> String {
+        format!(
+            "host=localhost hostaddr=127.0.0.1 port={} user={user} dbname={dbname} {extra}",
+            self.port
+        )
+    }
+
+    /// Writes `contents` to `path` readable by the server only (and owned by its OS user).
+    fn write_owned(&self, path: &Path, contents: &str) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, contents).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                .map_err(|e| format!("chown {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
     fn initdb(&self) -> Result<(), String> {
         self.run(
             self.bindir.join("initdb"),
@@ -410,4 +489,45 @@ pub fn find_bindir() -> Result<PathBuf, String> {
     versions.pop().map(|(_, dir)| dir).ok_or_else(|| {
         "no PostgreSQL server binaries found (set FERRY_PG_BINDIR, or install postgresql)".into()
     })
+}
+
+/// A throwaway CA and a server certificate it signed, in PEM.
+pub struct TestCertificates {
+    /// The CA's certificate (what clients trust).
+    pub ca_cert: String,
+    /// The server's certificate, for `localhost` and 127.0.0.1.
+    pub server_cert: String,
+    /// The server certificate's private key.
+    pub server_key: String,
+}
+
+impl TestCertificates {
+    /// A new CA and server certificate; every call makes a different CA.
+    pub fn generate() -> Result<TestCertificates, String> {
+        let fail = |e: rcgen::Error| format!("making test certificates: {e}");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ferry test CA");
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca_key = rcgen::KeyPair::generate().map_err(fail)?;
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).map_err(fail)?;
+        let mut server_params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .map_err(fail)?;
+        server_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "localhost");
+        let server_key = rcgen::KeyPair::generate().map_err(fail)?;
+        let server_cert = server_params.signed_by(&server_key, &ca).map_err(fail)?;
+        Ok(TestCertificates {
+            ca_cert: ca.pem(),
+            server_cert: server_cert.pem(),
+            server_key: server_key.serialize_pem(),
+        })
+    }
 }

@@ -12,7 +12,8 @@ use ferry_queue::{Batch, BatchCursor, Event};
 use serde::de::IgnoredAny;
 use tokio_postgres::{Client, Statement, Transaction};
 
-use crate::catalog::{table_shape, TableShape};
+use crate::catalog::{table_shape, Column, TableShape};
+use crate::columns::{column_arrays, ColumnSpec, ValueForm};
 use crate::error::{ReplicaError, ResultExt};
 use crate::names::{quote_ident, RelName};
 use crate::provider::{self, SeqValue};
@@ -47,8 +48,8 @@ pub enum BatchOutcome {
 /// One set-wise statement with its rows.
 struct SetStatement {
     statement: Statement,
-    /// the rows (json objects) as one json array
-    payload: String,
+    /// the rows as text arrays, one per parameter (see [`column_arrays`])
+    arrays: Vec<Vec<Option<String>>>,
     rows: usize,
     /// "deletes", "updates" or "inserts": deletes and updates must touch every row
     what: &'static str,
@@ -66,8 +67,13 @@ async fn send_set_statements<'a>(
     statements: Vec<SetStatement>,
 ) -> InFlight<'a> {
     let runs = statements.into_iter().map(move |s| async move {
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = s
+            .arrays
+            .iter()
+            .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
         let changed = stx
-            .execute(&s.statement, &[&s.payload])
+            .execute(&s.statement, &params)
             .await
             .with_context(|| format!("applying {} {} of {} set-wise", s.rows, s.what, s.table))?;
         if s.what != "inserts" && changed != s.rows as u64 {
@@ -97,18 +103,62 @@ async fn run_set_statements(
     send_set_statements(stx, statements).await.await
 }
 
-/// `rows` (json texts) as one json array.
-fn json_array(rows: &[&str]) -> String {
-    let mut array = String::with_capacity(rows.iter().map(|r| r.len() + 1).sum::<usize>() + 2);
-    array.push('[');
-    for (i, row) in rows.iter().enumerate() {
-        if i > 0 {
-            array.push(',');
+/// Where a set-wise statement reads its rows: `unnest` of one text array per column (see
+/// [`column_arrays`]), and `json_populate_record` for the arrays and composites among them.
+struct ArraySource {
+    /// the FROM item, rows named `r` (and `s` for the structured columns)
+    from: String,
+    /// the value of each column, in the order given, cast to its type
+    values: Vec<String>,
+}
+
+impl ArraySource {
+    /// The source of `columns` for table `t` (quoted).
+    fn new(t: &str, columns: &[Column]) -> ArraySource {
+        let mut params = Vec::new();
+        let mut values = Vec::new();
+        for c in columns {
+            if c.form == ValueForm::Structured {
+                values.push(format!("s.{}", quote_ident(&c.name)));
+            } else {
+                params.push(format!("c{}", params.len() + 1));
+                values.push(format!("r.c{}::{}", params.len(), c.cast_type));
+            }
         }
-        array.push_str(row);
+        let structured = columns.iter().any(|c| c.form == ValueForm::Structured);
+        if structured {
+            params.push("rest".to_string());
+        }
+        let arrays: Vec<String> = (1..=params.len())
+            .map(|i| format!("${i}::text[]"))
+            .collect();
+        let mut from = format!("unnest({}) as r({})", arrays.join(", "), params.join(", "));
+        if structured {
+            from.push_str(&format!(
+                " cross join lateral json_populate_record(null::{t}, r.rest::json) s"
+            ));
+        }
+        ArraySource { from, values }
     }
-    array.push(']');
-    array
+
+    /// `t."a" = <value of a> and ...` for the columns at `keys` (positions in the columns).
+    fn key_match(&self, columns: &[Column], keys: &[usize]) -> String {
+        keys.iter()
+            .map(|&k| format!("t.{} = {}", quote_ident(&columns[k].name), self.values[k]))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    }
+}
+
+/// The column specs `column_arrays` needs for `columns`.
+fn specs(columns: &[Column]) -> Vec<ColumnSpec<'_>> {
+    columns
+        .iter()
+        .map(|c| ColumnSpec {
+            name: &c.name,
+            form: c.form,
+        })
+        .collect()
 }
 
 /// Finishes batch `batch_id` on the provider without waiting for the provider's WAL flush.
@@ -442,21 +492,25 @@ impl Applier {
         }
         let plan = changes.take_plan();
         let t = table.quoted();
-        let keys: Vec<String> = self
-            .shape(stx, table, &[])
-            .await?
-            .primary_key()
-            .iter()
-            .map(|c| quote_ident(c))
-            .collect();
+        let refused = |e: String| ReplicaError::refused(format!("{table}: {e}"));
         if !plan.deletes.is_empty() {
+            let shape = self.shape(stx, table, &[]).await?;
+            let keys: Vec<Column> = shape
+                .columns
+                .iter()
+                .filter(|c| c.in_primary_key)
+                .cloned()
+                .collect();
+            let source = ArraySource::new(&t, &keys);
+            let all: Vec<usize> = (0..keys.len()).collect();
             let sql = format!(
-                "delete from {t} as t using json_populate_recordset(null::{t}, $1::text::json) k where {w}",
-                w = key_match(&keys, "k")
+                "delete from {t} as t using {from} where {w}",
+                from = source.from,
+                w = source.key_match(&keys, &all)
             );
             statements.push(SetStatement {
                 statement: self.statement(stx, table, &sql).await?,
-                payload: json_array(&plan.deletes),
+                arrays: column_arrays(&plan.deletes, &specs(&keys)).map_err(refused)?,
                 rows: plan.deletes.len(),
                 what: "deletes",
                 table: table.clone(),
@@ -464,22 +518,38 @@ impl Applier {
         }
         for (groups, is_update) in [(&plan.updates, true), (&plan.inserts, false)] {
             for group in groups {
-                let columns = self.writable_columns(stx, table, group[0]).await?;
-                let list = columns.join(", ");
+                let columns = self.set_columns(stx, table, group[0]).await?;
+                let source = ArraySource::new(&t, &columns);
                 let sql = if is_update {
-                    let set = assignments(&columns);
+                    let set = columns
+                        .iter()
+                        .zip(&source.values)
+                        .map(|(c, v)| format!("{} = {v}", quote_ident(&c.name)))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let keys: Vec<usize> = (0..columns.len())
+                        .filter(|&i| columns[i].in_primary_key)
+                        .collect();
                     format!(
-                        "update {t} as t set {set} from json_populate_recordset(null::{t}, $1::text::json) r where {w}",
-                        w = key_match(&keys, "r")
+                        "update {t} as t set {set} from {from} where {w}",
+                        from = source.from,
+                        w = source.key_match(&columns, &keys)
                     )
                 } else {
+                    let list = columns
+                        .iter()
+                        .map(|c| quote_ident(&c.name))
+                        .collect::<Vec<_>>()
+                        .join(", ");
                     format!(
-                        "insert into {t} ({list}) overriding system value select {list} from json_populate_recordset(null::{t}, $1::text::json)"
+                        "insert into {t} ({list}) overriding system value select {values} from {from}",
+                        values = source.values.join(", "),
+                        from = source.from
                     )
                 };
                 statements.push(SetStatement {
                     statement: self.statement(stx, table, &sql).await?,
-                    payload: json_array(group),
+                    arrays: column_arrays(group, &specs(&columns)).map_err(refused)?,
                     rows: group.len(),
                     what: if is_update { "updates" } else { "inserts" },
                     table: table.clone(),
@@ -692,6 +762,22 @@ impl Applier {
             .iter()
             .filter(|n| shape.column(n).is_some_and(|c| !c.generated))
             .map(|n| quote_ident(n))
+            .collect())
+    }
+
+    /// The subscriber's columns that `row` (a row as json) sets, in the row's order: all but
+    /// those the subscriber computes. A column the subscriber lacks stops replay, naming it.
+    async fn set_columns(
+        &mut self,
+        stx: &Transaction<'_>,
+        table: &RelName,
+        row: &str,
+    ) -> Result<Vec<Column>, ReplicaError> {
+        let names = json_keys(table, row)?;
+        let shape = self.shape(stx, table, &names).await?;
+        Ok(names
+            .iter()
+            .filter_map(|n| shape.column(n).filter(|c| !c.generated).cloned())
             .collect())
     }
 

@@ -3,6 +3,7 @@
 
 use tokio_postgres::GenericClient;
 
+use crate::columns::ValueForm;
 use crate::error::{ReplicaError, ResultExt};
 use crate::names::RelName;
 
@@ -13,6 +14,13 @@ pub struct Column {
     pub name: String,
     /// Its type as `format_type` writes it (`numeric(10,2)`, `public.mood[]`).
     pub type_name: String,
+    /// Its type by its catalog name, schema-qualified and without modifiers
+    /// (`pg_catalog.bpchar`, `pg_catalog."bit"`), for casts: assigning to the column then
+    /// applies the modifiers as an insert would. (Not `format_type`'s `character` or `bit`:
+    /// in a cast those mean `char(1)` and `bit(1)`, and would cut values short.)
+    pub cast_type: String,
+    /// How set-wise apply passes its values.
+    pub form: ValueForm,
     /// Whether it is computed (`GENERATED ALWAYS AS ... STORED`): never written by replay.
     pub generated: bool,
     /// Whether it is part of the primary key.
@@ -68,8 +76,15 @@ pub async fn table_shape(
                       coalesce(a.attnum = any (i.indkey::int2[]), false),
                       a.attnotnull,
                       pg_get_expr(d.adbin, d.adrelid),
-                      coalesce(to_jsonb(a) ->> 'attidentity', '') <> ''
+                      coalesce(to_jsonb(a) ->> 'attidentity', '') <> '',
+                      quote_ident(tn.nspname) || '.' || quote_ident(ty.typname),
+                      case when ty.typcategory in ('A', 'C') then 'structured'
+                           when coalesce(nullif(ty.typbasetype, 0), ty.oid)
+                                in ('pg_catalog.json'::regtype, 'pg_catalog.jsonb'::regtype) then 'json'
+                           else 'text' end
                  from pg_attribute a
+                 join pg_type ty on ty.oid = a.atttypid
+                 join pg_namespace tn on tn.oid = ty.typnamespace
                  left join pg_index i on i.indrelid = a.attrelid and i.indisprimary
                  left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
                 where a.attrelid = to_regclass($1) and a.attnum > 0 and not a.attisdropped
@@ -118,6 +133,12 @@ pub async fn table_shape(
                 not_null: r.get(4),
                 default: r.get(5),
                 identity: r.get(6),
+                cast_type: r.get(7),
+                form: match r.get::<_, &str>(8) {
+                    "structured" => ValueForm::Structured,
+                    "json" => ValueForm::Json,
+                    _ => ValueForm::Text,
+                },
             })
             .collect(),
     }))

@@ -8,6 +8,7 @@
 
 mod apply;
 pub mod catalog;
+pub mod columns;
 mod copy;
 mod error;
 pub mod names;

@@ -1,6 +1,7 @@
 //! The initial copy of a table: the provider's rows under a snapshot that is recorded, so
 //! that replay later skips exactly the events the copy already contains.
 
+use bytes::BytesMut;
 use futures_util::{pin_mut, SinkExt, TryStreamExt};
 use tokio_postgres::{Client, IsolationLevel};
 
@@ -8,6 +9,9 @@ use crate::catalog::table_shape;
 use crate::error::{ReplicaError, ResultExt};
 use crate::names::{quote_ident, RelName};
 use crate::subscriber::column_problems;
+
+/// Bytes of copied rows sent to the subscriber at a time.
+const COPY_BLOCK: usize = 64 << 10;
 
 /// What a finished copy left behind.
 #[derive(Debug, Clone)]
@@ -86,25 +90,72 @@ pub async fn copy_table(
         .await
         .context("taking the copy's snapshot")?
         .get(0);
-    let rows_out = ptx
-        .copy_out(&format!(
+    // a plain table straight (COPY of a table reads it alone, as ONLY would, and skips the
+    // executor); a partitioned table through a query over its partitions
+    let source_plain: bool = ptx
+        .query_one(
+            "select relkind = 'r' from pg_class where oid = to_regclass($1)",
+            &[&table.quoted()],
+        )
+        .await
+        .with_context(|| format!("looking at {table} on the provider"))?
+        .get(0);
+    let copy_out = if source_plain {
+        format!("copy {} ({column_list}) to stdout", table.quoted())
+    } else {
+        format!(
             "copy (select {column_list} from only {}) to stdout",
             table.quoted()
-        ))
+        )
+    };
+    let rows_out = ptx
+        .copy_out(&copy_out)
         .await
         .with_context(|| format!("reading {table} on the provider"))?;
+    // rows copied into a table emptied in this same transaction can be written frozen (no
+    // later pass over them to set hint bits or freeze); partitioned tables refuse FREEZE
+    let plain: bool = stx
+        .query_one(
+            "select relkind = 'r' from pg_class where oid = to_regclass($1)",
+            &[&table.quoted()],
+        )
+        .await
+        .with_context(|| format!("looking at {table}"))?
+        .get(0);
+    let freeze = if plain && !skip_truncate {
+        " with (freeze)"
+    } else {
+        ""
+    };
     let sink = stx
         .copy_in(&format!(
-            "copy {} ({column_list}) from stdin",
+            "copy {} ({column_list}) from stdin{freeze}",
             table.quoted()
         ))
         .await
         .with_context(|| format!("writing {table} on the subscriber"))?;
     pin_mut!(sink);
     pin_mut!(rows_out);
-    sink.send_all(&mut rows_out.map_ok(|bytes| bytes))
+    // the provider sends a message per row; the subscriber gets them in blocks, which saves
+    // replay most of its per-row work
+    let mut block = BytesMut::with_capacity(COPY_BLOCK);
+    while let Some(row) = rows_out
+        .try_next()
         .await
-        .with_context(|| format!("copying {table}"))?;
+        .with_context(|| format!("reading {table} on the provider"))?
+    {
+        block.extend_from_slice(&row);
+        if block.len() >= COPY_BLOCK {
+            sink.feed(block.split().freeze())
+                .await
+                .with_context(|| format!("writing {table} on the subscriber"))?;
+        }
+    }
+    if !block.is_empty() {
+        sink.feed(block.freeze())
+            .await
+            .with_context(|| format!("writing {table} on the subscriber"))?;
+    }
     let rows = sink
         .finish()
         .await

@@ -115,24 +115,29 @@ struct ArraySource {
 impl ArraySource {
     /// The source of `columns` for table `t` (quoted).
     fn new(t: &str, columns: &[Column]) -> ArraySource {
-        let mut params = Vec::new();
+        // unnest's columns: c1, c2, ... for the columns passed as text, rest for the others
+        let mut aliases = Vec::new();
         let mut values = Vec::new();
         for c in columns {
             if c.form == ValueForm::Structured {
                 values.push(format!("s.{}", quote_ident(&c.name)));
             } else {
-                params.push(format!("c{}", params.len() + 1));
-                values.push(format!("r.c{}::{}", params.len(), c.cast_type));
+                aliases.push(format!("c{}", aliases.len() + 1));
+                values.push(format!("r.c{}::{}", aliases.len(), c.cast_type));
             }
         }
         let structured = columns.iter().any(|c| c.form == ValueForm::Structured);
         if structured {
-            params.push("rest".to_string());
+            aliases.push("rest".to_string());
         }
-        let arrays: Vec<String> = (1..=params.len())
+        let placeholders: Vec<String> = (1..=aliases.len())
             .map(|i| format!("${i}::text[]"))
             .collect();
-        let mut from = format!("unnest({}) as r({})", arrays.join(", "), params.join(", "));
+        let mut from = format!(
+            "unnest({}) as r({})",
+            placeholders.join(", "),
+            aliases.join(", ")
+        );
         if structured {
             from.push_str(&format!(
                 " cross join lateral json_populate_record(null::{t}, r.rest::json) s"

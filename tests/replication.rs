@@ -909,6 +909,131 @@ async fn a_backlog_of_many_chunks_applies_set_wise_in_order() {
     );
 }
 
+/// Replication with both connections over TLS (`verify-full` against a throwaway CA) and
+/// SCRAM passwords, on a cluster that refuses anything else over TCP; the password shows in
+/// no log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_over_tls_and_scram() {
+    const PASSWORD: &str = "tls-and-scram-secret-7";
+    let cluster = Cluster::start().expect("cluster");
+    let ca = cluster
+        .enable_tls_and_scram(PASSWORD)
+        .await
+        .expect("tls and scram");
+    let admin = cluster.connect("postgres").await;
+    for db in ["tls_p", "tls_s"] {
+        admin
+            .batch_execute(&format!("create database {db}"))
+            .await
+            .unwrap();
+        cluster
+            .connect(db)
+            .await
+            .batch_execute("create table t (id int primary key, v text)")
+            .await
+            .unwrap();
+    }
+    let provider = cluster.connect("tls_p").await;
+    provider
+        .batch_execute("insert into t select i, 'v' || i from generate_series(1, 500) i")
+        .await
+        .unwrap();
+    let tls = |db: &str| {
+        cluster.tcp_conninfo(
+            db,
+            "postgres",
+            &format!(
+                "sslmode=verify-full sslrootcert={} password={PASSWORD}",
+                ca.display()
+            ),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ticker = dir.path().join("ticker.ini");
+    let londiste = dir.path().join("londiste.ini");
+    std::fs::write(
+        &ticker,
+        format!(
+            "[pgqadm]\njob_name = tls-ticker\ndb = {}\nloop_delay = 0.05\n\
+             logfile = %(job_name)s.log\npidfile = %(job_name)s.pid\n",
+            tls("tls_p")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &londiste,
+        format!(
+            "[londiste]\njob_name = tls-replay\nprovider_db = {}\nsubscriber_db = {}\n\
+             pgq_queue_name = tls-queue\nloop_delay = 0.2\n\
+             logfile = %(job_name)s.log\npidfile = %(job_name)s.pid\n",
+            tls("tls_p"),
+            tls("tls_s")
+        ),
+    )
+    .unwrap();
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    let logs = || {
+        ["tls-ticker.log", "tls-replay.log"]
+            .iter()
+            .map(|f| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    run(&ticker, &["install"]);
+    run(&ticker, &["ticker", "-d"]);
+    run(&londiste, &["provider", "install"]);
+    run(&londiste, &["subscriber", "install"]);
+    run(&londiste, &["provider", "add", "--all"]);
+    run(&londiste, &["subscriber", "add", "--all"]);
+    run(&londiste, &["replay", "-d"]);
+    wait_all_ok(&londiste, Duration::from_secs(60), logs);
+    provider
+        .batch_execute("update t set v = v || '!' where id % 3 = 0; delete from t where id % 7 = 0")
+        .await
+        .unwrap();
+    wait_identical(
+        &cluster.conninfo("tls_p"),
+        &cluster.conninfo("tls_s"),
+        &["t"],
+        Duration::from_secs(60),
+        logs,
+    )
+    .await;
+    // every ferry connection is encrypted (the server takes no other over TCP, but check)
+    let plain: i64 = admin
+        .query_one(
+            "select count(*) from pg_stat_activity a join pg_stat_ssl s using (pid)
+              where a.application_name like 'ferry%' and not s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let encrypted: i64 = admin
+        .query_one(
+            "select count(*) from pg_stat_activity a join pg_stat_ssl s using (pid)
+              where a.application_name like 'ferry%' and s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(plain, 0);
+    assert!(
+        encrypted >= 3,
+        "ticker, provider and subscriber sessions: {encrypted}"
+    );
+    let all_logs = logs();
+    assert!(!all_logs.is_empty());
+    assert!(
+        !all_logs.contains(PASSWORD),
+        "a password in the logs:\n{all_logs}"
+    );
+}
+
 /// `ferry demo`, the README's first command, runs to its end: replication under load, both
 /// sides identical, everything stopped. (It starts two clusters of its own and runs a
 /// full-speed load; it took 12 s alone in a debug build.)

@@ -143,8 +143,9 @@ comment on function "ferry"."ticker"(text) is 'ferry: tick one queue now; return
 
 -- Tick every queue that needs it: new events since its last tick, a transaction that the
 -- last tick did not see has committed since with events (it was running, or it started
--- before the tick but at or past its xmax), or the idle period has passed. Returns how many queues were ticked. The ticker daemon calls this every
--- loop_delay, so events are at most loop_delay late.
+-- before the tick but at or past its xmax), or the idle period has passed. Returns how many
+-- queues were ticked. The ticker daemon calls this every loop_delay, so events are at most
+-- loop_delay late.
 create or replace function "ferry"."ticker"()
 returns integer language plpgsql as $$
 declare
@@ -297,7 +298,7 @@ comment on function "ferry"."next_batch"(text, text) is
 -- ev_id order. Transactions whose events belong there are those not visible in the from
 -- tick's snapshot and visible in the to tick's: those that started after the from tick (txid
 -- >= its xmax), plus those running at it (its xip list).
--- Read part by part (see batch_part_ticks), a batch holds the same events as read at once,
+-- Read part by part (see batch_parts), a batch holds the same events as read at once,
 -- in an order just as faithful to the provider: when two transactions of different parts
 -- touch the same row (or unique value), the one of the earlier part wrote first, because
 -- the later writer waited for its commit, which the earlier tick saw.

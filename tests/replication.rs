@@ -1034,6 +1034,48 @@ async fn replication_over_tls_and_scram() {
     );
 }
 
+/// Replay running without a ticker says so in its log, once, and says again when ticks come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_says_when_the_ticker_is_not_running() {
+    let schema = "create table t (id int primary key)";
+    let pair = Pair::new("no_ticker", schema, Some(schema)).await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    run(&ticker, &["install"]);
+    run(&londiste, &["provider", "install"]);
+    run(&londiste, &["subscriber", "install"]);
+    run(
+        &ticker,
+        &["config", "test-queue", "ticker_idle_period=1 second"],
+    );
+    run(&londiste, &["provider", "add", "--all"]);
+    run(&londiste, &["subscriber", "add", "--all"]);
+    run(&londiste, &["replay", "-d"]);
+    let wait_for = |text: &str| {
+        let start = std::time::Instant::now();
+        while !pair.replay_log().contains(text) {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no {text:?} in the replay log:\n{}",
+                pair.replay_log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for("is the ticker running?");
+    run(&ticker, &["ticker", "-d"]);
+    wait_for("ticks arrive again");
+    assert_eq!(
+        pair.replay_log().matches("is the ticker running?").count(),
+        1,
+        "said once per silence:\n{}",
+        pair.replay_log()
+    );
+}
+
 /// `ferry demo`, the README's first command, runs to its end: replication under load, both
 /// sides identical, everything stopped. (It starts two clusters of its own and runs a
 /// full-speed load; it took 12 s alone in a debug build.)

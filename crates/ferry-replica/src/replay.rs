@@ -26,6 +26,8 @@ const RECONNECT_MAX: Duration = Duration::from_secs(10);
 const COPY_RETRY: Duration = Duration::from_secs(30);
 /// Most events one batch may span when replay is behind (several ticks merged).
 const MAX_BATCH_EVENTS: i64 = 100_000;
+/// How often an idle replay looks at the age of the queue's newest tick.
+const TICKER_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Settings every session of replay uses, so values are written out (COPY) and read
 /// (json_populate_record) the same way on both sides, whatever the servers' defaults.
@@ -79,6 +81,7 @@ pub async fn run(
     mut reload: Reload,
 ) -> Result<(), ReplayError> {
     let mut health = Health::default();
+    let mut ticker_silent = false;
     tracing::info!(
         job = %settings.job_name,
         queue = %settings.queue,
@@ -92,6 +95,7 @@ pub async fn run(
         };
         let mut applier = Applier::default();
         let mut copy_retry = HashMap::new();
+        let mut ticker_checked = Instant::now();
         // the round looks at the stop request between units; the select below acts on an
         // immediate one at once
         let stop_watch = shutdown.clone();
@@ -113,7 +117,13 @@ pub async fn run(
             };
             match round {
                 Ok(Round::Stopped) => break 'connect,
-                Ok(Round::Idle) => health.ok(),
+                Ok(Round::Idle) => {
+                    health.ok();
+                    if ticker_checked.elapsed() >= TICKER_CHECK_EVERY {
+                        ticker_checked = Instant::now();
+                        watch_ticker(&link, &settings.queue, &mut ticker_silent).await;
+                    }
+                }
                 Err(error) => {
                     applier = Applier::default();
                     if !settings_problem(&mut health, &error, &link) {
@@ -160,6 +170,41 @@ pub async fn run(
     }
     tracing::info!(job = %settings.job_name, "replay stopped");
     Ok(())
+}
+
+/// Says once when the queue's newest tick is older than twice its idle period plus 10 s (a
+/// running ticker ticks at least once per idle period), and once when ticks come again.
+/// `silent` remembers which was said last. A failed look is left to the next round.
+async fn watch_ticker(link: &Link, queue: &str, silent: &mut bool) {
+    let row = link
+        .provider
+        .client()
+        .query_opt(
+            r#"select extract(epoch from now() - max(t."tick_time"))::float8,
+                      extract(epoch from q."queue_ticker_idle_period")::float8
+                 from "ferry"."queue" q
+                 left join "ferry"."tick" t on t."tick_queue" = q."queue_id"
+                where q."queue_name" = $1
+                group by q."queue_ticker_idle_period""#,
+            &[&queue],
+        )
+        .await;
+    let Ok(Some(row)) = row else {
+        return;
+    };
+    let (age, idle): (Option<f64>, f64) = (row.get(0), row.get(1));
+    let age = age.unwrap_or(f64::INFINITY);
+    let stale = age > 2.0 * idle + 10.0;
+    if stale && !*silent {
+        tracing::warn!(
+            queue,
+            last_tick_secs_ago = age.round(),
+            "no ticks for this queue: is the ticker running? (`ferry TICKER.ini ticker -d` on the provider)"
+        );
+    } else if !stale && *silent {
+        tracing::info!(queue, "ticks arrive again");
+    }
+    *silent = stale;
 }
 
 /// Logs a failed round; returns `false` when the connection is gone (reconnect), `true` when

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use ferry_connect::{connect, ConnInfo, ConnectError};
-use ferry_testkit::{Cluster, TestCertificates};
+use ferry_testkit::{error_chain as chain, Cluster, TestCertificates};
 use tokio::sync::OnceCell;
 
 const PASSWORD: &str = "pa ss'w0rd-of-the-test";
@@ -44,18 +44,6 @@ async fn try_connect(extra: &str) -> Result<ferry_connect::Session, ConnectError
     let c = tls_cluster().await;
     let conninfo = c.cluster.tcp_conninfo("postgres", "postgres", extra);
     connect(&ConnInfo::parse(&conninfo).unwrap(), "ferry tls test").await
-}
-
-/// The whole error chain, as logs show it.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[tokio::test]

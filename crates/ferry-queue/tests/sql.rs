@@ -2,7 +2,7 @@
 //! rotation's safety against writers that see an old current table.
 
 use ferry_queue::{BatchCursor, Event};
-use ferry_testkit::Cluster;
+use ferry_testkit::{error_chain, Cluster};
 use tokio_postgres::Client;
 
 async fn installed_db(name: &str) -> (Client, String) {
@@ -441,17 +441,6 @@ async fn missing_schema_is_reported_as_not_installed() {
     assert!(err.is_not_installed());
     assert!(!err.is_connection_lost());
     assert!(err.to_string().contains("ferry CONFIG install"), "{err}");
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// A tick reads the event sequence and takes its snapshot. A writer that starts between the

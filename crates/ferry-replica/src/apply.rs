@@ -761,12 +761,11 @@ impl Applier {
         table: &RelName,
         data: &str,
     ) -> Result<Vec<String>, ReplicaError> {
-        let names = json_keys(table, data)?;
-        let shape = self.shape(stx, table, &names).await?;
-        Ok(names
+        Ok(self
+            .set_columns(stx, table, data)
+            .await?
             .iter()
-            .filter(|n| shape.column(n).is_some_and(|c| !c.generated))
-            .map(|n| quote_ident(n))
+            .map(|c| quote_ident(&c.name))
             .collect())
     }
 

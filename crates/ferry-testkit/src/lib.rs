@@ -531,3 +531,15 @@ impl TestCertificates {
         })
     }
 }
+
+/// An error with all its sources, `outer: inner: ...`, the way logs show it.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

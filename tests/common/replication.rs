@@ -111,6 +111,25 @@ impl Pair {
     pub fn replay_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("test-londiste.log")).unwrap_or_default()
     }
+
+    /// Waits until the replay log has a line containing every one of `needles`; returns that
+    /// line. Panics with the log after `limit`.
+    pub async fn wait_for_replay_line(&self, needles: &[&str], limit: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let log = self.replay_log();
+            if let Some(line) = log
+                .lines()
+                .find(|line| needles.iter().all(|n| line.contains(n)))
+            {
+                return line.to_string();
+            }
+            if start.elapsed() > limit {
+                panic!("no replay log line with {needles:?} after {limit:?}:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// Runs `ferry ARGS` with the given config paths, insisting on success.

@@ -242,6 +242,8 @@ enum TableState {
 pub struct Applier {
     statements: HashMap<String, Statement>,
     shapes: HashMap<RelName, TableShape>,
+    /// A batch whose set-wise apply failed: tried again, it goes straight to event order.
+    event_order_batch: Option<i64>,
 }
 
 impl Applier {
@@ -256,6 +258,11 @@ impl Applier {
         queue: &str,
         batch: &Batch,
     ) -> Result<BatchOutcome, ReplicaError> {
+        if self.event_order_batch == Some(batch.id) {
+            return self
+                .apply_batch_in(provider, subscriber, queue, batch, Mode::EventOrder)
+                .await;
+        }
         match self
             .apply_batch_in(provider, subscriber, queue, batch, Mode::SetWise)
             .await
@@ -271,11 +278,20 @@ impl Applier {
                     "set-wise apply failed; applying the batch again in event order"
                 );
                 self.shapes.clear();
+                self.event_order_batch = Some(batch.id);
                 self.apply_batch_in(provider, subscriber, queue, batch, Mode::EventOrder)
                     .await
             }
             other => other,
         }
+    }
+
+    /// Forgets prepared statements and table shapes (after an error: a table may have
+    /// changed; after a reconnect: statements die with their session), but not which batch
+    /// must go in event order.
+    pub fn forget_tables(&mut self) {
+        self.statements.clear();
+        self.shapes.clear();
     }
 
     async fn apply_batch_in(
@@ -730,27 +746,56 @@ impl Applier {
             .iter()
             .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
             .collect();
-        let changed = stx.execute(&statement, &params).await.with_context(|| {
-            format!(
-                "applying {} of {table} (event {}, transaction {})",
-                operation_name(ev_type),
-                event.id,
-                event.txid
-            )
-        })?;
+        let changed = match stx.execute(&statement, &params).await {
+            Ok(changed) => changed,
+            Err(error) => {
+                let key = self.row_key(table, event);
+                return Err(ReplicaError::db(
+                    format!(
+                        "the subscriber refused {} of {table} with key {key} (event {}, transaction {})",
+                        operation_name(ev_type),
+                        event.id,
+                        event.txid
+                    ),
+                    error,
+                )
+                .about(table));
+            }
+        };
         if expect_one && changed != 1 {
-            let key = if ev_type == "U" {
-                event.extra[1].as_deref()
-            } else {
-                Some(data)
-            };
             return Err(ReplicaError::refused(format!(
                 "{} of {table} found {changed} rows with key {} on the subscriber, expected 1: the replica is out of step (`subscriber resync {table}` copies it again)",
                 operation_name(ev_type),
-                key.unwrap_or("?")
-            )));
+                self.row_key(table, event)
+            ))
+            .about(table));
         }
         Ok(())
+    }
+
+    /// The primary key of the row `event` changes, as json (`{"id":5}`): the old key of an
+    /// update or delete, the new row's key columns of an insert. For messages only.
+    fn row_key(&self, table: &RelName, event: &Event) -> String {
+        let (json, whole) = match event.ev_type.as_deref() {
+            Some("U") => (event.extra[1].as_deref(), true),
+            Some("D") => (event.data.as_deref(), true),
+            _ => (event.data.as_deref(), false),
+        };
+        let Some(Ok(row)) =
+            json.map(serde_json::from_str::<serde_json::Map<String, serde_json::Value>>)
+        else {
+            return "(unknown)".to_string();
+        };
+        let keys = self
+            .shapes
+            .get(table)
+            .map(|s| s.primary_key())
+            .unwrap_or_default();
+        let key: serde_json::Map<String, serde_json::Value> = row
+            .into_iter()
+            .filter(|(name, _)| whole || keys.contains(&name.as_str()))
+            .collect();
+        serde_json::Value::Object(key).to_string()
     }
 
     /// The quoted columns of `data` (a row as json) that replay writes: all but those the
@@ -819,7 +864,8 @@ impl Applier {
                 return Err(ReplicaError::refused(format!(
                     "column {} of table {table} is missing on the subscriber: add it there; replay retries this batch",
                     quote_ident(missing)
-                )));
+                ))
+                .about(table));
             }
             self.shapes.insert(table.clone(), shape);
         }

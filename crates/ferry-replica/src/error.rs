@@ -4,6 +4,8 @@ use ferry_connect::ConnectError;
 use ferry_queue::QueueError;
 use tokio_postgres::error::SqlState;
 
+use crate::names::RelName;
+
 /// An error from a replication operation. Displays what was being done; the database's or the
 /// queue's error is its [`source`](std::error::Error::source).
 #[derive(Debug, thiserror::Error)]
@@ -11,6 +13,8 @@ use tokio_postgres::error::SqlState;
 pub struct ReplicaError {
     kind: Kind,
     context: String,
+    /// The replicated table the failure is about, when it is about one.
+    table: Option<Box<RelName>>,
     #[source]
     source: Option<Cause>,
 }
@@ -50,6 +54,7 @@ impl ReplicaError {
                 return ReplicaError {
                     kind: Kind::Refused,
                     context: message,
+                    table: None,
                     source: None,
                 };
             }
@@ -62,6 +67,7 @@ impl ReplicaError {
         ReplicaError {
             kind,
             context,
+            table: None,
             source: Some(Cause::Db(source)),
         }
     }
@@ -71,8 +77,20 @@ impl ReplicaError {
         ReplicaError {
             kind: Kind::Refused,
             context: message.into(),
+            table: None,
             source: None,
         }
+    }
+
+    /// Marks this error as being about `table` (a row it refused, a column it lacks).
+    pub(crate) fn about(mut self, table: &RelName) -> ReplicaError {
+        self.table = Some(Box::new(table.clone()));
+        self
+    }
+
+    /// The replicated table this failure is about, when it is about one.
+    pub fn table(&self) -> Option<&RelName> {
+        self.table.as_deref()
     }
 
     pub(crate) fn connect(side: &str, source: ConnectError) -> ReplicaError {
@@ -83,6 +101,7 @@ impl ReplicaError {
                 Kind::Unreachable
             },
             context: format!("cannot connect to the {side}"),
+            table: None,
             source: Some(Cause::Connect(source)),
         }
     }
@@ -128,6 +147,7 @@ impl From<QueueError> for ReplicaError {
         ReplicaError {
             kind,
             context: "queue operation failed".into(),
+            table: None,
             source: Some(Cause::Queue(error)),
         }
     }

@@ -12,13 +12,16 @@ use ferry_daemon::{Health, Reload, Shutdown, StopMode};
 use tokio::time::sleep;
 
 use crate::apply::{Applier, BatchOutcome};
+use crate::catalog::table_shape;
 use crate::copy::copy_table;
 use crate::error::{ReplicaError, ResultExt};
 use crate::names::RelName;
 use crate::subscriber;
 
-/// Wait this long after a failure that is not a lost connection before trying again.
-const PROBLEM_RETRY: Duration = Duration::from_secs(5);
+/// First and longest wait after a failure that is not a lost connection (a row the
+/// subscriber refuses, a missing column) before trying the same work again.
+const PROBLEM_RETRY_MIN: Duration = Duration::from_secs(1);
+const PROBLEM_RETRY_MAX: Duration = Duration::from_secs(30);
 /// First and longest wait between reconnection attempts.
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
@@ -96,6 +99,9 @@ pub async fn run(
         let mut applier = Applier::default();
         let mut copy_retry = HashMap::new();
         let mut ticker_checked = Instant::now();
+        let mut problem_retry = PROBLEM_RETRY_MIN;
+        // the table differences last logged, so a stuck batch logs them once
+        let mut explained: Vec<String> = Vec::new();
         // the round looks at the stop request between units; the select below acts on an
         // immediate one at once
         let stop_watch = shutdown.clone();
@@ -103,7 +109,7 @@ pub async fn run(
             if !settings_problem(&mut health, &error, &link) {
                 continue 'connect;
             }
-            if wait_or_stop(&mut shutdown, PROBLEM_RETRY).await {
+            if wait_or_stop(&mut shutdown, PROBLEM_RETRY_MAX).await {
                 break 'connect;
             }
             continue 'connect;
@@ -119,19 +125,31 @@ pub async fn run(
                 Ok(Round::Stopped) => break 'connect,
                 Ok(Round::Idle) => {
                     health.ok();
+                    problem_retry = PROBLEM_RETRY_MIN;
+                    explained.clear();
                     if ticker_checked.elapsed() >= TICKER_CHECK_EVERY {
                         ticker_checked = Instant::now();
                         watch_ticker(&link, &settings.queue, &mut ticker_silent).await;
                     }
                 }
                 Err(error) => {
-                    applier = Applier::default();
+                    applier.forget_tables();
                     if !settings_problem(&mut health, &error, &link) {
                         continue 'connect;
                     }
-                    if wait_or_stop(&mut shutdown, PROBLEM_RETRY).await {
+                    if let Some(table) = error.table() {
+                        let problems = table_problems(&link, table).await;
+                        if problems != explained {
+                            for problem in &problems {
+                                tracing::warn!(table = %table, problem = %problem, "the subscriber's table differs from the provider's");
+                            }
+                            explained = problems;
+                        }
+                    }
+                    if wait_or_stop(&mut shutdown, problem_retry).await {
                         break 'connect;
                     }
+                    problem_retry = (problem_retry * 2).min(PROBLEM_RETRY_MAX);
                     continue;
                 }
             }
@@ -205,6 +223,20 @@ async fn watch_ticker(link: &Link, queue: &str, silent: &mut bool) {
         tracing::info!(queue, "ticks arrive again");
     }
     *silent = stale;
+}
+
+/// What differs between `table`'s provider and subscriber definitions (a missing column, a
+/// column of another type): after a failure about the table, usually its cause. A failed
+/// look finds nothing.
+async fn table_problems(link: &Link, table: &RelName) -> Vec<String> {
+    let (source, target) = tokio::join!(
+        table_shape(link.provider.client(), table),
+        table_shape(link.subscriber.client(), table)
+    );
+    match (source, target) {
+        (Ok(Some(source)), Ok(Some(target))) => subscriber::column_problems(&source, &target),
+        _ => Vec::new(),
+    }
 }
 
 /// Logs a failed round; returns `false` when the connection is gone (reconnect), `true` when

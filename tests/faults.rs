@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::replication::{run, wait_all_ok, wait_identical, Pair};
+use common::replication::{run, wait_all_ok, wait_identical, wait_tables_ok, Pair};
 use common::KillDaemonOnDrop;
 
 /// Asserts that `table` on the subscriber has no row with `id`: the batch holding it has not
@@ -175,4 +175,110 @@ async fn a_refused_row_holds_its_batch_until_the_cause_is_fixed() {
     // nothing was skipped on the way
     let log = pair.replay_log();
     assert!(!log.contains("skipp"), "{log}");
+}
+
+/// Tables, columns and schemas with quotes, spaces, dots, unicode, mixed case and SQL
+/// keywords replicate (copy, set-wise and event-order apply, sequences), and a table named
+/// `x"; drop table y; --` replicates and drops nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awkward_names_replicate_and_inject_nothing() {
+    let schema = r#"
+        create table y (id int primary key);
+        insert into y values (1);
+        create schema "My Schema";
+        create table "My Schema"."Mixed Case.Table ü" (
+            "Id" serial primary key,
+            "select" text,
+            "col ""quoted""" int,
+            "Ünï cödé" text,
+            "with.dot" numeric
+        );
+        create table "x""; drop table y; --" (
+            "x""; drop table y; --" int primary key,
+            "from" text
+        );
+        create table "order" (
+            "group" int primary key,
+            "where" text unique
+        );
+        insert into "My Schema"."Mixed Case.Table ü" ("select", "col ""quoted""", "Ünï cödé", "with.dot")
+            select 'sel ' || i, i, 'ü' || i, i / 3.0 from generate_series(1, 100) i;
+        insert into "x""; drop table y; --" select i, 'from ' || i from generate_series(1, 100) i;
+        insert into "order" select i, 'where ' || i from generate_series(1, 100) i;
+    "#;
+    let pair = Pair::new("awkward", schema, Some(schema)).await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    pair.install_and_start_ticker();
+    let tables = [
+        r#""My Schema"."Mixed Case.Table ü""#,
+        r#""x""; drop table y; --""#,
+        r#""order""#,
+    ];
+    // by name, as an operator quotes them in a shell
+    for table in tables {
+        run(&londiste, &["provider", "add", table]);
+        run(&londiste, &["subscriber", "add", table]);
+    }
+    run(&londiste, &["provider", "add-seq", "--all"]);
+    run(&londiste, &["subscriber", "add-seq", "--all"]);
+    let listed = run(&londiste, &["subscriber", "tables"]);
+    assert!(
+        listed.contains(r#""My Schema"."Mixed Case.Table ü""#),
+        "{listed}"
+    );
+    run(&londiste, &["replay", "-d"]);
+    wait_tables_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
+
+    let provider = ferry_testkit::connect(&pair.provider.conninfo).await;
+    provider
+        .batch_execute(
+            r#"
+            insert into "My Schema"."Mixed Case.Table ü" ("select", "col ""quoted""", "Ünï cödé")
+                values ('new', 1, 'ñ');
+            update "My Schema"."Mixed Case.Table ü" set "select" = 'upd', "with.dot" = 2.5
+                where "Id" <= 10;
+            update "My Schema"."Mixed Case.Table ü" set "Id" = "Id" + 1000 where "Id" between 11 and 20;
+            delete from "My Schema"."Mixed Case.Table ü" where "Id" between 21 and 30;
+            insert into "x""; drop table y; --" values (1000, 'new');
+            update "x""; drop table y; --" set "from" = 'upd' where "x""; drop table y; --" <= 10;
+            update "x""; drop table y; --" set "x""; drop table y; --" = - "x""; drop table y; --"
+                where "x""; drop table y; --" between 11 and 20;
+            delete from "x""; drop table y; --" where "x""; drop table y; --" between 21 and 30;
+            update "order" set "where" = 'swap' where "group" = 1;
+            update "order" set "where" = 'where 1' where "group" = 2;
+            update "order" set "where" = 'where 2' where "group" = 1;
+            delete from "order" where "group" > 90;
+            "#,
+        )
+        .await
+        .unwrap();
+    wait_identical(
+        &pair.provider.conninfo,
+        &pair.subscriber.conninfo,
+        &tables,
+        Duration::from_secs(60),
+        || pair.replay_log(),
+    )
+    .await;
+    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    for client in [&provider, &subscriber] {
+        let y: i64 = client
+            .query_one("select count(*) from y", &[])
+            .await
+            .expect("table y is still there")
+            .get(0);
+        assert_eq!(y, 1);
+    }
+    common::replication::assert_sequences_caught_up(
+        &pair.provider.conninfo,
+        &pair.subscriber.conninfo,
+        &[r#""My Schema"."Mixed Case.Table ü_Id_seq""#],
+    )
+    .await;
+    let log = pair.replay_log();
+    assert!(!log.contains("WARN"), "{log}");
 }

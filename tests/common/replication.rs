@@ -173,6 +173,29 @@ pub fn wait_all_ok(config: &Path, limit: Duration, log: impl Fn() -> String) {
     }
 }
 
+/// Polls `subscriber tables` until every table's state (the line's last word: names may
+/// hold spaces, which the seed's awk check cannot take) is `ok`.
+pub fn wait_tables_ok(config: &Path, limit: Duration, log: impl Fn() -> String) {
+    let start = Instant::now();
+    loop {
+        let listed = run(config, &["subscriber", "tables"]);
+        if listed
+            .lines()
+            .skip(1)
+            .all(|line| line.split_whitespace().last() == Some("ok"))
+        {
+            return;
+        }
+        if start.elapsed() > limit {
+            panic!(
+                "tables not ok after {limit:?}:\n{listed}\nreplay log:\n{}",
+                log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A write load on the walk-through's tables: transactions of a few random changes each
 /// (inserts, updates, primary-key updates, deletes, upserts, sequence calls), some rolled
 /// back, on `connections` connections, until stopped.

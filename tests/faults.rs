@@ -4,10 +4,13 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::replication::{run, wait_all_ok, wait_identical, wait_tables_ok, Pair};
+use common::replication::{
+    run, wait_all_ok, wait_identical, wait_tables_ok, Pair, WriteLoad, SCHEMA, SEED_DATA, TABLES,
+};
 use common::KillDaemonOnDrop;
+use ferry_testkit::{Cluster, StopMode};
 
 /// Asserts that `table` on the subscriber has no row with `id`: the batch holding it has not
 /// been applied.
@@ -281,4 +284,337 @@ async fn awkward_names_replicate_and_inject_nothing() {
     .await;
     let log = pair.replay_log();
     assert!(!log.contains("WARN"), "{log}");
+}
+
+/// A fresh connection to `conninfo`, waiting (up to 60 s) for a restarting server.
+async fn connect_when_up(conninfo: &str) -> tokio_postgres::Client {
+    let start = Instant::now();
+    loop {
+        match tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                return client;
+            }
+            Err(e) if start.elapsed() > Duration::from_secs(60) => {
+                panic!("server at {conninfo} not back: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Waits until replay runs a COPY on the server of `conninfo`; returns its backend's pid.
+async fn wait_for_replay_copy(conninfo: &str, log: impl Fn() -> String) -> i32 {
+    let client = connect_when_up(conninfo).await;
+    let start = Instant::now();
+    loop {
+        let row = client
+            .query_opt(
+                "select pid from pg_stat_activity
+                  where application_name like 'ferry replay%' and state = 'active'
+                    and query ilike 'copy%' limit 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            return row.get(0);
+        }
+        if start.elapsed() > Duration::from_secs(90) {
+            panic!(
+                "no copy by replay seen on {conninfo}; replay log:\n{}",
+                log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The subscriber's recorded position (the tick of its last applied batch).
+async fn position(subscriber: &str) -> i64 {
+    connect_when_up(subscriber)
+        .await
+        .query_one(
+            r#"select "last_tick_id" from "ferry"."subscriber_position""#,
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Waits until replay applies batches again (the position moves twice: one batch that began
+/// after the wait did).
+async fn wait_for_progress(subscriber: &str, log: impl Fn() -> String) {
+    let start = Instant::now();
+    let before = position(subscriber).await;
+    let mut seen = before;
+    let mut moves = 0;
+    while moves < 2 {
+        if start.elapsed() > Duration::from_secs(90) {
+            panic!(
+                "replay made no progress past tick {before}; replay log:\n{}",
+                log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = position(subscriber).await;
+        if now != seen {
+            moves += 1;
+            seen = now;
+        }
+    }
+}
+
+/// Terminates every ferry session on the server of `conninfo`; returns how many.
+async fn terminate_ferry_sessions(conninfo: &str) -> i64 {
+    connect_when_up(conninfo)
+        .await
+        .query_one(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity
+              where application_name like 'ferry%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// With a write load running, the provider and the subscriber crash (`pg_ctl -m immediate`)
+/// and ferry's sessions are terminated, during copies and during replay: the ticker and
+/// replay reconnect by themselves with one warning per outage, the tables end identical, and
+/// `-s` stops replay while it waits for a server that is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_and_killed_sessions_during_copy_and_replay_lose_nothing() {
+    let provider_cluster = Cluster::start().expect("provider cluster");
+    let subscriber_cluster = Cluster::start().expect("subscriber cluster");
+    let bulk = "create table bulk (id int primary key, v text);";
+    let pair = Pair::on_clusters(
+        "crash",
+        &format!(
+            "{SCHEMA}{SEED_DATA}{bulk}
+             insert into bulk select i, md5(i::text) from generate_series(1, 1000000) i;"
+        ),
+        Some(&format!("{SCHEMA}{bulk}")),
+        &provider_cluster,
+        &subscriber_cluster,
+    )
+    .await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    let (p, s) = (
+        pair.provider.conninfo.as_str(),
+        pair.subscriber.conninfo.as_str(),
+    );
+    let log = || pair.replay_log();
+    pair.install_and_start_ticker();
+    run(&londiste, &["replay", "-d"]);
+    let load = WriteLoad::start(p, 2).await;
+    run(&londiste, &["provider", "add", "--all"]);
+    run(&londiste, &["subscriber", "add", "--all"]);
+    run(&londiste, &["provider", "add-seq", "--all"]);
+    run(&londiste, &["subscriber", "add-seq", "--all"]);
+    let mut faults = 0;
+
+    // during copies: the subscriber crashes, the provider's copy session is killed, the
+    // provider crashes
+    wait_for_replay_copy(s, log).await;
+    subscriber_cluster.stop(StopMode::Immediate).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    subscriber_cluster.restart().unwrap();
+    faults += 1;
+    let pid = wait_for_replay_copy(p, log).await;
+    connect_when_up(p)
+        .await
+        .execute("select pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    faults += 1;
+    wait_for_replay_copy(p, log).await;
+    provider_cluster.stop(StopMode::Immediate).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    provider_cluster.restart().unwrap();
+    faults += 1;
+    wait_all_ok(&londiste, Duration::from_secs(180), log);
+
+    // during replay: every ferry session killed on both sides, then each server crashes
+    wait_for_progress(s, log).await;
+    // (the subscriber's first: replay drops both sessions when one is lost)
+    assert!(
+        terminate_ferry_sessions(s).await >= 1,
+        "replay on the subscriber"
+    );
+    assert!(
+        terminate_ferry_sessions(p).await >= 1,
+        "the ticker on the provider"
+    );
+    faults += 1;
+    wait_for_progress(s, log).await;
+    subscriber_cluster.stop(StopMode::Immediate).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    subscriber_cluster.restart().unwrap();
+    faults += 1;
+    wait_for_progress(s, log).await;
+    provider_cluster.stop(StopMode::Immediate).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    provider_cluster.restart().unwrap();
+    faults += 1;
+    wait_for_progress(s, log).await;
+
+    let committed = load.stop().await;
+    assert!(committed > 100, "the load ran: {committed} transactions");
+    let mut tables = TABLES.to_vec();
+    tables.push("bulk");
+    wait_identical(p, s, &tables, Duration::from_secs(120), log).await;
+    common::replication::assert_sequences_caught_up(p, s, &["extra_seq", "table1_id_seq"]).await;
+
+    // one warning per outage, each followed by its end
+    let replay_log = pair.replay_log();
+    let warnings = replay_log.matches("retrying until it works").count();
+    let recoveries = replay_log.matches("working again").count();
+    assert!(
+        (1..=faults).contains(&warnings),
+        "{warnings} warnings for {faults} faults:\n{replay_log}"
+    );
+    assert_eq!(warnings, recoveries, "{replay_log}");
+
+    // -s stops replay while it waits for a server that is down
+    subscriber_cluster.stop(StopMode::Fast).unwrap();
+    pair.wait_for_replay_line(&["WARN"], Duration::from_secs(1))
+        .await;
+    let started = Instant::now();
+    while pair.replay_log().matches("retrying until it works").count() == warnings {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "outage not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    run(&londiste, &["-s"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "-s took {:?}",
+        started.elapsed()
+    );
+    assert!(pair.replay_log().contains("replay stopped"));
+    subscriber_cluster.restart().unwrap();
+}
+
+/// The consumer's position on the provider (its last finished tick).
+async fn consumer_tick(provider: &tokio_postgres::Client) -> i64 {
+    provider
+        .query_one(r#"select "sub_last_tick" from "ferry"."subscription""#, &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The subscriber's position is the truth: when a provider crash has lost the end of batches
+/// the subscriber applied, replay moves the consumer on instead of applying them twice; when
+/// the subscriber is behind the consumer (restored from a backup), replay refuses to go on
+/// until its tables are copied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscribers_position_wins_over_the_queues() {
+    let schema = "create table items (id int primary key, v text);";
+    let pair = Pair::new("position", schema, Some(schema)).await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    pair.install_and_start_ticker();
+    run(&londiste, &["provider", "add", "items"]);
+    run(&londiste, &["subscriber", "add", "items"]);
+    run(&londiste, &["replay", "-d"]);
+    wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
+    let provider = ferry_testkit::connect(&pair.provider.conninfo).await;
+    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    let identical = || {
+        wait_identical(
+            &pair.provider.conninfo,
+            &pair.subscriber.conninfo,
+            &["items"],
+            Duration::from_secs(30),
+            || pair.replay_log(),
+        )
+    };
+    provider
+        .batch_execute("insert into items select i, 'a' from generate_series(1, 10) i")
+        .await
+        .unwrap();
+    identical().await;
+    let early = consumer_tick(&provider).await;
+    provider
+        .batch_execute("insert into items select i, 'b' from generate_series(11, 20) i")
+        .await
+        .unwrap();
+    identical().await;
+    run(&londiste, &["-s"]);
+    let late = consumer_tick(&provider).await;
+    assert!(late > early, "batches after tick {early}");
+
+    // the provider forgot the last finishes (as a crash with synchronous_commit off can)
+    provider
+        .execute(
+            r#"update "ferry"."subscription" set "sub_last_tick" = $1, "sub_batch" = null, "sub_next_tick" = null"#,
+            &[&early],
+        )
+        .await
+        .unwrap();
+    run(&londiste, &["replay", "-d"]);
+    pair.wait_for_replay_line(
+        &[
+            "the consumer moves on to the subscriber's position",
+            &format!("to_tick={late}"),
+        ],
+        Duration::from_secs(30),
+    )
+    .await;
+    provider
+        .batch_execute("insert into items values (21, 'c')")
+        .await
+        .unwrap();
+    identical().await;
+    assert!(
+        !pair.replay_log().contains("retrying"),
+        "{}",
+        pair.replay_log()
+    );
+
+    // the subscriber behind the queue: refused, nothing applied, until copied again
+    run(&londiste, &["-s"]);
+    subscriber
+        .execute(
+            r#"update "ferry"."subscriber_position" set "last_tick_id" = $1"#,
+            &[&early],
+        )
+        .await
+        .unwrap();
+    run(&londiste, &["replay", "-d"]);
+    pair.wait_for_replay_line(
+        &[
+            "those batches never reached this subscriber",
+            "subscriber resync",
+        ],
+        Duration::from_secs(30),
+    )
+    .await;
+    provider
+        .batch_execute("insert into items values (22, 'd')")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_not_applied(&subscriber, "items", 22).await;
+    run(&londiste, &["subscriber", "resync", "items"]);
+    wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
+    identical().await;
+    pair.wait_for_replay_line(
+        &["the subscriber's old position is forgotten"],
+        Duration::from_secs(1),
+    )
+    .await;
 }

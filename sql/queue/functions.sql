@@ -11,12 +11,19 @@
 
 -- Create the next tick of one queue. Ticks of a queue are serialized by a lock on its queue
 -- row, so each tick's snapshot is taken after the previous tick committed.
+-- A tick is durable before anyone can see it: with synchronous_commit off, a crash could
+-- lose a tick a consumer had already applied, and its id would be given to a different
+-- tick. So the tick's transaction commits with at least a local flush, which also makes
+-- every transaction its snapshot sees durable (their commit records come before its own).
 create or replace function "ferry"."tick_queue"(i_queue_id integer)
 returns bigint language plpgsql as $$
 declare
     v_queue   record;
     v_tick_id bigint;
 begin
+    if pg_catalog.current_setting('synchronous_commit') = 'off' then
+        perform pg_catalog.set_config('synchronous_commit', 'local', true);
+    end if;
     select "queue_name", "queue_event_seq" into v_queue
       from "ferry"."queue" where "queue_id" = i_queue_id for update;
     if not found then
@@ -451,6 +458,46 @@ begin
 end $$;
 comment on function "ferry"."finish_batch"(bigint) is
     'ferry: finish an open batch (1), or nothing if it is not open (0)';
+
+-- Move a consumer on to tick i_tick_id, dropping its open batch: for a consumer whose own
+-- durable record of progress (replay's position on the subscriber) is ahead of the queue's,
+-- because a crash of this server lost finish_batch calls. The tick must exist and not be
+-- behind the consumer's last finished tick. Returns 1 when moved, 0 when it was there.
+create or replace function "ferry"."move_consumer"(i_queue_name text, i_consumer_name text, i_tick_id bigint)
+returns integer language plpgsql as $$
+declare
+    v_sub record;
+begin
+    select s."sub_id", s."sub_queue", s."sub_last_tick", s."sub_batch" into v_sub
+      from "ferry"."subscription" s
+      join "ferry"."queue" q on q."queue_id" = s."sub_queue"
+     where q."queue_name" = i_queue_name and s."sub_consumer" = i_consumer_name
+       for update of s;
+    if not found then
+        raise exception 'ferry: consumer "%" is not registered on queue "%"', i_consumer_name, i_queue_name
+            using errcode = 'undefined_object';
+    end if;
+    if v_sub."sub_last_tick" = i_tick_id and v_sub."sub_batch" is null then
+        return 0;
+    end if;
+    if i_tick_id < v_sub."sub_last_tick" then
+        raise exception 'ferry: consumer "%" of queue "%" is at tick %, past tick %',
+            i_consumer_name, i_queue_name, v_sub."sub_last_tick", i_tick_id
+            using errcode = 'object_not_in_prerequisite_state';
+    end if;
+    if not exists (select 1 from "ferry"."tick"
+                    where "tick_queue" = v_sub."sub_queue" and "tick_id" = i_tick_id) then
+        raise exception 'ferry: queue "%" has no tick %', i_queue_name, i_tick_id
+            using errcode = 'object_not_in_prerequisite_state';
+    end if;
+    update "ferry"."subscription"
+       set "sub_last_tick" = i_tick_id, "sub_batch" = null, "sub_next_tick" = null,
+           "sub_active" = now()
+     where "sub_id" = v_sub."sub_id";
+    return 1;
+end $$;
+comment on function "ferry"."move_consumer"(text, text, bigint) is
+    'ferry: move a consumer on to an existing later tick, dropping its open batch (1), or nothing (0)';
 
 -- Ask for one event of an open batch to be delivered again, to this consumer only, in a
 -- batch after i_retry_seconds. Call it before finish_batch, in the same transaction.

@@ -46,9 +46,21 @@ impl Pair {
     /// the subscriber. Writes ticker.ini and londiste.ini.
     pub async fn new(name: &str, schema: &str, subscriber_schema: Option<&str>) -> Pair {
         let cluster = Cluster::shared();
+        Pair::on_clusters(name, schema, subscriber_schema, cluster, cluster).await
+    }
+
+    /// As [`Pair::new`], with the provider and the subscriber database on the given clusters
+    /// (a test's own, when it stops servers).
+    pub async fn on_clusters(
+        name: &str,
+        schema: &str,
+        subscriber_schema: Option<&str>,
+        provider: &Cluster,
+        subscriber: &Cluster,
+    ) -> Pair {
         let pair = Pair {
-            provider: cluster.database(&format!("{name}_p")).await,
-            subscriber: cluster.database(&format!("{name}_s")).await,
+            provider: provider.database(&format!("{name}_p")).await,
+            subscriber: subscriber.database(&format!("{name}_s")).await,
             dir: tempfile::tempdir().expect("tempdir"),
         };
         ferry_testkit::connect(&pair.provider.conninfo)
@@ -214,12 +226,24 @@ impl WriteLoad {
             let mut client = ferry_testkit::connect(conninfo).await;
             let stop = stop.clone();
             let committed = committed.clone();
+            let conninfo = conninfo.to_string();
             tasks.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     if one_transaction(&mut client).await {
                         committed.fetch_add(1, Ordering::Relaxed);
                     }
                     tokio::time::sleep(Duration::from_millis(2)).await;
+                    // the server restarted, or the session was terminated: a new one, once
+                    // the server is back
+                    if client.is_closed() {
+                        match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+                            Ok((new, connection)) => {
+                                tokio::spawn(connection);
+                                client = new;
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                        }
+                    }
                 }
             }));
         }

@@ -258,6 +258,25 @@ pub async fn finish_batch(client: &impl GenericClient, batch_id: i64) -> Result<
     Ok(row.get::<_, i32>(0) == 1)
 }
 
+/// Moves `consumer` on to `tick` (an existing tick at or past its last finished one),
+/// dropping its open batch; `false` when it was there already. For a consumer whose own
+/// durable record of progress is ahead of the queue's after a crash lost `finish_batch`es.
+pub async fn move_consumer(
+    client: &impl GenericClient,
+    queue: &str,
+    consumer: &str,
+    tick: i64,
+) -> Result<bool, QueueError> {
+    let row = client
+        .query_one(
+            r#"select "ferry"."move_consumer"($1, $2, $3)"#,
+            &[&queue, &consumer, &tick],
+        )
+        .await
+        .with_context(|| format!("moving consumer {consumer} of queue {queue} to tick {tick}"))?;
+    Ok(row.get::<_, i32>(0) == 1)
+}
+
 /// Asks for an event of an open batch to be delivered again to this consumer after
 /// `retry_seconds`; `false` when the event is not in the batch.
 pub async fn event_retry(

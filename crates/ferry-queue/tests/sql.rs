@@ -495,3 +495,46 @@ async fn the_ticker_never_leaves_a_committed_event_behind_its_last_tick() {
         );
     }
 }
+
+/// A tick commits durably even in a session (or server) with synchronous_commit off: a crash
+/// must not lose a tick a consumer may have applied, or give its id to another tick. Other
+/// settings are left alone.
+#[tokio::test]
+async fn a_tick_commits_durably_even_with_synchronous_commit_off() {
+    let (client, _) = installed_db("durable_tick").await;
+    ferry_queue::create_queue(&client, "q").await.unwrap();
+    let in_tick_transaction = |setting: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .batch_execute(&format!("begin; set local synchronous_commit = {setting}"))
+                .await
+                .unwrap();
+            ferry_queue::tick(client, "q").await.unwrap();
+            let during: String = client
+                .query_one("show synchronous_commit", &[])
+                .await
+                .unwrap()
+                .get(0);
+            client.batch_execute("commit").await.unwrap();
+            during
+        }
+    };
+    assert_eq!(in_tick_transaction("off").await, "local");
+    assert_eq!(in_tick_transaction("remote_apply").await, "remote_apply");
+    ferry_queue::insert_event(&client, "q", "t", "x")
+        .await
+        .unwrap();
+    client
+        .batch_execute("set synchronous_commit = off; begin")
+        .await
+        .unwrap();
+    assert_eq!(ferry_queue::tick_queues(&client).await.unwrap(), 1);
+    let during: String = client
+        .query_one("show synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client.batch_execute("commit").await.unwrap();
+    assert_eq!(during, "local");
+}

@@ -43,6 +43,12 @@ pub enum BatchOutcome {
     },
     /// The subscriber had this batch already (a crash hit after its commit); only finished.
     AlreadyApplied,
+    /// The batch does not start at the subscriber's position (`recorded`): nothing applied;
+    /// the consumer's position on the queue must be reconciled first.
+    OutOfStep {
+        /// The tick the subscriber has applied up to.
+        recorded: i64,
+    },
 }
 
 /// One set-wise statement with its rows.
@@ -309,7 +315,13 @@ impl Applier {
         // sent together: one round trip
         let queue_param: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&queue];
         let (replay_on, position) = tokio::join!(
-            stx.batch_execute("set local ferry.replay = 'on'"),
+            // the batch's commit must be durable before the batch is finished on the
+            // provider: with synchronous_commit off a crash could lose an applied batch
+            stx.batch_execute(
+                "set local ferry.replay = 'on'; \
+                 select pg_catalog.set_config('synchronous_commit', 'local', true) \
+                  where pg_catalog.current_setting('synchronous_commit') = 'off'"
+            ),
             stx.query_opt(
                 r#"select "last_tick_id" from "ferry"."subscriber_position"
                     where "queue_name" = $1 for update"#,
@@ -330,14 +342,8 @@ impl Applier {
             finish_without_flush(provider, batch.id).await?;
             return Ok(BatchOutcome::AlreadyApplied);
         }
-        if position.is_some_and(|p| p != batch.prev_tick.id) {
-            tracing::warn!(
-                queue,
-                batch = batch.id,
-                recorded_tick = position,
-                batch_start_tick = batch.prev_tick.id,
-                "the subscriber's position is not where this batch starts (was the consumer registered again?)"
-            );
+        if let Some(recorded) = position.filter(|p| *p != batch.prev_tick.id) {
+            return Ok(BatchOutcome::OutOfStep { recorded });
         }
 
         let (ptx, tables) = tokio::join!(provider.transaction(), self.table_states(&stx, queue));

@@ -92,6 +92,8 @@ pub async fn run(
         subscriber = %settings.subscriber.resolve().describe(),
         "replay starting"
     );
+    // the wait after a failure that is not a lost connection, doubled while it lasts
+    let mut problem_retry = PROBLEM_RETRY_MIN;
     'connect: loop {
         let Some(mut link) = connect(&settings, &mut shutdown, &mut health).await? else {
             break 'connect;
@@ -99,7 +101,6 @@ pub async fn run(
         let mut applier = Applier::default();
         let mut copy_retry = HashMap::new();
         let mut ticker_checked = Instant::now();
-        let mut problem_retry = PROBLEM_RETRY_MIN;
         // the table differences last logged, so a stuck batch logs them once
         let mut explained: Vec<String> = Vec::new();
         // the round looks at the stop request between units; the select below acts on an
@@ -109,9 +110,10 @@ pub async fn run(
             if !settings_problem(&mut health, &error, &link) {
                 continue 'connect;
             }
-            if wait_or_stop(&mut shutdown, PROBLEM_RETRY_MAX).await {
+            if wait_or_stop(&mut shutdown, problem_retry).await {
                 break 'connect;
             }
+            problem_retry = (problem_retry * 2).min(PROBLEM_RETRY_MAX);
             continue 'connect;
         }
         loop {
@@ -339,6 +341,7 @@ async fn prepare(link: &mut Link, settings: &ReplaySettings) -> Result<(), Repli
             )
             .await
             .context("sending tables back to in-copy")?;
+        subscriber::forget_position(link.subscriber.client(), &settings.queue).await?;
         tracing::warn!(
             queue = %settings.queue,
             consumer = %settings.job_name,
@@ -346,11 +349,60 @@ async fn prepare(link: &mut Link, settings: &ReplaySettings) -> Result<(), Repli
             "the consumer was not registered on the queue: registered it; its tables are copied again"
         );
     }
+    reconcile_position(link, settings).await?;
     link.provider
         .client()
         .batch_execute(&format!("listen {}", ferry_queue::TICK_CHANNEL))
         .await
         .context("listening for ticks")?;
+    Ok(())
+}
+
+/// Brings the queue's record of this consumer in line with the subscriber's position, which
+/// is the truth (it commits with the batches' changes, durably). A provider crash can lose
+/// `finish_batch` calls, leaving the consumer behind: it is moved on to the subscriber's
+/// tick. A consumer ahead of the subscriber means batches finished without reaching it
+/// (restored from a backup, commits lost in a crash): unless every table here waits for its
+/// copy anyway, that is refused, and nothing is applied until the tables are copied again.
+async fn reconcile_position(link: &Link, settings: &ReplaySettings) -> Result<(), ReplicaError> {
+    let queue = settings.queue.as_str();
+    let Some(recorded) = subscriber::position(link.subscriber.client(), queue).await? else {
+        return Ok(());
+    };
+    let Some(consumer) = ferry_queue::consumer_info(link.provider.client(), Some(queue))
+        .await?
+        .into_iter()
+        .find(|c| c.consumer == settings.job_name)
+    else {
+        return Ok(());
+    };
+    if recorded > consumer.last_tick {
+        if ferry_queue::move_consumer(link.provider.client(), queue, &settings.job_name, recorded)
+            .await?
+        {
+            tracing::warn!(
+                queue,
+                consumer = %settings.job_name,
+                from_tick = consumer.last_tick,
+                to_tick = recorded,
+                "the queue had lost the end of batches this subscriber applied (a provider crash?): the consumer moves on to the subscriber's position"
+            );
+        }
+    } else if recorded < consumer.last_tick {
+        let tables = subscriber::registered_tables(link.subscriber.client(), queue).await?;
+        if tables.iter().all(|t| t.state == "in-copy") {
+            subscriber::forget_position(link.subscriber.client(), queue).await?;
+            tracing::info!(
+                queue,
+                "every table waits for its copy: the subscriber's old position is forgotten"
+            );
+        } else {
+            return Err(ReplicaError::refused(format!(
+                "the subscriber has applied queue \"{queue}\" up to tick {recorded}, but consumer \"{}\" has finished batches up to tick {} on the provider: those batches never reached this subscriber (was it restored from a backup, or did it lose commits in a crash with fsync off?); copy its tables again with `ferry CONFIG subscriber resync TABLE...` for every table",
+                settings.job_name, consumer.last_tick
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -455,6 +507,15 @@ async fn work(
                 tick = batch.cur_tick.id,
                 "batch was applied before the last stop; finished it"
             ),
+            BatchOutcome::OutOfStep { recorded } => {
+                tracing::info!(
+                    batch = batch.id,
+                    batch_start_tick = batch.prev_tick.id,
+                    recorded_tick = recorded,
+                    "the batch does not start where the subscriber is; reconciling"
+                );
+                reconcile_position(link, settings).await?;
+            }
         }
     }
 }

@@ -80,6 +80,36 @@ pub async fn require_installed(client: &Client, queue: &str) -> Result<(), Repli
     }
 }
 
+/// The tick of the last batch applied here for `queue` (`None` before the first batch, or
+/// after every table was sent back to copy).
+pub async fn position(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Option<i64>, ReplicaError> {
+    Ok(client
+        .query_opt(
+            r#"select "last_tick_id" from "ferry"."subscriber_position" where "queue_name" = $1"#,
+            &[&queue],
+        )
+        .await
+        .context("reading the subscriber's position")?
+        .and_then(|row| row.get(0)))
+}
+
+/// Forgets the position for `queue`: only right when every table of the queue here is
+/// waiting for its copy (events before the copies do not matter to them).
+pub async fn forget_position(client: &impl GenericClient, queue: &str) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            r#"update "ferry"."subscriber_position" set "last_tick_id" = null, "updated" = now()
+                where "queue_name" = $1"#,
+            &[&queue],
+        )
+        .await
+        .context("resetting the subscriber's position")?;
+    Ok(())
+}
+
 /// A replicated table's state on the subscriber.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SubscriberTable {

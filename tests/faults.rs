@@ -618,3 +618,137 @@ async fn the_subscribers_position_wins_over_the_queues() {
     )
     .await;
 }
+
+/// Everything (install, the ticker with rotation, provider and subscriber commands, copy and
+/// replay, sequences) runs as the least-privileged roles README lists, the application
+/// writing as its own plain role: no superuser anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_runs_with_least_privileged_roles() {
+    let cluster = Cluster::shared();
+    let pair = Pair::new("leastpriv", "", None).await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    let admin = cluster.connect("postgres").await;
+    admin
+        .batch_execute(
+            "create role lp_app login; create role lp_ferry login; create role lp_replica login;",
+        )
+        .await
+        .unwrap();
+    let as_role =
+        |conninfo: &str, role: &str| conninfo.replace("user=postgres", &format!("user={role}"));
+    let tables = "create schema shop authorization lp_app;
+                  set role lp_app;
+                  create table shop.orders (id serial primary key, item text, amount numeric);
+                  create table shop.lines (order_id int, n int, qty int, primary key (order_id, n));
+                  reset role;";
+    // the provider: the application owns its tables; ferry's role may create a schema in the
+    // database and read and put triggers on the replicated tables
+    let provider_admin = ferry_testkit::connect(&pair.provider.conninfo).await;
+    provider_admin
+        .batch_execute(&format!(
+            "{tables}
+             grant create on database \"{db}\" to lp_ferry;
+             grant usage on schema shop to lp_ferry;
+             grant select, trigger on all tables in schema shop to lp_ferry;
+             grant select on all sequences in schema shop to lp_ferry;
+             set role lp_app;
+             insert into shop.orders (item, amount) select 'item ' || i, i from generate_series(1, 500) i;",
+            db = pair.provider.name
+        ))
+        .await
+        .unwrap();
+    // the subscriber: ferry's role may create a schema, and read, write, truncate and put
+    // triggers on the replicated tables, and set their sequences
+    let subscriber_admin = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    subscriber_admin
+        .batch_execute(&format!(
+            "{tables}
+             grant create on database \"{db}\" to lp_replica;
+             grant usage on schema shop to lp_replica;
+             grant select, insert, update, delete, truncate, trigger on all tables in schema shop to lp_replica;
+             grant select, update on all sequences in schema shop to lp_replica;",
+            db = pair.subscriber.name
+        ))
+        .await
+        .unwrap();
+    let provider = as_role(&pair.provider.conninfo, "lp_ferry");
+    let subscriber = as_role(&pair.subscriber.conninfo, "lp_replica");
+    std::fs::write(
+        &ticker,
+        format!(
+            "[pgqadm]\njob_name = test-ticker\ndb = {provider}\nloop_delay = 0.05\nmaint_delay = 1\n\
+             logfile = %(job_name)s.log\npidfile = %(job_name)s.pid\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &londiste,
+        format!(
+            "[londiste]\njob_name = test-londiste\nprovider_db = {provider}\nsubscriber_db = {subscriber}\n\
+             pgq_queue_name = test-queue\nloop_delay = 0.2\n\
+             logfile = %(job_name)s.log\npidfile = %(job_name)s.pid\n"
+        ),
+    )
+    .unwrap();
+    pair.install_and_start_ticker();
+    run(
+        &ticker,
+        &["config", "test-queue", "rotation_period=1 second"],
+    );
+    run(&londiste, &["provider", "add", "--all"]);
+    run(&londiste, &["subscriber", "add", "--all"]);
+    run(&londiste, &["provider", "add-seq", "--all"]);
+    run(&londiste, &["subscriber", "add-seq", "--all"]);
+    run(&londiste, &["replay", "-d"]);
+
+    let app = ferry_testkit::connect(&as_role(&pair.provider.conninfo, "lp_app")).await;
+    for round in 0..20 {
+        app.batch_execute(&format!(
+            "insert into shop.orders (item, amount) values ('round {round}', {round});
+             insert into shop.lines values ({round}, 1, 1), ({round}, 2, 2);
+             update shop.orders set amount = amount + 1 where id % 7 = {round} % 7;
+             delete from shop.lines where order_id = {round} - 3;"
+        ))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
+    wait_identical(
+        &pair.provider.conninfo,
+        &pair.subscriber.conninfo,
+        &["shop.orders", "shop.lines"],
+        Duration::from_secs(60),
+        || pair.replay_log(),
+    )
+    .await;
+    common::replication::assert_sequences_caught_up(
+        &pair.provider.conninfo,
+        &pair.subscriber.conninfo,
+        &["shop.orders_id_seq"],
+    )
+    .await;
+    // the ticker's maintenance ran as the unprivileged role too: the tables rotated
+    let ticker_log =
+        std::fs::read_to_string(pair.dir.path().join("test-ticker.log")).unwrap_or_default();
+    assert!(ticker_log.contains("event tables rotated"), "{ticker_log}");
+    assert!(!ticker_log.contains("WARN"), "{ticker_log}");
+    assert!(!pair.replay_log().contains("WARN"), "{}", pair.replay_log());
+    let status = run(&ticker, &["status"]);
+    assert!(status.contains("test-londiste"), "{status}");
+
+    // a table ferry's role was given nothing on: one line saying what is wrong and where to look
+    app.batch_execute("create table shop.secret (id int primary key)")
+        .await
+        .unwrap();
+    let out = common::ferry(&[londiste.to_str().unwrap(), "provider", "add", "shop.secret"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().next().unwrap_or_default();
+    assert!(line.contains("permission denied for table secret"), "{err}");
+    assert!(line.contains("lacks a privilege"), "{err}");
+}

@@ -4,6 +4,10 @@ use std::fmt;
 
 use tokio_postgres::error::SqlState;
 
+/// What to do about a permission error, for every ferry error that has one.
+pub const NOT_PERMITTED_HINT: &str =
+    "the role ferry connects as lacks a privilege (README, \"Privileges\", lists what each role needs)";
+
 /// An error from a queue operation. Displays what was being done; the database's own error
 /// is its [`source`](std::error::Error::source).
 #[derive(Debug)]
@@ -17,6 +21,7 @@ pub struct QueueError {
 enum Kind {
     Db,
     NotInstalled,
+    NotPermitted,
     ServerTooOld,
 }
 
@@ -24,6 +29,7 @@ impl QueueError {
     pub(crate) fn db(context: String, source: tokio_postgres::Error) -> QueueError {
         let kind = match source.code() {
             Some(code) if *code == SqlState::INVALID_SCHEMA_NAME => Kind::NotInstalled,
+            Some(code) if *code == SqlState::INSUFFICIENT_PRIVILEGE => Kind::NotPermitted,
             _ => Kind::Db,
         };
         QueueError {
@@ -73,6 +79,7 @@ impl fmt::Display for QueueError {
                 "{}: the queue schema is not installed in this database (run `ferry CONFIG install`)",
                 self.context
             ),
+            Kind::NotPermitted => write!(f, "{}: {}", self.context, NOT_PERMITTED_HINT),
             _ => f.write_str(&self.context),
         }
     }

@@ -13,8 +13,8 @@ use std::time::SystemTime;
 
 use tokio_postgres::{GenericClient, Portal, Row, Transaction};
 
-pub use error::QueueError;
 use error::ResultExt;
+pub use error::{QueueError, NOT_PERMITTED_HINT};
 pub use install::{
     install, install_component, installed_version, installed_version_of, latest_version, Component,
     InstallReport, Migration, COMPONENT, MIN_SERVER_VERSION_NUM, QUEUE,

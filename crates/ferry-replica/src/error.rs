@@ -64,6 +64,11 @@ impl ReplicaError {
         } else {
             Kind::Db
         };
+        let context = if source.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+            format!("{context}: {}", ferry_queue::NOT_PERMITTED_HINT)
+        } else {
+            context
+        };
         ReplicaError {
             kind,
             context,
@@ -161,7 +166,8 @@ fn is_refusal(code: Option<&SqlState>) -> bool {
         || *c == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE
         || *c == SqlState::UNDEFINED_COLUMN
         || *c == SqlState::INVALID_SCHEMA_NAME
-        || *c == SqlState::UNDEFINED_FUNCTION)
+        || *c == SqlState::UNDEFINED_FUNCTION
+        || *c == SqlState::INSUFFICIENT_PRIVILEGE)
 }
 
 /// Adds "what was being done" to database errors.

@@ -3,6 +3,7 @@
 //! drive them (SIGINT: finish the current unit and stop; SIGTERM: stop now; SIGHUP: reload),
 //! and logging.
 
+pub mod failpoint;
 mod health;
 pub mod logging;
 pub mod pidfile;

@@ -117,6 +117,8 @@ pub struct ConsumerInfo {
     pub last_tick: i64,
     /// The batch it is working on.
     pub current_batch: Option<i64>,
+    /// The tick that batch ends at.
+    pub next_tick: Option<i64>,
     /// Events ticked past its position (by the event sequence).
     pub pending_events: i64,
 }
@@ -430,7 +432,7 @@ pub async fn consumer_info(
     let rows = client
         .query(
             r#"select queue_name, consumer_name, extract(epoch from lag)::float8,
-                      extract(epoch from last_seen)::float8, last_tick, current_batch, pending_events
+                      extract(epoch from last_seen)::float8, last_tick, current_batch, pending_events, next_tick
                  from "ferry"."get_consumer_info"($1)"#,
             &[&queue],
         )
@@ -446,6 +448,7 @@ pub async fn consumer_info(
             last_tick: r.get(4),
             current_batch: r.get(5),
             pending_events: r.get(6),
+            next_tick: r.get(7),
         })
         .collect())
 }
@@ -477,6 +480,30 @@ pub async fn maint_rotate_tables(
         .await
         .with_context(|| format!("rotating the event tables of queue \"{queue}\""))?;
     Ok(row.get::<_, i32>(0) == 1)
+}
+
+/// Rotates the event tables of `queue` when due, in a transaction of its own
+/// (`before_commit` runs just before its commit), and then ticks the queue, so consumers pass
+/// the switch at once instead of at the next idle tick. (The tick must come after the
+/// rotation's commit: a tick's snapshot inside the rotating transaction would not count the
+/// switch as passed.) Returns the new tick when it rotated.
+pub async fn rotate_and_tick(
+    client: &mut tokio_postgres::Client,
+    queue: &str,
+    before_commit: impl FnOnce(),
+) -> Result<Option<i64>, QueueError> {
+    let tx = client
+        .transaction()
+        .await
+        .with_context(|| format!("starting the rotation of queue \"{queue}\""))?;
+    if !maint_rotate_tables(&tx, queue).await? {
+        return Ok(None);
+    }
+    before_commit();
+    tx.commit()
+        .await
+        .with_context(|| format!("committing the rotation of queue \"{queue}\""))?;
+    Ok(Some(tick(client, queue).await?))
 }
 
 /// Puts due retried events back into their queues; returns how many.

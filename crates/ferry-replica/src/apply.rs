@@ -8,6 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
+use ferry_daemon::failpoint::{self, failpoint};
 use ferry_queue::{Batch, BatchCursor, Event};
 use serde::de::IgnoredAny;
 use tokio_postgres::{Client, Statement, Transaction};
@@ -404,9 +405,11 @@ impl Applier {
         });
         provider_done.context("ending the batch's provider transaction")?;
         subscriber_done?;
+        failpoint(failpoint::REPLAY_BEFORE_SUBSCRIBER_COMMIT);
         stx.commit()
             .await
             .with_context(|| format!("committing batch {}", batch.id))?;
+        failpoint(failpoint::REPLAY_BEFORE_FINISH);
         finish_without_flush(provider, batch.id).await?;
         Ok(BatchOutcome::Applied {
             applied,

@@ -2,6 +2,7 @@
 //! that replay later skips exactly the events the copy already contains.
 
 use bytes::BytesMut;
+use ferry_daemon::failpoint::{self, failpoint};
 use futures_util::{pin_mut, SinkExt, TryStreamExt};
 use tokio_postgres::{Client, IsolationLevel};
 
@@ -149,6 +150,7 @@ pub async fn copy_table(
             sink.feed(block.split().freeze())
                 .await
                 .with_context(|| format!("writing {table} on the subscriber"))?;
+            failpoint(failpoint::REPLAY_DURING_COPY);
         }
     }
     if !block.is_empty() {

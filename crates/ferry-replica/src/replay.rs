@@ -376,6 +376,18 @@ async fn reconcile_position(link: &Link, settings: &ReplaySettings) -> Result<()
     else {
         return Ok(());
     };
+    if let (Some(batch), Some(recorded_end)) = (consumer.current_batch, consumer.next_tick) {
+        if recorded_end == recorded {
+            // killed between the subscriber's commit and the finish: only finish it
+            ferry_queue::finish_batch(link.provider.client(), batch).await?;
+            tracing::info!(
+                batch,
+                tick = recorded,
+                "batch was applied before the last stop; finished it"
+            );
+            return Ok(());
+        }
+    }
     if recorded > consumer.last_tick {
         if ferry_queue::move_consumer(link.provider.client(), queue, &settings.job_name, recorded)
             .await?

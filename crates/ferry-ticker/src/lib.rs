@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use ferry_connect::{ConnInfo, ConnectError, Session};
+use ferry_daemon::failpoint::{self, failpoint};
 use ferry_daemon::logging::one_line as report;
 use ferry_daemon::{Health, Reload, Shutdown};
 use ferry_queue::QueueError;
@@ -58,7 +59,7 @@ pub async fn run(
     let mut health = Health::default();
     tracing::info!(job = %settings.job_name, db = %settings.db.resolve().describe(), "ticker starting");
     'connect: loop {
-        let Some(session) = connect(&settings, &mut shutdown, &mut health).await? else {
+        let Some(mut session) = connect(&settings, &mut shutdown, &mut health).await? else {
             break 'connect;
         };
         let mut tick_timer = interval(settings.loop_delay.max(Duration::from_millis(1)));
@@ -104,7 +105,7 @@ pub async fn run(
                         Ok(())
                     }
                 },
-                Step::Maintenance => maintenance(&session).await,
+                Step::Maintenance => maintenance(&mut session).await,
                 Step::Tick => ferry_queue::tick_queues(session.client())
                     .await
                     .map(|ticked| {
@@ -162,19 +163,22 @@ async fn connect(
 }
 
 /// One maintenance run over every queue: rotate, clean ticks, then requeue due retries.
-async fn maintenance(session: &Session) -> Result<(), QueueError> {
-    let client = session.client();
-    for queue in ferry_queue::queue_info(client).await? {
-        if ferry_queue::maint_rotate_tables(client, &queue.name).await? {
-            // consumers pass the switch at their next tick; give them one now, so an idle
-            // queue need not wait a whole idle period for the next rotation
-            let tick = ferry_queue::tick(client, &queue.name).await?;
+async fn maintenance(session: &mut Session) -> Result<(), QueueError> {
+    for queue in ferry_queue::queue_info(session.client()).await? {
+        // consumers pass the switch at their next tick; one comes with the rotation, so an
+        // idle queue need not wait a whole idle period for the next rotation
+        let rotated = ferry_queue::rotate_and_tick(session.client_mut(), &queue.name, || {
+            failpoint(failpoint::TICKER_DURING_ROTATION)
+        })
+        .await?;
+        if let Some(tick) = rotated {
             tracing::info!(queue = %queue.name, tick, "event tables rotated");
         }
+        let client = session.client();
         let cleaned = ferry_queue::maint_tick_cleanup(client, &queue.name).await?;
         tracing::debug!(queue = %queue.name, ticks = cleaned, "old ticks deleted");
     }
-    let requeued = ferry_queue::maint_retry_events(client).await?;
+    let requeued = ferry_queue::maint_retry_events(session.client()).await?;
     if requeued > 0 {
         tracing::info!(
             events = requeued,

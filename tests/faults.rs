@@ -417,6 +417,15 @@ async fn crashes_and_killed_sessions_during_copy_and_replay_lose_nothing() {
     run(&londiste, &["subscriber", "add", "--all"]);
     run(&londiste, &["provider", "add-seq", "--all"]);
     run(&londiste, &["subscriber", "add-seq", "--all"]);
+    // the test clusters run with synchronous_commit off: make the registrations above
+    // durable, as a crash could otherwise take them back (replay's own commits are durable)
+    for conninfo in [p, s] {
+        connect_when_up(conninfo)
+            .await
+            .batch_execute("checkpoint")
+            .await
+            .unwrap();
+    }
     let mut faults = 0;
 
     // during copies: the subscriber crashes, the provider's copy session is killed, the

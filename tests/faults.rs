@@ -881,3 +881,292 @@ async fn daemons_killed_at_named_points_lose_nothing() {
     wait_identical(p, s, TABLES, Duration::from_secs(90), log).await;
     common::replication::assert_sequences_caught_up(p, s, &["extra_seq", "table1_id_seq"]).await;
 }
+
+/// How many rotations the ticker has logged.
+fn rotations(ticker_log: &str) -> usize {
+    ticker_log.matches("event tables rotated").count()
+}
+
+/// A provider transaction held open (20 s here; the soak test holds one for minutes) while a
+/// write load runs and rotation is due every second: replication goes on meanwhile, rotation
+/// waits instead of truncating the held transaction's events, the held row arrives once it
+/// commits, and afterwards rotation empties the event tables again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_open_transaction_loses_nothing_and_bloat_ends_with_it() {
+    let pair = Pair::new("longtx", &format!("{SCHEMA}{SEED_DATA}"), Some(SCHEMA)).await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    let ticker_ini = std::fs::read_to_string(&ticker)
+        .unwrap()
+        .replace("maint_delay = 600", "maint_delay = 0.3");
+    std::fs::write(&ticker, ticker_ini).unwrap();
+    let (p, s) = (
+        pair.provider.conninfo.as_str(),
+        pair.subscriber.conninfo.as_str(),
+    );
+    let log = || pair.replay_log();
+    let ticker_log =
+        || std::fs::read_to_string(pair.dir.path().join("test-ticker.log")).unwrap_or_default();
+    pair.install_and_start_ticker();
+    run(
+        &ticker,
+        &["config", "test-queue", "rotation_period=1 second"],
+    );
+    run(&londiste, &["provider", "add", "--all"]);
+    run(&londiste, &["subscriber", "add", "--all"]);
+    run(&londiste, &["replay", "-d"]);
+    wait_all_ok(&londiste, Duration::from_secs(60), log);
+    let load = WriteLoad::start(p, 2).await;
+
+    let mut held = ferry_testkit::connect(p).await;
+    let held_tx = held.transaction().await.unwrap();
+    held_tx
+        .batch_execute("insert into table3 (id, ref, note) values (-1, -1, 'held open')")
+        .await
+        .unwrap();
+    let rotations_at_start = rotations(&ticker_log());
+    let provider = ferry_testkit::connect(p).await;
+    let subscriber = ferry_testkit::connect(s).await;
+    let event_rows = || async {
+        provider
+            .query_one(r#"select count(*) from "ferry"."event""#, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let hold = Instant::now();
+    let mut marker = 0;
+    while hold.elapsed() < Duration::from_secs(20) {
+        // replication goes on: a row committed now arrives within seconds
+        marker += 1;
+        provider
+            .execute(
+                "insert into table4 values ($1, 0)",
+                &[&format!("marker {marker}")],
+            )
+            .await
+            .unwrap();
+        let arrived = Instant::now();
+        while subscriber
+            .query_opt(
+                "select 1 from table4 where code = $1",
+                &[&format!("marker {marker}")],
+            )
+            .await
+            .unwrap()
+            .is_none()
+        {
+            assert!(
+                arrived.elapsed() < Duration::from_secs(10),
+                "replication stalled behind the open transaction:\n{}",
+                log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let held_rotations = rotations(&ticker_log()) - rotations_at_start;
+    // the table holding the open transaction's event is never truncated under it: once the
+    // other tables were used, rotation waits
+    assert!(
+        held_rotations < 3,
+        "{held_rotations} rotations during the hold:\n{}",
+        ticker_log()
+    );
+    let rows_while_held = event_rows().await;
+    held_tx.commit().await.unwrap();
+
+    // the held row arrives; rotation resumes and empties the old tables
+    let start = Instant::now();
+    while subscriber
+        .query_opt("select 1 from table3 where id = -1", &[])
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the held row never arrived:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let committed = load.stop().await;
+    assert!(committed > 100, "the load ran: {committed} transactions");
+    let after = rotations(&ticker_log());
+    let start = Instant::now();
+    while rotations(&ticker_log()) < after + 3 || event_rows().await >= rows_while_held {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "event tables not emptied after the transaction ended ({} rows, {rows_while_held} while held):\n{}",
+            event_rows().await,
+            ticker_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_identical(p, s, TABLES, Duration::from_secs(60), log).await;
+}
+
+/// SIGKILLs the daemon whose pid file is `pidfile` (a no-op when none runs).
+fn sigkill_daemon(pidfile: &std::path::Path) {
+    let pid: i32 = std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(0);
+    if pid > 0 {
+        // SAFETY: kill(2) with a pid read from our own daemon's pid file
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The soak: `FERRY_SOAK_SECS` (default 600) of mixed write load while, every few seconds,
+/// something fails: replay or the ticker SIGKILLed, ferry's sessions terminated, either
+/// server crashed (`pg_ctl -m immediate`), tables sent back to copy, a transaction held open
+/// for a minute. Ends with identical tables and sequences caught up. Off by default:
+/// `cargo test --release --test faults -- --ignored soak --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a 10-minute soak; run it with --ignored"]
+async fn soak_mixed_load_with_periodic_kills() {
+    let secs: u64 = std::env::var("FERRY_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    let provider_cluster = Cluster::start().expect("provider cluster");
+    let subscriber_cluster = Cluster::start().expect("subscriber cluster");
+    let pair = Pair::on_clusters(
+        "soak",
+        &format!("{SCHEMA}{SEED_DATA}"),
+        Some(SCHEMA),
+        &provider_cluster,
+        &subscriber_cluster,
+    )
+    .await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    let ticker_ini = std::fs::read_to_string(&ticker)
+        .unwrap()
+        .replace("maint_delay = 600", "maint_delay = 1");
+    std::fs::write(&ticker, ticker_ini).unwrap();
+    let (p, s) = (
+        pair.provider.conninfo.as_str(),
+        pair.subscriber.conninfo.as_str(),
+    );
+    let log = || pair.replay_log();
+    pair.install_and_start_ticker();
+    run(
+        &ticker,
+        &["config", "test-queue", "rotation_period=5 seconds"],
+    );
+    run(&londiste, &["provider", "add", "--all"]);
+    run(&londiste, &["subscriber", "add", "--all"]);
+    run(&londiste, &["provider", "add-seq", "--all"]);
+    run(&londiste, &["subscriber", "add-seq", "--all"]);
+    for conninfo in [p, s] {
+        connect_when_up(conninfo)
+            .await
+            .batch_execute("checkpoint")
+            .await
+            .unwrap();
+    }
+    run(&londiste, &["replay", "-d"]);
+    let load = WriteLoad::start(p, 3).await;
+    let (replay_pid, ticker_pid) = (
+        pair.dir.path().join("test-londiste.pid"),
+        pair.dir.path().join("test-ticker.pid"),
+    );
+    let started = Instant::now();
+    let mut held: Option<tokio::task::JoinHandle<()>> = None;
+    let mut round = 0u32;
+    while started.elapsed() < Duration::from_secs(secs) {
+        let pause = 3000 + rand::random::<u64>() % 7000;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        round += 1;
+        let fault = rand::random::<u32>() % 7;
+        eprintln!(
+            "soak {:>4}s: round {round}, fault {fault}",
+            started.elapsed().as_secs()
+        );
+        match fault {
+            0 => {
+                sigkill_daemon(&replay_pid);
+                run(&londiste, &["replay", "-d"]);
+            }
+            1 => {
+                sigkill_daemon(&ticker_pid);
+                run(&ticker, &["ticker", "-d"]);
+            }
+            2 => {
+                terminate_ferry_sessions(s).await;
+                terminate_ferry_sessions(p).await;
+            }
+            3 => {
+                subscriber_cluster.stop(StopMode::Immediate).unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                subscriber_cluster.restart().unwrap();
+            }
+            4 => {
+                provider_cluster.stop(StopMode::Immediate).unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                provider_cluster.restart().unwrap();
+            }
+            5 => {
+                let out = common::ferry(&[
+                    londiste.to_str().unwrap(),
+                    "subscriber",
+                    "resync",
+                    "table1",
+                    "table3",
+                ]);
+                eprintln!(
+                    "soak: resync: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            _ if held.as_ref().is_none_or(|h| h.is_finished()) => {
+                let conninfo = p.to_string();
+                held = Some(tokio::spawn(async move {
+                    let Ok((mut client, connection)) =
+                        tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await
+                    else {
+                        return;
+                    };
+                    tokio::spawn(connection);
+                    let Ok(tx) = client.transaction().await else {
+                        return;
+                    };
+                    let _ = tx
+                        .batch_execute(
+                            "insert into table3 (ref, note) values (-1, 'held a minute')",
+                        )
+                        .await;
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    let _ = tx.commit().await;
+                }));
+            }
+            _ => {}
+        }
+    }
+    if let Some(held) = held {
+        let _ = held.await;
+    }
+    let committed = load.stop().await;
+    eprintln!("soak: {committed} transactions committed in {round} rounds of faults");
+    // the daemons run: nothing needs a hand after the last fault
+    wait_all_ok(&londiste, Duration::from_secs(300), log);
+    wait_identical(p, s, TABLES, Duration::from_secs(300), log).await;
+    common::replication::assert_sequences_caught_up(
+        p,
+        s,
+        &["extra_seq", "table1_id_seq", "table3_id_seq"],
+    )
+    .await;
+}

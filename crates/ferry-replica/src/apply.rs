@@ -759,9 +759,15 @@ impl Applier {
             Ok(changed) => changed,
             Err(error) => {
                 let key = self.row_key(table, event);
+                // a lost connection is no refusal
+                let what = if ferry_connect::is_connection_lost(&error) {
+                    "applying"
+                } else {
+                    "the subscriber refused"
+                };
                 return Err(ReplicaError::db(
                     format!(
-                        "the subscriber refused {} of {table} with key {key} (event {}, transaction {})",
+                        "{what} {} of {table} with key {key} (event {}, transaction {})",
                         operation_name(ev_type),
                         event.id,
                         event.txid

@@ -413,10 +413,7 @@ async fn crashes_and_killed_sessions_during_copy_and_replay_lose_nothing() {
     pair.install_and_start_ticker();
     run(&londiste, &["replay", "-d"]);
     let load = WriteLoad::start(p, 2).await;
-    run(&londiste, &["provider", "add", "--all"]);
-    run(&londiste, &["subscriber", "add", "--all"]);
-    run(&londiste, &["provider", "add-seq", "--all"]);
-    run(&londiste, &["subscriber", "add-seq", "--all"]);
+    pair.add_everything();
     // the test clusters run with synchronous_commit off: make the registrations above
     // durable, as a crash could otherwise take them back (replay's own commits are durable)
     for conninfo in [p, s] {
@@ -708,10 +705,7 @@ async fn everything_runs_with_least_privileged_roles() {
         &ticker,
         &["config", "test-queue", "rotation_period=1 second"],
     );
-    run(&londiste, &["provider", "add", "--all"]);
-    run(&londiste, &["subscriber", "add", "--all"]);
-    run(&londiste, &["provider", "add-seq", "--all"]);
-    run(&londiste, &["subscriber", "add-seq", "--all"]);
+    pair.add_everything();
     run(&londiste, &["replay", "-d"]);
 
     let app = ferry_testkit::connect(&as_role(&pair.provider.conninfo, "lp_app")).await;
@@ -742,8 +736,7 @@ async fn everything_runs_with_least_privileged_roles() {
     )
     .await;
     // the ticker's maintenance ran as the unprivileged role too: the tables rotated
-    let ticker_log =
-        std::fs::read_to_string(pair.dir.path().join("test-ticker.log")).unwrap_or_default();
+    let ticker_log = pair.ticker_log();
     assert!(ticker_log.contains("event tables rotated"), "{ticker_log}");
     assert!(!ticker_log.contains("WARN"), "{ticker_log}");
     assert!(!pair.replay_log().contains("WARN"), "{}", pair.replay_log());
@@ -815,10 +808,7 @@ async fn daemons_killed_at_named_points_lose_nothing() {
         KillDaemonOnDrop(ticker.clone()),
         KillDaemonOnDrop(londiste.clone()),
     ];
-    let ticker_ini = std::fs::read_to_string(&ticker)
-        .unwrap()
-        .replace("maint_delay = 600", "maint_delay = 0.3");
-    std::fs::write(&ticker, ticker_ini).unwrap();
+    pair.set_maint_delay("0.3");
     let (p, s) = (
         pair.provider.conninfo.as_str(),
         pair.subscriber.conninfo.as_str(),
@@ -829,10 +819,7 @@ async fn daemons_killed_at_named_points_lose_nothing() {
         &ticker,
         &["config", "test-queue", "rotation_period=1 second"],
     );
-    run(&londiste, &["provider", "add", "--all"]);
-    run(&londiste, &["subscriber", "add", "--all"]);
-    run(&londiste, &["provider", "add-seq", "--all"]);
-    run(&londiste, &["subscriber", "add-seq", "--all"]);
+    pair.add_everything();
     let load = WriteLoad::start(p, 2).await;
 
     use ferry_daemon::failpoint::*;
@@ -860,8 +847,7 @@ async fn daemons_killed_at_named_points_lose_nothing() {
         pair.replay_log()
     );
 
-    let ticker_log =
-        || std::fs::read_to_string(pair.dir.path().join("test-ticker.log")).unwrap_or_default();
+    let ticker_log = || pair.ticker_log();
     run(&ticker, &["-s"]);
     run_until_failpoint(&ticker, "ticker", TICKER_DURING_ROTATION, ticker_log).await;
     run(&ticker, &["ticker", "-d"]);
@@ -899,17 +885,13 @@ async fn a_long_open_transaction_loses_nothing_and_bloat_ends_with_it() {
         KillDaemonOnDrop(ticker.clone()),
         KillDaemonOnDrop(londiste.clone()),
     ];
-    let ticker_ini = std::fs::read_to_string(&ticker)
-        .unwrap()
-        .replace("maint_delay = 600", "maint_delay = 0.3");
-    std::fs::write(&ticker, ticker_ini).unwrap();
+    pair.set_maint_delay("0.3");
     let (p, s) = (
         pair.provider.conninfo.as_str(),
         pair.subscriber.conninfo.as_str(),
     );
     let log = || pair.replay_log();
-    let ticker_log =
-        || std::fs::read_to_string(pair.dir.path().join("test-ticker.log")).unwrap_or_default();
+    let ticker_log = || pair.ticker_log();
     pair.install_and_start_ticker();
     run(
         &ticker,
@@ -1052,10 +1034,7 @@ async fn soak_mixed_load_with_periodic_kills() {
         KillDaemonOnDrop(ticker.clone()),
         KillDaemonOnDrop(londiste.clone()),
     ];
-    let ticker_ini = std::fs::read_to_string(&ticker)
-        .unwrap()
-        .replace("maint_delay = 600", "maint_delay = 1");
-    std::fs::write(&ticker, ticker_ini).unwrap();
+    pair.set_maint_delay("1");
     let (p, s) = (
         pair.provider.conninfo.as_str(),
         pair.subscriber.conninfo.as_str(),
@@ -1066,10 +1045,7 @@ async fn soak_mixed_load_with_periodic_kills() {
         &ticker,
         &["config", "test-queue", "rotation_period=5 seconds"],
     );
-    run(&londiste, &["provider", "add", "--all"]);
-    run(&londiste, &["subscriber", "add", "--all"]);
-    run(&londiste, &["provider", "add-seq", "--all"]);
-    run(&londiste, &["subscriber", "add-seq", "--all"]);
+    pair.add_everything();
     for conninfo in [p, s] {
         connect_when_up(conninfo)
             .await

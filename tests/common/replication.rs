@@ -119,6 +119,29 @@ impl Pair {
         run(&self.londiste_ini(), &["subscriber", "install"]);
     }
 
+    /// Sets the ticker's `maint_delay` (seconds) in ticker.ini, for tests that need rotations;
+    /// before the ticker starts.
+    pub fn set_maint_delay(&self, secs: &str) {
+        let ini = std::fs::read_to_string(self.ticker_ini())
+            .expect("read ticker.ini")
+            .replace("maint_delay = 600", &format!("maint_delay = {secs}"));
+        std::fs::write(self.ticker_ini(), ini).expect("write ticker.ini");
+    }
+
+    /// `provider add --all`, `subscriber add --all` and the same for sequences.
+    pub fn add_everything(&self) {
+        let londiste = self.londiste_ini();
+        run(&londiste, &["provider", "add", "--all"]);
+        run(&londiste, &["subscriber", "add", "--all"]);
+        run(&londiste, &["provider", "add-seq", "--all"]);
+        run(&londiste, &["subscriber", "add-seq", "--all"]);
+    }
+
+    /// The ticker's log, for failure messages.
+    pub fn ticker_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("test-ticker.log")).unwrap_or_default()
+    }
+
     /// The replay log of the default subscriber, for failure messages.
     pub fn replay_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("test-londiste.log")).unwrap_or_default()

@@ -873,10 +873,10 @@ fn rotations(ticker_log: &str) -> usize {
     ticker_log.matches("event tables rotated").count()
 }
 
-/// A provider transaction held open (20 s here; the soak test holds one for minutes) while a
-/// write load runs and rotation is due every second: replication goes on meanwhile, rotation
-/// waits instead of truncating the held transaction's events, the held row arrives once it
-/// commits, and afterwards rotation empties the event tables again.
+/// A provider transaction held open (`FERRY_HOLD_SECS`, 20 s by default; the soak holds one
+/// for a minute) while a write load runs and rotation is due every second: replication goes
+/// on meanwhile, rotation waits instead of truncating the held transaction's events, the held
+/// row arrives once it commits, and afterwards rotation empties the event tables again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_open_transaction_loses_nothing_and_bloat_ends_with_it() {
     let pair = Pair::new("longtx", &format!("{SCHEMA}{SEED_DATA}"), Some(SCHEMA)).await;
@@ -919,9 +919,15 @@ async fn a_long_open_transaction_loses_nothing_and_bloat_ends_with_it() {
             .unwrap()
             .get::<_, i64>(0)
     };
+    let hold_for = Duration::from_secs(
+        std::env::var("FERRY_HOLD_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20),
+    );
     let hold = Instant::now();
     let mut marker = 0;
-    while hold.elapsed() < Duration::from_secs(20) {
+    while hold.elapsed() < hold_for {
         // replication goes on: a row committed now arrives within seconds
         marker += 1;
         provider
@@ -989,6 +995,10 @@ async fn a_long_open_transaction_loses_nothing_and_bloat_ends_with_it() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    eprintln!(
+        "held {hold_for:?}: {held_rotations} rotations and {rows_while_held} event rows during the hold, {} rows after, {committed} transactions of load",
+        event_rows().await
+    );
     wait_identical(p, s, TABLES, Duration::from_secs(60), log).await;
 }
 

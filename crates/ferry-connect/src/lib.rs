@@ -57,11 +57,17 @@ pub enum ConnectError {
         /// What is wrong and what to do.
         message: String,
     },
-    /// The server could not be reached or refused the connection.
-    #[error("cannot connect to {target}")]
+    /// The server could not be reached or refused the connection. Displays the driver's
+    /// reason with its causes and then, for the common reasons, what to check (so that the
+    /// advice ends the line).
+    #[error("cannot connect to {target}: {reason}{}", hint.map(|h| format!("; {h}")).unwrap_or_default())]
     Connect {
         /// Where the connection was going (no password).
         target: String,
+        /// The driver's error and its causes, in one line.
+        reason: String,
+        /// What to check, when the reason is a common one.
+        hint: Option<&'static str>,
         /// The driver's error.
         #[source]
         source: tokio_postgres::Error,
@@ -78,6 +84,78 @@ impl ConnectError {
     pub fn is_configuration(&self) -> bool {
         !matches!(self, ConnectError::Connect { .. })
     }
+
+    /// What to check, for the common reasons a server refuses or cannot be reached.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            ConnectError::Connect { hint, .. } => *hint,
+            _ => None,
+        }
+    }
+}
+
+/// The driver's error followed by its causes, each once, on one line.
+fn driver_reason(error: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    let mut reason = error.to_string();
+    let mut cause = error.source();
+    while let Some(current) = cause {
+        let text = current.to_string();
+        if !reason.contains(&text) {
+            reason.push_str(": ");
+            reason.push_str(&text);
+        }
+        cause = current.source();
+    }
+    reason.replace('\n', " ")
+}
+
+/// What an operator should check when a connection fails with `error`, for the common
+/// reasons: nothing listening, no answer, wrong password, unknown user or database, no
+/// CONNECT privilege, a full or restarting server.
+fn connect_hint(error: &tokio_postgres::Error) -> Option<&'static str> {
+    use std::error::Error as _;
+    use tokio_postgres::error::SqlState;
+    if let Some(code) = error.code() {
+        return Some(match code {
+            c if *c == SqlState::INVALID_PASSWORD => {
+                "check the password (password= in the connection string, PGPASSWORD or ~/.pgpass)"
+            }
+            c if *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+                "check user= and the server's pg_hba.conf, which must let that user connect to that database from here"
+            }
+            c if *c == SqlState::INVALID_CATALOG_NAME => "check dbname=, or create the database",
+            c if *c == SqlState::INSUFFICIENT_PRIVILEGE => {
+                "the role needs CONNECT on the database (README, \"Privileges\")"
+            }
+            c if *c == SqlState::TOO_MANY_CONNECTIONS => {
+                "the server has no connection slots left (max_connections)"
+            }
+            c if *c == SqlState::CANNOT_CONNECT_NOW => {
+                "the server is starting up or shutting down: try again shortly"
+            }
+            _ => return None,
+        });
+    }
+    let mut cause = error.source();
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            return Some(match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    "nothing listens there: is PostgreSQL running, and are host= and port= right (listen_addresses, port)?"
+                }
+                std::io::ErrorKind::NotFound => {
+                    "no server socket there: is PostgreSQL running, and are host= and port= right?"
+                }
+                std::io::ErrorKind::TimedOut => {
+                    "no answer within connect_timeout: check host=, port= and any firewall on the way"
+                }
+                _ => "check host= and port=, and that the server is running and reachable from here",
+            });
+        }
+        cause = current.source();
+    }
+    None
 }
 
 /// An open connection: the client, the notifications that arrive on it, and whether it still
@@ -154,8 +232,12 @@ pub async fn connect(conninfo: &ConnInfo, application_name: &str) -> Result<Sess
                 })
         }
     };
-    let (client, (notifications, closed)) =
-        connected.map_err(|source| ConnectError::Connect { target, source })?;
+    let (client, (notifications, closed)) = connected.map_err(|source| ConnectError::Connect {
+        target,
+        reason: driver_reason(&source),
+        hint: connect_hint(&source),
+        source,
+    })?;
     Ok(Session {
         client,
         notifications,

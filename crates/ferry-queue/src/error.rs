@@ -22,14 +22,20 @@ enum Kind {
     Db,
     NotInstalled,
     NotPermitted,
+    /// One of ferry's SQL functions refused with a message meant for the user.
+    Refused,
     ServerTooOld,
 }
 
 impl QueueError {
     pub(crate) fn db(context: String, source: tokio_postgres::Error) -> QueueError {
+        let own_refusal = source
+            .as_db_error()
+            .is_some_and(|db| db.message().starts_with("ferry: "));
         let kind = match source.code() {
             Some(code) if *code == SqlState::INVALID_SCHEMA_NAME => Kind::NotInstalled,
             Some(code) if *code == SqlState::INSUFFICIENT_PRIVILEGE => Kind::NotPermitted,
+            _ if own_refusal => Kind::Refused,
             _ => Kind::Db,
         };
         QueueError {
@@ -80,14 +86,28 @@ impl fmt::Display for QueueError {
                 self.context
             ),
             Kind::NotPermitted => write!(f, "{}: {}", self.context, NOT_PERMITTED_HINT),
+            Kind::Refused => {
+                let db = self.source.as_ref().and_then(|e| e.as_db_error());
+                let message = db.map_or("", |db| db.message().trim_start_matches("ferry: "));
+                write!(f, "{}: {message}", self.context)?;
+                match db.and_then(|db| db.hint()) {
+                    Some(hint) => write!(f, " ({hint})"),
+                    None => Ok(()),
+                }
+            }
             _ => f.write_str(&self.context),
         }
     }
 }
 
 impl std::error::Error for QueueError {
+    /// The database's error, except where the message already says all of it (the schema
+    /// is missing; one of ferry's functions refused).
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_ref().map(|e| e as _)
+        match self.kind {
+            Kind::NotInstalled | Kind::Refused => None,
+            _ => self.source.as_ref().map(|e| e as _),
+        }
     }
 }
 

@@ -105,7 +105,7 @@ impl ReplicaError {
             } else {
                 Kind::Unreachable
             },
-            context: format!("cannot connect to the {side}"),
+            context: format!("the {side}"),
             table: None,
             source: Some(Cause::Connect(source)),
         }

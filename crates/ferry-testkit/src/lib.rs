@@ -421,7 +421,8 @@ pub async fn connect(conninfo: &str) -> tokio_postgres::Client {
     panic!("cannot connect to {conninfo}: {last:?}")
 }
 
-fn free_port() -> Result<u16, String> {
+/// A TCP port on 127.0.0.1 that nothing listened on a moment ago.
+pub fn free_port() -> Result<u16, String> {
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
     listener
@@ -430,8 +431,9 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("finding a free port: {e}"))
 }
 
-/// When run as root the server must run as an unprivileged user: `postgres`.
-fn server_owner() -> Result<Option<(u32, u32)>, String> {
+/// When run as root the server must run as an unprivileged user: `postgres`. Returns its
+/// uid and gid then, `None` when not root (everything runs as the caller).
+pub fn server_owner() -> Result<Option<(u32, u32)>, String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(None);

@@ -400,3 +400,32 @@ fn table_failure(what: &str, out: &Output, needle: &str) {
     );
     assert_eq!(lines[1], "ferry: 1 of 1 failed (see above)", "{what}");
 }
+
+/// Unknown keys and sections are one warning line each, naming file, section and key; the
+/// command still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_keys_and_sections_are_warnings_and_the_command_runs() {
+    let db = Cluster::shared().database("unknown_keys").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ticker.ini");
+    std::fs::write(
+        &config,
+        format!(
+            "[pgqadm]\njob_name = t\ndb = {}\nloop_dealy = 0.1\n\n[extra]\nanything = 1\n",
+            db.conninfo
+        ),
+    )
+    .unwrap();
+    let out = ferry_with(&config, &["install"]);
+    let stderr = stderr_of(&out);
+    assert!(out.status.success(), "{stderr}");
+    let path = config.display();
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [
+            format!("ferry: warning: {path}: [pgqadm] loop_dealy: unknown key, ignored"),
+            format!("ferry: warning: {path}: [extra]: unknown section, ignored"),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("queue schema installed"));
+}

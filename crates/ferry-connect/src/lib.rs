@@ -111,8 +111,8 @@ fn driver_reason(error: &tokio_postgres::Error) -> String {
 }
 
 /// What an operator should check when a connection fails with `error`, for the common
-/// reasons: nothing listening, no answer, wrong password, unknown user or database, no
-/// CONNECT privilege, a full or restarting server.
+/// reasons: nothing listening, no answer, a certificate not accepted, wrong password, unknown
+/// user or database, no CONNECT privilege, a full or restarting server.
 fn connect_hint(error: &tokio_postgres::Error) -> Option<&'static str> {
     use std::error::Error as _;
     use tokio_postgres::error::SqlState;
@@ -140,6 +140,14 @@ fn connect_hint(error: &tokio_postgres::Error) -> Option<&'static str> {
     let mut cause = error.source();
     while let Some(current) = cause {
         if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            if let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                return Some(match tls {
+                    rustls::Error::InvalidCertificate(_) => {
+                        "the server's certificate is not accepted: check sslrootcert (the CA that signed it) and that host= is the name it is made out to, or use sslmode=require to encrypt without checking"
+                    }
+                    _ => "the TLS handshake failed: check sslmode and the server's ssl settings",
+                });
+            }
             return Some(match io.kind() {
                 std::io::ErrorKind::ConnectionRefused => {
                     "nothing listens there: is PostgreSQL running, and are host= and port= right (listen_addresses, port)?"

@@ -124,6 +124,11 @@ async fn a_certificate_from_another_ca_is_refused() {
     .expect("another CA's certificate is refused");
     let text = chain(&err);
     assert!(text.contains("certificate"), "{text}");
+    assert!(
+        err.hint()
+            .is_some_and(|hint| hint.contains("check sslrootcert")),
+        "{err}"
+    );
     assert!(!text.contains(PASSWORD), "the password leaks: {text}");
 }
 

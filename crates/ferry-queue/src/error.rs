@@ -91,7 +91,7 @@ impl fmt::Display for QueueError {
                 let message = db.map_or("", |db| db.message().trim_start_matches("ferry: "));
                 write!(f, "{}: {message}", self.context)?;
                 match db.and_then(|db| db.hint()) {
-                    Some(hint) => write!(f, " ({hint})"),
+                    Some(hint) => write!(f, ": {hint}"),
                     None => Ok(()),
                 }
             }

@@ -429,3 +429,93 @@ async fn unknown_keys_and_sections_are_warnings_and_the_command_runs() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("queue schema installed"));
 }
+
+/// A foreign key between replicated tables on the subscriber (as `pg_dump -s` brings along)
+/// holds the copies of those two tables only, with a warning saying what to do; the other
+/// tables replicate meanwhile, and once the key is dropped both tables are copied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_key_on_the_subscriber_holds_only_its_tables_and_says_what_to_do() {
+    let schema = "create table parent (id int primary key);
+         create table child (id int primary key, parent_id int references parent);
+         create table other (id int primary key, v text);";
+    let pair = Pair::new(
+        "fk_copy",
+        &format!(
+            "{schema}
+             insert into parent select generate_series(1, 500);
+             insert into child select i, i from generate_series(1, 500) i;
+             insert into other select i, 'v' || i from generate_series(1, 500) i;"
+        ),
+        Some(schema),
+    )
+    .await;
+    let londiste = pair.londiste_ini();
+    let _stop = [
+        KillDaemonOnDrop(pair.ticker_ini()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    pair.install_and_start_ticker();
+    run(&londiste, &["provider", "add", "--all"]);
+    run(&londiste, &["subscriber", "add", "--all"]);
+    run(&londiste, &["replay", "-d"]);
+    let advice = "foreign keys between replicated tables on the subscriber must wait until both tables are ok";
+    pair.wait_for_replay_line(
+        &[
+            "table=public.parent",
+            "cannot be emptied for its copy",
+            advice,
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    pair.wait_for_replay_line(
+        &[
+            "table=public.child",
+            "a foreign key there refers to rows not copied yet",
+            advice,
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    // the other table is copied and replicates meanwhile
+    ferry_testkit::connect(&pair.provider.conninfo)
+        .await
+        .batch_execute("update other set v = v || '!' where id % 2 = 0")
+        .await
+        .unwrap();
+    wait_identical(
+        &pair.provider.conninfo,
+        &pair.subscriber.conninfo,
+        &["other"],
+        Duration::from_secs(60),
+        || pair.replay_log(),
+    )
+    .await;
+    let tables = run(&londiste, &["subscriber", "tables"]);
+    assert!(tables.contains("public.parent in-copy"), "{tables}");
+    assert!(tables.contains("public.child in-copy"), "{tables}");
+
+    // as the warning says: drop the key, and (replay restarted, so as not to wait for the
+    // retry) both tables are copied; the key can come back once they are ok
+    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    subscriber
+        .batch_execute("alter table child drop constraint child_parent_id_fkey")
+        .await
+        .unwrap();
+    let stopped = ferry(&["-s", londiste.to_str().unwrap()]);
+    assert!(stopped.status.success(), "{}", stderr_of(&stopped));
+    run(&londiste, &["replay", "-d"]);
+    wait_identical(
+        &pair.provider.conninfo,
+        &pair.subscriber.conninfo,
+        &["parent", "child", "other"],
+        Duration::from_secs(60),
+        || pair.replay_log(),
+    )
+    .await;
+    common::replication::wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
+    subscriber
+        .batch_execute("alter table child add foreign key (parent_id) references parent")
+        .await
+        .unwrap();
+}

@@ -4,6 +4,7 @@
 use bytes::BytesMut;
 use ferry_daemon::failpoint::{self, failpoint};
 use futures_util::{pin_mut, SinkExt, TryStreamExt};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, IsolationLevel};
 
 use crate::catalog::table_shape;
@@ -75,7 +76,7 @@ pub async fn copy_table(
     if !skip_truncate {
         stx.batch_execute(&format!("truncate {}", table.quoted()))
             .await
-            .with_context(|| format!("emptying {table} before its copy"))?;
+            .map_err(|e| refused_by_subscriber(table, CopyStep::Emptying, e))?;
     }
 
     let ptx = provider
@@ -149,19 +150,19 @@ pub async fn copy_table(
         if block.len() >= COPY_BLOCK {
             sink.feed(block.split().freeze())
                 .await
-                .with_context(|| format!("writing {table} on the subscriber"))?;
+                .map_err(|e| refused_by_subscriber(table, CopyStep::Writing, e))?;
             failpoint(failpoint::REPLAY_DURING_COPY);
         }
     }
     if !block.is_empty() {
         sink.feed(block.freeze())
             .await
-            .with_context(|| format!("writing {table} on the subscriber"))?;
+            .map_err(|e| refused_by_subscriber(table, CopyStep::Writing, e))?;
     }
     let rows = sink
         .finish()
         .await
-        .with_context(|| format!("finishing the copy of {table}"))?;
+        .map_err(|e| refused_by_subscriber(table, CopyStep::Finishing, e))?;
     ptx.commit()
         .await
         .context("ending the copy on the provider")?;
@@ -184,4 +185,57 @@ pub async fn copy_table(
         .await
         .with_context(|| format!("committing the copy of {table}"))?;
     Ok(Some(CopyDone { rows, snapshot }))
+}
+
+/// A step of the copy on the subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyStep {
+    /// TRUNCATE before the rows come.
+    Emptying,
+    /// COPY FROM STDIN, while the rows come.
+    Writing,
+    /// The end of COPY, where deferred checks (foreign keys) run.
+    Finishing,
+}
+
+impl std::fmt::Display for CopyStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CopyStep::Emptying => "emptying",
+            CopyStep::Writing => "writing",
+            CopyStep::Finishing => "finishing",
+        })
+    }
+}
+
+/// The error of `step` of the copy of `table` on the subscriber. A constraint of the subscriber's own refusing the provider's rows, or a foreign
+/// key that forbids emptying the table, is a refusal about this table alone (it stays in-copy
+/// and the other tables go on) that says what to do; anything else is a database error.
+fn refused_by_subscriber(
+    table: &RelName,
+    step: CopyStep,
+    error: tokio_postgres::Error,
+) -> ReplicaError {
+    const FOREIGN_KEY_ADVICE: &str = "foreign keys between replicated tables on the subscriber must wait until both tables are ok: drop them and create them again afterwards (README, \"Known limits\")";
+    let refusal = match error.code() {
+        Some(code) if *code == SqlState::FEATURE_NOT_SUPPORTED && step == CopyStep::Emptying => {
+            Some(format!(
+                "{table} cannot be emptied for its copy: a foreign key on the subscriber refers to it; {FOREIGN_KEY_ADVICE}"
+            ))
+        }
+        Some(code) if *code == SqlState::FOREIGN_KEY_VIOLATION => Some(format!(
+            "the subscriber refused the copy of {table}: a foreign key there refers to rows not copied yet; {FOREIGN_KEY_ADVICE}"
+        )),
+        Some(code) if code.code().starts_with("23") => Some(format!(
+            "the subscriber refused the copy of {table}: a constraint there that the provider does not have rejects its rows; drop or relax it, and the copy is tried again"
+        )),
+        _ => None,
+    };
+    match refusal {
+        Some(message) => ReplicaError::refused_by(message, error).about(table),
+        None => ReplicaError::db(
+            format!("{step} the copy of {table} on the subscriber"),
+            error,
+        ),
+    }
 }

@@ -87,6 +87,20 @@ impl ReplicaError {
         }
     }
 
+    /// Something the user has to fix first, said in one sentence, with the database error
+    /// that showed it.
+    pub(crate) fn refused_by(
+        message: impl Into<String>,
+        source: tokio_postgres::Error,
+    ) -> ReplicaError {
+        ReplicaError {
+            kind: Kind::Refused,
+            context: message.into(),
+            table: None,
+            source: Some(Cause::Db(source)),
+        }
+    }
+
     /// Marks this error as being about `table` (a row it refused, a column it lacks).
     pub(crate) fn about(mut self, table: &RelName) -> ReplicaError {
         self.table = Some(Box::new(table.clone()));

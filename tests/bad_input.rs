@@ -341,6 +341,15 @@ async fn commands_in_the_wrong_state_say_what_to_run_and_daemons_wait_for_the_se
         1,
         &["registering consumer \"c\" on queue \"nosuchq\": queue \"nosuchq\" does not exist"],
     );
+    one_line_failure(
+        "a queue setting that does not parse",
+        &ferry_with(&ticker, &["config", "test-queue", "rotation_period=fast"]),
+        2,
+        &[
+            "setting rotation_period of queue \"test-queue\"",
+            "invalid input syntax for type interval: \"fast\"",
+        ],
+    );
     run(&londiste, &["subscriber", "install"]);
     table_failure(
         "subscriber add before provider add",

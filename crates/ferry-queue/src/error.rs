@@ -68,6 +68,13 @@ impl QueueError {
         self.kind == Kind::NotInstalled
     }
 
+    /// Whether a value the user gave is not valid for the database (a data exception, class
+    /// 22: an interval that does not parse, say): a usage error rather than a failure.
+    pub fn is_invalid_value(&self) -> bool {
+        self.code()
+            .is_some_and(|code| code.code().starts_with("22"))
+    }
+
     /// Whether the connection is gone (closed, terminated by the server, server shutting
     /// down): reconnecting is the remedy.
     pub fn is_connection_lost(&self) -> bool {

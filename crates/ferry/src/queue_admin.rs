@@ -34,7 +34,13 @@ where
                     Failure::runtime(&e)
                 }
             })?;
-        work(session).await.map_err(|e| Failure::runtime(&e))
+        work(session).await.map_err(|e| {
+            if e.is_invalid_value() {
+                Failure::usage(&e)
+            } else {
+                Failure::runtime(&e)
+            }
+        })
     })
 }
 

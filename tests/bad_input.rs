@@ -359,7 +359,7 @@ async fn commands_in_the_wrong_state_say_what_to_run_and_daemons_wait_for_the_se
     table_failure(
         "provider add of a table that does not exist",
         &ferry_with(&londiste, &["provider", "add", "nosuch"]),
-        "does not exist on the provider",
+        "ferry: nosuch: table public.nosuch does not exist on the provider",
     );
     run(&londiste, &["provider", "add", "--all"]);
     table_failure(

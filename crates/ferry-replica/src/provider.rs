@@ -1,6 +1,7 @@
 //! The provider side: installing, and registering the tables and sequences a queue carries.
 
 use ferry_queue::{Component, InstallReport, Migration};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient};
 
 use crate::catalog::parse_name;
@@ -87,9 +88,19 @@ pub async fn add_table(
             &[&queue, &name.quoted()],
         )
         .await
-        .with_context(|| format!("adding {name} to queue \"{queue}\""))?
+        .map_err(|e| adding_error(e, &format!("table {name}"), queue))?
         .get(0);
     Ok((name, added == 1))
+}
+
+/// The error of adding `what` ("table public.t") to `queue`: that it does not exist, said
+/// with the name as ferry prints names everywhere, or the database's error.
+fn adding_error(error: tokio_postgres::Error, what: &str, queue: &str) -> ReplicaError {
+    if error.code() == Some(&SqlState::UNDEFINED_TABLE) {
+        ReplicaError::refused(format!("{what} does not exist on the provider"))
+    } else {
+        ReplicaError::db(format!("adding {what} to queue \"{queue}\""), error)
+    }
 }
 
 /// Stops capturing a table. Returns its name and whether it was registered.
@@ -123,7 +134,7 @@ pub async fn add_seq(
             &[&queue, &name.quoted()],
         )
         .await
-        .with_context(|| format!("adding sequence {name} to queue \"{queue}\""))?
+        .map_err(|e| adding_error(e, &format!("sequence {name}"), queue))?
         .get(0);
     Ok((name, added == 1))
 }

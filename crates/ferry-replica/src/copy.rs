@@ -208,9 +208,10 @@ impl std::fmt::Display for CopyStep {
     }
 }
 
-/// The error of `step` of the copy of `table` on the subscriber. A constraint of the subscriber's own refusing the provider's rows, or a foreign
-/// key that forbids emptying the table, is a refusal about this table alone (it stays in-copy
-/// and the other tables go on) that says what to do; anything else is a database error.
+/// The error of `step` of the copy of `table` on the subscriber. A constraint there refusing
+/// the provider's rows, or a foreign key that forbids emptying the table, is a refusal about
+/// this table alone (it stays in-copy and the other tables go on) that says what to do;
+/// anything else is a database error.
 fn refused_by_subscriber(
     table: &RelName,
     step: CopyStep,
@@ -227,7 +228,7 @@ fn refused_by_subscriber(
             "the subscriber refused the copy of {table}: a foreign key there refers to rows not copied yet; {FOREIGN_KEY_ADVICE}"
         )),
         Some(code) if code.code().starts_with("23") => Some(format!(
-            "the subscriber refused the copy of {table}: a constraint there that the provider does not have rejects its rows; drop or relax it, and the copy is tried again"
+            "the subscriber refused the copy of {table}: its rows break a constraint there (one the provider does not have, or rows kept there by --skip-truncate); fix that, and the copy is tried again"
         )),
         _ => None,
     };

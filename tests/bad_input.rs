@@ -440,8 +440,9 @@ async fn unknown_keys_and_sections_are_warnings_and_the_command_runs() {
 }
 
 /// A foreign key between replicated tables on the subscriber (as `pg_dump -s` brings along)
-/// holds the copies of those two tables only, with a warning saying what to do; the other
-/// tables replicate meanwhile, and once the key is dropped both tables are copied.
+/// holds the copies of those two tables only, with a warning saying what to do, and so does a
+/// check constraint only the subscriber has; the other tables replicate meanwhile, and once
+/// the key and the check are dropped those tables are copied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_key_on_the_subscriber_holds_only_its_tables_and_says_what_to_do() {
     let schema = "create table parent (id int primary key);
@@ -451,11 +452,15 @@ async fn a_foreign_key_on_the_subscriber_holds_only_its_tables_and_says_what_to_
         "fk_copy",
         &format!(
             "{schema}
+             create table checked (id int primary key);
              insert into parent select generate_series(1, 500);
              insert into child select i, i from generate_series(1, 500) i;
-             insert into other select i, 'v' || i from generate_series(1, 500) i;"
+             insert into other select i, 'v' || i from generate_series(1, 500) i;
+             insert into checked select generate_series(1, 500);"
         ),
-        Some(schema),
+        Some(&format!(
+            "{schema} create table checked (id int primary key constraint small check (id < 100));"
+        )),
     )
     .await;
     let londiste = pair.londiste_ini();
@@ -486,6 +491,15 @@ async fn a_foreign_key_on_the_subscriber_holds_only_its_tables_and_says_what_to_
         Duration::from_secs(60),
     )
     .await;
+    pair.wait_for_replay_line(
+        &[
+            "table=public.checked",
+            "its rows break a constraint there",
+            "new row for relation \"checked\" violates check constraint \"small\"",
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
     // the other table is copied and replicates meanwhile
     ferry_testkit::connect(&pair.provider.conninfo)
         .await
@@ -508,7 +522,10 @@ async fn a_foreign_key_on_the_subscriber_holds_only_its_tables_and_says_what_to_
     // retry) both tables are copied; the key can come back once they are ok
     let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
     subscriber
-        .batch_execute("alter table child drop constraint child_parent_id_fkey")
+        .batch_execute(
+            "alter table child drop constraint child_parent_id_fkey;
+             alter table checked drop constraint small;",
+        )
         .await
         .unwrap();
     let stopped = ferry(&["-s", londiste.to_str().unwrap()]);
@@ -517,7 +534,7 @@ async fn a_foreign_key_on_the_subscriber_holds_only_its_tables_and_says_what_to_
     wait_identical(
         &pair.provider.conninfo,
         &pair.subscriber.conninfo,
-        &["parent", "child", "other"],
+        &["parent", "child", "other", "checked"],
         Duration::from_secs(60),
         || pair.replay_log(),
     )

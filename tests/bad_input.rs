@@ -11,12 +11,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::replication::{run, wait_identical, Pair};
-use common::{ferry, ferry_bin, KillDaemonOnDrop};
+use common::{ferry, ferry_bin, stderr_of, wait_until, KillDaemonOnDrop};
 use ferry_testkit::Cluster;
-
-fn stderr_of(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 /// Runs `ferry CONFIG ARGS...`.
 fn ferry_with(config: &Path, args: &[&str]) -> Output {
@@ -218,17 +214,15 @@ async fn connection_errors_exit_1_with_one_line_saying_what_to_check() {
     run(&ticker, &["install"]);
     run(&ticker, &["ticker", "-d"]);
     let pid_file = dir.path().join("title-ticker.pid");
-    let start = std::time::Instant::now();
-    let pid: i32 = loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
+    let read_pid = || {
+        std::fs::read_to_string(&pid_file)
             .ok()
-            .and_then(|p| p.trim().parse().ok())
-        {
-            break pid;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "no pid file");
-        std::thread::sleep(Duration::from_millis(50));
+            .and_then(|p| p.trim().parse::<i32>().ok())
     };
+    wait_until("the ticker's pid file", Duration::from_secs(30), || {
+        read_pid().is_some()
+    });
+    let pid = read_pid().unwrap();
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the daemon runs");
     let title = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     assert!(title.contains("ticker"), "{title}");

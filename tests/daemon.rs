@@ -32,18 +32,6 @@ fn alive(pid: i32) -> bool {
     exists && !zombie
 }
 
-fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn stderr_of(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detach_pidfile_second_instance_reload_stop_kill_and_stale_takeover() {
     let setup = Setup::new("daemon_control").await;

@@ -8,8 +8,10 @@
 --   I  data = the new row as json
 --   U  data = the new row as json, extra2 = the old row's primary key as json
 --   D  data = the old row's primary key as json
+--   T  (ferry.capture_truncate) no data
 -- extra1 is always the table as "schema"."name", both parts always quoted (the same text on
--- every server version, unlike quote_ident, whose keyword list grows).
+-- every server version, unlike quote_ident, whose keyword list grows). Replay decodes this
+-- format in crates/ferry-replica/src/event.rs: change both together.
 -- Values are rendered the same whatever the writer's session settings: json renders dates and
 -- timestamps in ISO form; when the writer's settings would change how another value is
 -- written out (DateStyle not ISO, IntervalStyle not postgres, extra_float_digits below 1, and

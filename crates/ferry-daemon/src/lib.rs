@@ -7,6 +7,7 @@ pub mod failpoint;
 mod health;
 pub mod logging;
 pub mod pidfile;
+mod remedy;
 
 use std::path::Path;
 
@@ -14,6 +15,7 @@ use tokio::sync::watch;
 
 pub use health::Health;
 pub use pidfile::{PidFile, PidFileError};
+pub use remedy::Remedy;
 
 /// How a daemon was asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -82,6 +82,16 @@ impl QueueError {
             .as_ref()
             .is_some_and(ferry_connect::is_connection_lost)
     }
+
+    /// What a daemon does about this error: reconnect when the connection is gone, else try
+    /// again later (a missing install, a privilege, a busy server can all be fixed meanwhile).
+    pub fn remedy(&self) -> ferry_daemon::Remedy {
+        if self.is_connection_lost() {
+            ferry_daemon::Remedy::Reconnect
+        } else {
+            ferry_daemon::Remedy::RetryLater
+        }
+    }
 }
 
 impl fmt::Display for QueueError {

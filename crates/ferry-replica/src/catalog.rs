@@ -151,7 +151,7 @@ pub async fn parse_name(client: &impl GenericClient, text: &str) -> Result<RelNa
         .query_one("select parse_ident($1)", &[&text])
         .await
         .map_err(|e| {
-            ReplicaError::refused(format!(
+            ReplicaError::invalid_input(format!(
                 "{text:?} is not a valid table name: {}",
                 e.as_db_error().map(|d| d.message()).unwrap_or("unparsable")
             ))
@@ -160,7 +160,7 @@ pub async fn parse_name(client: &impl GenericClient, text: &str) -> Result<RelNa
     match parts.as_slice() {
         [name] => Ok(RelName::new("public", name.as_str())),
         [schema, name] => Ok(RelName::new(schema.as_str(), name.as_str())),
-        _ => Err(ReplicaError::refused(format!(
+        _ => Err(ReplicaError::invalid_input(format!(
             "{text:?}: give a table as NAME or SCHEMA.NAME"
         ))),
     }

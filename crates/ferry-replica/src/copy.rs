@@ -8,8 +8,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, IsolationLevel};
 
 use crate::catalog::table_shape;
-use crate::error::{ReplicaError, ResultExt};
+use crate::error::{ErrorKind, ReplicaError, ResultExt};
 use crate::names::{quote_ident, RelName};
+use crate::snapshot::Snapshot;
+use crate::store;
 use crate::subscriber::column_problems;
 
 /// Bytes of copied rows sent to the subscriber at a time.
@@ -21,7 +23,7 @@ pub struct CopyDone {
     /// Rows copied.
     pub rows: u64,
     /// The provider snapshot the rows were read under.
-    pub snapshot: String,
+    pub snapshot: Snapshot,
 }
 
 /// Copies `table` from the provider into the subscriber and moves it to `catching-up` with
@@ -35,13 +37,13 @@ pub async fn copy_table(
     table: &RelName,
 ) -> Result<Option<CopyDone>, ReplicaError> {
     let source = table_shape(provider, table).await?.ok_or_else(|| {
-        ReplicaError::refused(format!("table {table} does not exist on the provider"))
+        ReplicaError::schema_mismatch(format!("table {table} does not exist on the provider"))
     })?;
     let target = table_shape(subscriber, table).await?.ok_or_else(|| {
-        ReplicaError::refused(format!("table {table} does not exist on the subscriber"))
+        ReplicaError::schema_mismatch(format!("table {table} does not exist on the subscriber"))
     })?;
     if let Some(problem) = column_problems(&source, &target).into_iter().next() {
-        return Err(ReplicaError::refused(problem));
+        return Err(ReplicaError::schema_mismatch(problem));
     }
     // provider columns, except those the subscriber computes itself
     let columns: Vec<String> = source
@@ -59,20 +61,9 @@ pub async fn copy_table(
     stx.batch_execute("set local ferry.replay = 'on'")
         .await
         .context("starting the copy on the subscriber")?;
-    let row = stx
-        .query_opt(
-            r#"select "skip_truncate" from "ferry"."subscriber_table"
-                where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3
-                  and "state" = 'in-copy'
-                  for update"#,
-            &[&queue, &table.schema, &table.name],
-        )
-        .await
-        .with_context(|| format!("locking the state of {table}"))?;
-    let Some(row) = row else {
+    let Some(skip_truncate) = store::claim_for_copy(&stx, queue, table).await? else {
         return Ok(None);
     };
-    let skip_truncate: bool = row.get(0);
     if !skip_truncate {
         stx.batch_execute(&format!("truncate {}", table.quoted()))
             .await
@@ -87,11 +78,13 @@ pub async fn copy_table(
         .await
         .context("starting the copy on the provider")?;
     // the first statement fixes the transaction's snapshot: the COPY below reads under it
-    let snapshot: String = ptx
+    let snapshot: Snapshot = ptx
         .query_one("select txid_current_snapshot()::text", &[])
         .await
         .context("taking the copy's snapshot")?
-        .get(0);
+        .get::<_, &str>(0)
+        .parse()
+        .map_err(ReplicaError::corrupt)?;
     // a plain table straight (COPY of a table reads it alone, as ONLY would, and skips the
     // executor); a partitioned table through a query over its partitions
     let source_plain: bool = ptx
@@ -166,21 +159,7 @@ pub async fn copy_table(
     ptx.commit()
         .await
         .context("ending the copy on the provider")?;
-    stx.execute(
-        r#"update "ferry"."subscriber_table"
-              set "state" = 'catching-up', "copy_snapshot" = $4, "copied_rows" = $5,
-                  "state_changed" = now()
-            where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3"#,
-        &[
-            &queue,
-            &table.schema,
-            &table.name,
-            &snapshot,
-            &(rows as i64),
-        ],
-    )
-    .await
-    .with_context(|| format!("recording the copy of {table}"))?;
+    store::record_copied(&stx, queue, table, &snapshot, rows).await?;
     stx.commit()
         .await
         .with_context(|| format!("committing the copy of {table}"))?;
@@ -233,7 +212,9 @@ fn refused_by_subscriber(
         _ => None,
     };
     match refusal {
-        Some(message) => ReplicaError::refused_by(message, error).about(table),
+        Some(message) => {
+            ReplicaError::with_cause(ErrorKind::RowRefused, message, error).about(table)
+        }
         None => ReplicaError::db(
             format!("{step} the copy of {table} on the subscriber"),
             error,

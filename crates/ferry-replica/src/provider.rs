@@ -48,7 +48,7 @@ pub async fn require_installed(client: &Client) -> Result<(), ReplicaError> {
         .await?
         .is_none()
     {
-        return Err(ReplicaError::refused(
+        return Err(ReplicaError::needs_setup(
             "ferry is not installed on the provider: run `ferry CONFIG provider install`",
         ));
     }
@@ -97,7 +97,7 @@ pub async fn add_table(
 /// with the name as ferry prints names everywhere, or the database's error.
 fn adding_error(error: tokio_postgres::Error, what: &str, queue: &str) -> ReplicaError {
     if error.code() == Some(&SqlState::UNDEFINED_TABLE) {
-        ReplicaError::refused(format!("{what} does not exist on the provider"))
+        ReplicaError::invalid_input(format!("{what} does not exist on the provider"))
     } else {
         ReplicaError::db(format!("adding {what} to queue \"{queue}\""), error)
     }

@@ -13,16 +13,7 @@ use std::collections::HashMap;
 
 use serde_json::value::RawValue;
 
-/// A row change, as events carry it (json text borrowed from the event).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change<'a> {
-    /// `I`: the new row.
-    Insert { row: &'a str },
-    /// `U`: the new row and the old primary key.
-    Update { row: &'a str, old_key: &'a str },
-    /// `D`: the old primary key.
-    Delete { old_key: &'a str },
-}
+use crate::event::RowChange as Change;
 
 /// What [`TableChanges::push`] did with a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,8 +75,9 @@ impl<'a> TableChanges<'a> {
         self.nets.is_empty()
     }
 
-    /// Folds one change in. An error means the json lacks a primary-key column or is
-    /// malformed.
+    /// Folds one row change in. An error means the json lacks a primary-key column or is
+    /// malformed, or the change is a truncate (never reduced: the caller applies it in event
+    /// order).
     pub fn push(&mut self, change: Change<'a>) -> Result<Pushed, String> {
         let (key_text, key_json, row) = match change {
             Change::Insert { row } => {
@@ -101,6 +93,7 @@ impl<'a> TableChanges<'a> {
                 (old, old_key, Some((row, columns)))
             }
             Change::Delete { old_key } => (self.scan(old_key)?.0, old_key, None),
+            Change::Truncate => return Err("a truncate is not reduced".into()),
         };
         match self.index.get(&key_text) {
             Some(&at) => {

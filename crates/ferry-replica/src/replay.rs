@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ferry_connect::{ConnInfo, Session};
 use ferry_daemon::logging::one_line as report;
-use ferry_daemon::{Health, Reload, Shutdown, StopMode};
+use ferry_daemon::{Health, Reload, Remedy, Shutdown, StopMode};
 use tokio::time::sleep;
 
 use crate::apply::{Applier, BatchOutcome};
@@ -16,6 +16,8 @@ use crate::catalog::table_shape;
 use crate::copy::copy_table;
 use crate::error::{ReplicaError, ResultExt};
 use crate::names::RelName;
+use crate::session::open_session;
+use crate::store::{self, BatchStep, TableState};
 use crate::subscriber;
 
 /// First and longest wait after a failure that is not a lost connection (a row the
@@ -32,12 +34,6 @@ const MAX_BATCH_EVENTS: i64 = 100_000;
 /// How often an idle replay looks at the age of the queue's newest tick.
 const TICKER_CHECK_EVERY: Duration = Duration::from_secs(5);
 
-/// Settings every session of replay uses, so values are written out (COPY) and read
-/// (json_populate_record) the same way on both sides, whatever the servers' defaults.
-pub const SESSION_SETTINGS: &str = "set datestyle = 'ISO, YMD'; set intervalstyle = 'postgres'; \
-     set extra_float_digits = 3; set bytea_output = 'hex'; set timezone = 'UTC'; \
-     set lc_monetary = 'C'";
-
 /// What replay needs to run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReplaySettings {
@@ -53,12 +49,31 @@ pub struct ReplaySettings {
     pub loop_delay: Duration,
 }
 
-/// Errors that stop replay: ones waiting cannot fix.
+/// Errors that stop replay: ones waiting cannot fix (see [`ReplicaError::remedy`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     /// The connection settings are unusable.
     #[error("cannot use the replay's database settings")]
     Connection(#[source] ReplicaError),
+    /// Something waiting cannot fix (corrupt data, a broken invariant).
+    #[error("replay cannot go on")]
+    Unrecoverable(#[source] ReplicaError),
+}
+
+impl ReplayError {
+    /// Whether the configuration is at fault (exit code 2) rather than the data (1).
+    pub fn is_configuration(&self) -> bool {
+        matches!(self, ReplayError::Connection(_))
+    }
+
+    /// The error for `error`, whose remedy is to stop.
+    fn stopping(error: ReplicaError) -> ReplayError {
+        if error.is_configuration() {
+            ReplayError::Connection(error)
+        } else {
+            ReplayError::Unrecoverable(error)
+        }
+    }
 }
 
 /// Both connections.
@@ -107,8 +122,11 @@ pub async fn run(
         // immediate one at once
         let stop_watch = shutdown.clone();
         if let Err(error) = prepare(&mut link, &settings).await {
-            if !settings_problem(&mut health, &error, &link) {
+            if remedy(&mut health, &error, &link) == Remedy::Reconnect {
                 continue 'connect;
+            }
+            if error.remedy() == Remedy::Stop {
+                return Err(ReplayError::stopping(error));
             }
             if wait_or_stop(&mut shutdown, problem_retry).await {
                 break 'connect;
@@ -136,8 +154,10 @@ pub async fn run(
                 }
                 Err(error) => {
                     applier.forget_tables();
-                    if !settings_problem(&mut health, &error, &link) {
-                        continue 'connect;
+                    match remedy(&mut health, &error, &link) {
+                        Remedy::Reconnect => continue 'connect,
+                        Remedy::Stop => return Err(ReplayError::stopping(error)),
+                        Remedy::RetryLater => {}
                     }
                     if let Some(table) = error.table() {
                         let problems = table_problems(&link, table).await;
@@ -241,16 +261,20 @@ async fn table_problems(link: &Link, table: &RelName) -> Vec<String> {
     }
 }
 
-/// Logs a failed round; returns `false` when the connection is gone (reconnect), `true` when
-/// the same connections should retry after a pause.
-fn settings_problem(health: &mut Health, error: &ReplicaError, link: &Link) -> bool {
-    if error.is_connection_lost() || link.provider.is_closed() || link.subscriber.is_closed() {
-        health.problem(&format!("connection lost: {}", report(error)));
-        false
+/// Logs a failed round and says what to do about it: the error's remedy, except that a
+/// session found closed always means reconnecting.
+fn remedy(health: &mut Health, error: &ReplicaError, link: &Link) -> Remedy {
+    let remedy = if link.provider.is_closed() || link.subscriber.is_closed() {
+        Remedy::Reconnect
     } else {
-        health.problem(&report(error));
-        true
+        error.remedy()
+    };
+    match remedy {
+        Remedy::Reconnect => health.problem(&format!("connection lost: {}", report(error))),
+        Remedy::RetryLater => health.problem(&report(error)),
+        Remedy::Stop => {}
     }
+    remedy
 }
 
 /// Sleeps `delay` unless a stop comes first (`true`).
@@ -278,7 +302,9 @@ async fn connect(
         };
         match attempt {
             Ok(link) => return Ok(Some(link)),
-            Err(error) if error.is_configuration() => return Err(ReplayError::Connection(error)),
+            Err(error) if error.remedy() == Remedy::Stop => {
+                return Err(ReplayError::stopping(error))
+            }
             Err(error) => health.problem(&format!("database unavailable: {}", report(&error))),
         }
         if wait_or_stop(shutdown, delay).await {
@@ -300,23 +326,6 @@ async fn open_link(
     })
 }
 
-/// Connects one side with replay's session settings.
-pub async fn open_session(
-    conninfo: &ConnInfo,
-    side: &str,
-    application_name: &str,
-) -> Result<Session, ReplicaError> {
-    let session = ferry_connect::connect(conninfo, application_name)
-        .await
-        .map_err(|e| ReplicaError::connect(side, e))?;
-    session
-        .client()
-        .batch_execute(SESSION_SETTINGS)
-        .await
-        .with_context(|| format!("setting up the {side} session"))?;
-    Ok(session)
-}
-
 /// Checks both sides are installed, makes sure the consumer is registered (copying every
 /// table again if it was not: events before the registration are lost to it), and listens for
 /// the ticker's wake-ups.
@@ -330,18 +339,8 @@ async fn prepare(link: &mut Link, settings: &ReplaySettings) -> Result<(), Repli
     if !registered {
         ferry_queue::register_consumer(link.provider.client(), &settings.queue, &settings.job_name)
             .await?;
-        let resynced = link
-            .subscriber
-            .client()
-            .execute(
-                r#"update "ferry"."subscriber_table"
-                      set "state" = 'in-copy', "copy_snapshot" = null, "state_changed" = now()
-                    where "queue_name" = $1 and "state" <> 'in-copy'"#,
-                &[&settings.queue],
-            )
-            .await
-            .context("sending tables back to in-copy")?;
-        subscriber::forget_position(link.subscriber.client(), &settings.queue).await?;
+        let resynced = store::send_all_to_copy(link.subscriber.client(), &settings.queue).await?;
+        store::forget_position(link.subscriber.client(), &settings.queue).await?;
         tracing::warn!(
             queue = %settings.queue,
             consumer = %settings.job_name,
@@ -366,7 +365,7 @@ async fn prepare(link: &mut Link, settings: &ReplaySettings) -> Result<(), Repli
 /// copy anyway, that is refused, and nothing is applied until the tables are copied again.
 async fn reconcile_position(link: &Link, settings: &ReplaySettings) -> Result<(), ReplicaError> {
     let queue = settings.queue.as_str();
-    let Some(recorded) = subscriber::position(link.subscriber.client(), queue).await? else {
+    let Some(recorded) = store::position(link.subscriber.client(), queue).await? else {
         return Ok(());
     };
     let Some(consumer) = ferry_queue::consumer_info(link.provider.client(), Some(queue))
@@ -376,8 +375,9 @@ async fn reconcile_position(link: &Link, settings: &ReplaySettings) -> Result<()
     else {
         return Ok(());
     };
-    if let (Some(batch), Some(recorded_end)) = (consumer.current_batch, consumer.next_tick) {
-        if recorded_end == recorded {
+    if let (Some(batch), Some(batch_end)) = (consumer.current_batch, consumer.next_tick) {
+        if store::batch_step(Some(recorded), consumer.last_tick, batch_end) == BatchStep::FinishOnly
+        {
             // killed between the subscriber's commit and the finish: only finish it
             ferry_queue::finish_batch(link.provider.client(), batch).await?;
             tracing::info!(
@@ -401,15 +401,15 @@ async fn reconcile_position(link: &Link, settings: &ReplaySettings) -> Result<()
             );
         }
     } else if recorded < consumer.last_tick {
-        let tables = subscriber::registered_tables(link.subscriber.client(), queue).await?;
-        if tables.iter().all(|t| t.state == "in-copy") {
-            subscriber::forget_position(link.subscriber.client(), queue).await?;
+        let tables = store::tables(link.subscriber.client(), queue).await?;
+        if tables.iter().all(|t| t.state == TableState::InCopy) {
+            store::forget_position(link.subscriber.client(), queue).await?;
             tracing::info!(
                 queue,
                 "every table waits for its copy: the subscriber's old position is forgotten"
             );
         } else {
-            return Err(ReplicaError::refused(format!(
+            return Err(ReplicaError::needs_setup(format!(
                 "the subscriber has applied queue \"{queue}\" up to tick {recorded}, but consumer \"{}\" has finished batches up to tick {} on the provider: those batches never reached this subscriber (was it restored from a backup, or did it lose commits in a crash with fsync off?); copy its tables again with `ferry CONFIG subscriber resync TABLE...` for every table",
                 settings.job_name, consumer.last_tick
             )));
@@ -429,10 +429,10 @@ async fn work(
 ) -> Result<Round, ReplicaError> {
     let queue = settings.queue.as_str();
     let now = Instant::now();
-    let waiting: Vec<_> = subscriber::registered_tables(link.subscriber.client(), queue)
+    let waiting: Vec<_> = store::tables(link.subscriber.client(), queue)
         .await?
         .into_iter()
-        .filter(|t| t.state == "in-copy")
+        .filter(|t| t.state == TableState::InCopy)
         .filter(|t| copy_retry.get(&t.table).is_none_or(|at| *at <= now))
         .collect();
     let mut copies = 0;
@@ -464,7 +464,7 @@ async fn work(
             Ok(None) => {}
             // one table that cannot be copied (missing there, a column missing) must not hold
             // up the others: it stays in-copy, its events are not applied, it is tried again
-            Err(error) if error.is_refused() => {
+            Err(error) if error.needs_user() => {
                 tracing::warn!(
                     table = %table.table,
                     error = %report(&error),

@@ -55,6 +55,20 @@ impl FromStr for Snapshot {
     }
 }
 
+/// The text form PostgreSQL reads back as `txid_snapshot`: `xmin:xmax:xip,...`.
+impl std::fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:", self.xmin, self.xmax)?;
+        for (at, x) in self.xip.iter().enumerate() {
+            if at > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{x}")?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +89,13 @@ mod tests {
         assert!(!s.sees(25));
         assert!(snap("10:10:").sees(9));
         assert!("garbage".parse::<Snapshot>().is_err());
+    }
+
+    #[test]
+    fn text_round_trip() {
+        for text in ["10:20:12,15", "10:10:", "7:9:8"] {
+            assert_eq!(snap(text).to_string(), text);
+        }
     }
 
     #[test]

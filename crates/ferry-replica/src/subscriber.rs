@@ -1,5 +1,6 @@
-//! The subscriber side: installing, and choosing which of the provider's tables and sequences
-//! are replicated here.
+//! The subscriber side's commands: installing, and choosing which of the provider's tables
+//! and sequences are replicated here. What is stored here is read and written through
+//! [`crate::store`].
 
 use std::collections::BTreeMap;
 
@@ -10,6 +11,7 @@ use crate::catalog::{parse_name, table_shape, TableShape};
 use crate::error::{ReplicaError, ResultExt};
 use crate::names::{quote_ident, RelName};
 use crate::provider;
+use crate::store;
 
 /// The subscriber's catalog: position, table states, sequences, write protection.
 pub const SUBSCRIBER: Component = Component {
@@ -43,14 +45,7 @@ pub async fn install(
 ) -> Result<SubscriberInstall, ReplicaError> {
     provider::require_installed(provider).await?;
     let report = ferry_queue::install_component(subscriber, &SUBSCRIBER).await?;
-    subscriber
-        .execute(
-            r#"insert into "ferry"."subscriber_position" ("queue_name", "consumer")
-               values ($1, $2) on conflict ("queue_name") do nothing"#,
-            &[&queue, &consumer],
-        )
-        .await
-        .context("recording the queue on the subscriber")?;
+    store::record_queue(&*subscriber, queue, consumer).await?;
     let consumer_registered = ferry_queue::register_consumer(provider, queue, consumer).await?;
     Ok(SubscriberInstall {
         subscriber: report,
@@ -63,88 +58,14 @@ pub async fn require_installed(client: &Client, queue: &str) -> Result<(), Repli
     let installed = ferry_queue::installed_version_of(client, SUBSCRIBER.name)
         .await?
         .is_some()
-        && client
-            .query_one(
-                r#"select exists (select 1 from "ferry"."subscriber_position" where "queue_name" = $1)"#,
-                &[&queue],
-            )
-            .await
-            .context("reading the subscriber's queues")?
-            .get::<_, bool>(0);
+        && store::has_queue(client, queue).await?;
     if installed {
         Ok(())
     } else {
-        Err(ReplicaError::refused(format!(
+        Err(ReplicaError::needs_setup(format!(
             "ferry is not installed on the subscriber for queue \"{queue}\": run `ferry CONFIG subscriber install`"
         )))
     }
-}
-
-/// The tick of the last batch applied here for `queue` (`None` before the first batch, or
-/// after every table was sent back to copy).
-pub async fn position(
-    client: &impl GenericClient,
-    queue: &str,
-) -> Result<Option<i64>, ReplicaError> {
-    Ok(client
-        .query_opt(
-            r#"select "last_tick_id" from "ferry"."subscriber_position" where "queue_name" = $1"#,
-            &[&queue],
-        )
-        .await
-        .context("reading the subscriber's position")?
-        .and_then(|row| row.get(0)))
-}
-
-/// Forgets the position for `queue`: only right when every table of the queue here is
-/// waiting for its copy (events before the copies do not matter to them).
-pub async fn forget_position(client: &impl GenericClient, queue: &str) -> Result<(), ReplicaError> {
-    client
-        .execute(
-            r#"update "ferry"."subscriber_position" set "last_tick_id" = null, "updated" = now()
-                where "queue_name" = $1"#,
-            &[&queue],
-        )
-        .await
-        .context("resetting the subscriber's position")?;
-    Ok(())
-}
-
-/// A replicated table's state on the subscriber.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct SubscriberTable {
-    /// The table.
-    pub table: RelName,
-    /// `in-copy`, `catching-up` or `ok`.
-    pub state: String,
-    /// The snapshot the copy was made under (`catching-up` and `ok`).
-    pub copy_snapshot: Option<String>,
-    /// Keep existing rows when copying.
-    pub skip_truncate: bool,
-}
-
-/// The tables added for `queue` on this subscriber.
-pub async fn registered_tables(
-    client: &impl GenericClient,
-    queue: &str,
-) -> Result<Vec<SubscriberTable>, ReplicaError> {
-    let rows = client
-        .query(
-            r#"select "table_schema", "table_name", "state", "copy_snapshot", "skip_truncate"
-                 from "ferry"."subscriber_table" where "queue_name" = $1 order by 1, 2"#,
-            &[&queue],
-        )
-        .await
-        .context("reading the subscriber's tables")?;
-    Ok(rows
-        .iter()
-        .map(|r| SubscriberTable {
-            table: RelName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
-            state: r.get(2),
-            copy_snapshot: r.get(3),
-            skip_truncate: r.get(4),
-        })
-        .collect())
 }
 
 /// One line of `subscriber tables`.
@@ -168,8 +89,8 @@ pub async fn table_states(
         .into_iter()
         .map(|t| (t, NOT_ADDED.to_string()))
         .collect();
-    for t in registered_tables(subscriber, queue).await? {
-        all.insert(t.table, t.state);
+    for t in store::tables(subscriber, queue).await? {
+        all.insert(t.table, t.state.name().to_string());
     }
     Ok(all
         .into_iter()
@@ -198,12 +119,12 @@ pub async fn add_table(
 ) -> Result<(RelName, bool), ReplicaError> {
     let name = parse_name(provider, table).await?;
     if !provider::tables(provider, queue).await?.contains(&name) {
-        return Err(ReplicaError::refused(format!(
+        return Err(ReplicaError::needs_setup(format!(
             "{name} is not registered on the provider for queue \"{queue}\": run `ferry CONFIG provider add {name}` first"
         )));
     }
     let Some(source) = table_shape(provider, &name).await? else {
-        return Err(ReplicaError::refused(format!(
+        return Err(ReplicaError::schema_mismatch(format!(
             "{name} is registered on the provider but does not exist there any more"
         )));
     };
@@ -216,23 +137,16 @@ pub async fn add_table(
                 .expect("table just created")
         }
         None => {
-            return Err(ReplicaError::refused(format!(
+            return Err(ReplicaError::schema_mismatch(format!(
                 "table {name} does not exist on the subscriber: create it (pg_dump -s of the provider) or add it with --create"
             )))
         }
     };
     if let Some(problem) = column_problems(&source, &target).into_iter().next() {
-        return Err(ReplicaError::refused(problem));
+        return Err(ReplicaError::schema_mismatch(problem));
     }
-    let added: i32 = subscriber
-        .query_one(
-            r#"select "ferry"."subscriber_add_table"($1, $2, $3, $4)"#,
-            &[&queue, &name.schema, &name.name, &options.skip_truncate],
-        )
-        .await
-        .with_context(|| format!("adding {name} on the subscriber"))?
-        .get(0);
-    Ok((name, added == 1))
+    let added = store::add_table(subscriber, queue, &name, options.skip_truncate).await?;
+    Ok((name, added))
 }
 
 /// Differences between a provider table and its subscriber table that stop replication:
@@ -348,15 +262,8 @@ pub async fn remove_table(
     table: &str,
 ) -> Result<(RelName, bool), ReplicaError> {
     let name = parse_name(client, table).await?;
-    let removed: i32 = client
-        .query_one(
-            r#"select "ferry"."subscriber_remove_table"($1, $2, $3)"#,
-            &[&queue, &name.schema, &name.name],
-        )
-        .await
-        .with_context(|| format!("removing {name} on the subscriber"))?
-        .get(0);
-    Ok((name, removed == 1))
+    let removed = store::remove_table(client, queue, &name).await?;
+    Ok((name, removed))
 }
 
 /// Makes replay copy a table again. Returns it and whether it is added here.
@@ -366,31 +273,8 @@ pub async fn resync_table(
     table: &str,
 ) -> Result<(RelName, bool), ReplicaError> {
     let name = parse_name(client, table).await?;
-    let done: i32 = client
-        .query_one(
-            r#"select "ferry"."subscriber_resync_table"($1, $2, $3)"#,
-            &[&queue, &name.schema, &name.name],
-        )
-        .await
-        .with_context(|| format!("resyncing {name}"))?
-        .get(0);
-    Ok((name, done == 1))
-}
-
-/// The sequences kept in step here for `queue`.
-pub async fn seqs(client: &impl GenericClient, queue: &str) -> Result<Vec<RelName>, ReplicaError> {
-    let rows = client
-        .query(
-            r#"select "seq_schema", "seq_name" from "ferry"."subscriber_seq"
-                where "queue_name" = $1 order by 1, 2"#,
-            &[&queue],
-        )
-        .await
-        .context("listing the subscriber's sequences")?;
-    Ok(rows
-        .iter()
-        .map(|r| RelName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
-        .collect())
+    let done = store::resync_table(client, queue, &name).await?;
+    Ok((name, done))
 }
 
 /// Keeps a provider sequence of `queue` in step here; it must exist on both sides and be
@@ -403,7 +287,7 @@ pub async fn add_seq(
 ) -> Result<(RelName, bool), ReplicaError> {
     let name = parse_name(provider, seq).await?;
     if !provider::seqs(provider, queue).await?.contains(&name) {
-        return Err(ReplicaError::refused(format!(
+        return Err(ReplicaError::needs_setup(format!(
             "sequence {name} is not registered on the provider for queue \"{queue}\": run `ferry CONFIG provider add-seq {name}` first"
         )));
     }
@@ -416,19 +300,17 @@ pub async fn add_seq(
         .with_context(|| format!("looking for sequence {name}"))?
         .get(0);
     if kind != Some(b'S' as i8) {
-        return Err(ReplicaError::refused(format!(
+        return Err(ReplicaError::schema_mismatch(format!(
             "sequence {name} does not exist on the subscriber: create it (pg_dump -s of the provider)"
         )));
     }
-    let added = subscriber
-        .execute(
-            r#"insert into "ferry"."subscriber_seq" ("queue_name", "seq_schema", "seq_name")
-               values ($1, $2, $3) on conflict do nothing"#,
-            &[&queue, &name.schema, &name.name],
-        )
-        .await
-        .with_context(|| format!("adding sequence {name} on the subscriber"))?;
-    Ok((name, added == 1))
+    let added = store::add_seq(subscriber, queue, &name).await?;
+    Ok((name, added))
+}
+
+/// The sequences kept in step here for `queue`.
+pub async fn seqs(client: &impl GenericClient, queue: &str) -> Result<Vec<RelName>, ReplicaError> {
+    store::seqs(client, queue).await
 }
 
 /// Stops keeping a sequence in step. Returns it and whether it was added.
@@ -438,15 +320,8 @@ pub async fn remove_seq(
     seq: &str,
 ) -> Result<(RelName, bool), ReplicaError> {
     let name = parse_name(client, seq).await?;
-    let removed = client
-        .execute(
-            r#"delete from "ferry"."subscriber_seq"
-                where "queue_name" = $1 and "seq_schema" = $2 and "seq_name" = $3"#,
-            &[&queue, &name.schema, &name.name],
-        )
-        .await
-        .with_context(|| format!("removing sequence {name} on the subscriber"))?;
-    Ok((name, removed == 1))
+    let removed = store::remove_seq(client, queue, &name).await?;
+    Ok((name, removed))
 }
 
 /// What the provider carries for `queue` that this subscriber has not added: (tables, sequences).
@@ -455,7 +330,7 @@ pub async fn missing(
     provider: &Client,
     queue: &str,
 ) -> Result<(Vec<RelName>, Vec<RelName>), ReplicaError> {
-    let here: Vec<RelName> = registered_tables(subscriber, queue)
+    let here: Vec<RelName> = store::tables(subscriber, queue)
         .await?
         .into_iter()
         .map(|t| t.table)
@@ -465,7 +340,7 @@ pub async fn missing(
         .into_iter()
         .filter(|t| !here.contains(t))
         .collect();
-    let seqs_here = seqs(subscriber, queue).await?;
+    let seqs_here = store::seqs(subscriber, queue).await?;
     let seqs = provider::seqs(provider, queue)
         .await?
         .into_iter()
@@ -483,7 +358,7 @@ pub async fn check(
 ) -> Result<Vec<String>, ReplicaError> {
     let registered = provider::tables(provider, queue).await?;
     let mut problems = Vec::new();
-    for t in registered_tables(subscriber, queue).await? {
+    for t in store::tables(subscriber, queue).await? {
         let name = &t.table;
         if !registered.contains(name) {
             problems.push(format!(

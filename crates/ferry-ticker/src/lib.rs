@@ -9,7 +9,7 @@ use std::time::Duration;
 use ferry_connect::{ConnInfo, ConnectError, Session};
 use ferry_daemon::failpoint::{self, failpoint};
 use ferry_daemon::logging::one_line as report;
-use ferry_daemon::{Health, Reload, Shutdown};
+use ferry_daemon::{Health, Reload, Remedy, Shutdown};
 use ferry_queue::QueueError;
 use tokio::time::{interval, sleep, Instant, MissedTickBehavior};
 
@@ -116,7 +116,7 @@ pub async fn run(
             };
             match outcome {
                 Ok(()) => health.ok(),
-                Err(error) if error.is_connection_lost() || session.is_closed() => {
+                Err(error) if error.remedy() == Remedy::Reconnect || session.is_closed() => {
                     health.problem(&format!("database connection lost: {}", report(&error)));
                     continue 'connect;
                 }

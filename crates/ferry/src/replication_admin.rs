@@ -57,10 +57,10 @@ where
         .block_on(async {
             let name = format!("ferry admin {}", settings.job_name);
             let provider =
-                ferry_replica::replay::open_session(&settings.provider, "provider", &name).await?;
+                ferry_replica::open_session(&settings.provider, "provider", &name).await?;
             let subscriber = if with_subscriber {
                 Some(
-                    ferry_replica::replay::open_session(&settings.subscriber, "subscriber", &name)
+                    ferry_replica::open_session(&settings.subscriber, "subscriber", &name)
                         .await?,
                 )
             } else {

@@ -1,0 +1,283 @@
+//! Applying one batch to the subscriber: every event of the batch, the sequences, and the
+//! batch's tick as the new position, in ONE subscriber transaction; then the batch is
+//! finished on the provider. A batch whose tick is already recorded is only finished, so a
+//! crash between the subscriber's commit and the provider's finish repeats nothing.
+//!
+//! This module is the batch protocol; [`page`] applies a page of events (set-wise or in event
+//! order), [`sql`] builds the statements, [`pipeline`] moves rows without waiting on round
+//! trips, [`cache`] keeps statements and shapes, [`sequences`] moves sequences forward.
+
+mod cache;
+mod page;
+mod pipeline;
+mod sequences;
+mod sql;
+
+use std::collections::HashMap;
+
+use ferry_daemon::failpoint::{self, failpoint};
+use ferry_queue::{Batch, BatchCursor};
+use tokio_postgres::{Client, Transaction};
+
+use crate::error::{ReplicaError, ResultExt};
+use crate::names::RelName;
+use crate::provider;
+use crate::snapshot::Snapshot;
+use crate::store::{self, BatchStep, TableState};
+
+use cache::TableCache;
+use pipeline::{send_set_statements, ChunkReader, InFlight, CHUNK_EVENTS};
+
+/// What applying a batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// The batch's changes are now on the subscriber.
+    Applied {
+        /// Events applied.
+        applied: u64,
+        /// Events skipped: of tables not (yet) replicated here, or already in a copy.
+        skipped: u64,
+        /// Tables that became `ok` with this batch.
+        tables_ok: u64,
+    },
+    /// The subscriber had this batch already (a crash hit after its commit); only finished.
+    AlreadyApplied,
+    /// The batch does not start at the subscriber's position (`recorded`): nothing applied;
+    /// the consumer's position on the queue must be reconciled first.
+    OutOfStep {
+        /// The tick the subscriber has applied up to.
+        recorded: i64,
+    },
+}
+
+/// How a batch's events reach the subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Independent tables reduced per page and applied with a few statements each.
+    SetWise,
+    /// One statement per event, in event order.
+    EventOrder,
+}
+
+/// The subscriber's tables as one batch sees them, keyed the way events name them
+/// (`"schema"."name"`).
+type BatchTables = HashMap<String, (RelName, TableState)>;
+
+/// Finishes batch `batch_id` on the provider without waiting for the provider's WAL flush.
+/// Safe because the subscriber's position, committed before, is what makes replay exactly
+/// once: if a provider crash loses this finish, the batch is handed out again and only
+/// finished (its tick is already recorded on the subscriber). Any later durable commit on the
+/// provider (a rotation, say) flushes it first.
+async fn finish_without_flush(provider: &Client, batch_id: i64) -> Result<(), ReplicaError> {
+    provider
+        .batch_execute(&format!(
+            r#"begin; set local synchronous_commit = off; select "ferry"."finish_batch"({batch_id}); commit;"#
+        ))
+        .await
+        .with_context(|| format!("finishing batch {batch_id}"))
+}
+
+/// Applies batches; keeps prepared statements and table shapes between them. Call
+/// [`Applier::forget_tables`] after an error (a shape may have changed) or a reconnect
+/// (statements die with the session).
+#[derive(Default)]
+pub struct Applier {
+    cache: TableCache,
+    /// A batch whose set-wise apply failed: tried again, it goes straight to event order.
+    event_order_batch: Option<i64>,
+}
+
+impl Applier {
+    /// Applies `batch` of `queue` and finishes it on the provider. Independent tables (see
+    /// [`crate::catalog::TableShape::independent`]) are applied set-wise; if that fails for
+    /// any reason but a lost connection, the batch is applied again in plain event order,
+    /// which either works or fails with the precise event, table and key.
+    pub async fn apply_batch(
+        &mut self,
+        provider: &mut Client,
+        subscriber: &mut Client,
+        queue: &str,
+        batch: &Batch,
+    ) -> Result<BatchOutcome, ReplicaError> {
+        if self.event_order_batch == Some(batch.id) {
+            return self
+                .apply_batch_in(provider, subscriber, queue, batch, Mode::EventOrder)
+                .await;
+        }
+        match self
+            .apply_batch_in(provider, subscriber, queue, batch, Mode::SetWise)
+            .await
+        {
+            Err(error)
+                if !(error.is_connection_lost()
+                    || provider.is_closed()
+                    || subscriber.is_closed()) =>
+            {
+                tracing::info!(
+                    batch = batch.id,
+                    error = %ferry_daemon::logging::one_line(&error),
+                    "set-wise apply failed; applying the batch again in event order"
+                );
+                self.cache.forget_shapes();
+                self.event_order_batch = Some(batch.id);
+                self.apply_batch_in(provider, subscriber, queue, batch, Mode::EventOrder)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// Forgets prepared statements and table shapes (after an error: a table may have
+    /// changed; after a reconnect: statements die with their session), but not which batch
+    /// must go in event order.
+    pub fn forget_tables(&mut self) {
+        self.cache.clear();
+    }
+
+    async fn apply_batch_in(
+        &mut self,
+        provider: &mut Client,
+        subscriber: &mut Client,
+        queue: &str,
+        batch: &Batch,
+        mode: Mode,
+    ) -> Result<BatchOutcome, ReplicaError> {
+        let stx = subscriber
+            .transaction()
+            .await
+            .context("starting the batch's subscriber transaction")?;
+        // sent together: one round trip
+        let (replay_on, position) = tokio::join!(
+            // the batch's commit must be durable before the batch is finished on the
+            // provider: with synchronous_commit off a crash could lose an applied batch
+            stx.batch_execute(
+                "set local ferry.replay = 'on'; \
+                 select pg_catalog.set_config('synchronous_commit', 'local', true) \
+                  where pg_catalog.current_setting('synchronous_commit') = 'off'"
+            ),
+            store::lock_position(&stx, queue)
+        );
+        replay_on.context("starting the batch's subscriber transaction")?;
+        match store::batch_step(position?, batch.prev_tick.id, batch.cur_tick.id) {
+            BatchStep::Apply => {}
+            BatchStep::FinishOnly => {
+                drop(stx);
+                finish_without_flush(provider, batch.id).await?;
+                return Ok(BatchOutcome::AlreadyApplied);
+            }
+            BatchStep::OutOfStep { recorded } => return Ok(BatchOutcome::OutOfStep { recorded }),
+        }
+
+        let (ptx, tables) = tokio::join!(provider.transaction(), batch_tables(&stx, queue));
+        let ptx = ptx.context("starting the batch's provider transaction")?;
+        let tables = tables?;
+        let mut applied = 0;
+        let mut skipped = 0;
+        // parts of a chunk's size: the provider sorts a chunk's worth at a time, so the first
+        // chunk of a big batch comes at once
+        let mut reader = ChunkReader::new(
+            BatchCursor::open_in_parts(&ptx, batch.id, CHUNK_EVENTS as i64).await?,
+        );
+        // Three chunks at a time: the provider reads the next one, replay reduces this one,
+        // the subscriber runs the statements of the one before. Those statements are sent
+        // (polled once) before this chunk's work starts, so the subscriber runs everything in
+        // chunk order; a failure of theirs is reported before anything this chunk did.
+        {
+            let mut in_flight: Option<InFlight<'_>> = None;
+            let mut chunk = reader.next_chunk().await?;
+            while !chunk.is_empty() {
+                let (ran, next, prepared) = tokio::join!(
+                    async {
+                        match in_flight.take() {
+                            Some(statements) => statements.await,
+                            None => Ok(()),
+                        }
+                    },
+                    reader.next_chunk(),
+                    self.prepare_page(&stx, &tables, &chunk, mode)
+                );
+                ran?;
+                let (statements, page_applied, page_skipped) = prepared?;
+                applied += page_applied;
+                skipped += page_skipped;
+                in_flight = Some(send_set_statements(&stx, statements).await);
+                chunk = next?;
+            }
+            if let Some(statements) = in_flight.take() {
+                statements.await?;
+            }
+        }
+        drop(reader);
+        let tables_ok = mark_caught_up(&ptx, &stx, queue, batch, &tables).await?;
+        let seq_values = provider::seq_values(&ptx, queue).await?;
+        // the provider's read-only transaction ends while the subscriber records its position
+        let (provider_done, subscriber_done) = tokio::join!(ptx.commit(), async {
+            sequences::sync_sequences(&stx, queue, &seq_values).await?;
+            store::record_position(&stx, queue, batch.cur_tick.id).await
+        });
+        provider_done.context("ending the batch's provider transaction")?;
+        subscriber_done?;
+        failpoint(failpoint::REPLAY_BEFORE_SUBSCRIBER_COMMIT);
+        stx.commit()
+            .await
+            .with_context(|| format!("committing batch {}", batch.id))?;
+        failpoint(failpoint::REPLAY_BEFORE_FINISH);
+        finish_without_flush(provider, batch.id).await?;
+        Ok(BatchOutcome::Applied {
+            applied,
+            skipped,
+            tables_ok,
+        })
+    }
+}
+
+/// The subscriber's tables of `queue`, keyed the way events name them.
+async fn batch_tables(stx: &Transaction<'_>, queue: &str) -> Result<BatchTables, ReplicaError> {
+    Ok(store::tables(stx, queue)
+        .await?
+        .into_iter()
+        .map(|t| (t.table.quoted(), (t.table, t.state)))
+        .collect())
+}
+
+/// Marks `ok` the catching-up tables whose copy the batch's tick has fully seen: no later
+/// batch can hold an event of a transaction their copy contains. Returns how many.
+async fn mark_caught_up(
+    ptx: &Transaction<'_>,
+    stx: &Transaction<'_>,
+    queue: &str,
+    batch: &Batch,
+    tables: &BatchTables,
+) -> Result<u64, ReplicaError> {
+    let catching_up: Vec<(&RelName, &Snapshot)> = tables
+        .values()
+        .filter_map(|(name, state)| match state {
+            TableState::CatchingUp(copy) => Some((name, copy)),
+            _ => None,
+        })
+        .collect();
+    if catching_up.is_empty() {
+        return Ok(0);
+    }
+    let tick: Snapshot = ferry_queue::tick_snapshot(ptx, queue, batch.cur_tick.id)
+        .await?
+        .ok_or_else(|| {
+            ReplicaError::corrupt(format!(
+                "tick {} of queue \"{queue}\" is gone while its batch is open",
+                batch.cur_tick.id
+            ))
+        })?
+        .parse()
+        .map_err(ReplicaError::corrupt)?;
+    let mut became_ok = 0;
+    for (table, copy) in catching_up {
+        if !tick.sees_all_of(copy) {
+            continue;
+        }
+        if store::mark_ok(stx, queue, table).await? {
+            tracing::info!(table = %table, batch = batch.id, "table caught up: ok");
+            became_ok += 1;
+        }
+    }
+    Ok(became_ok)
+}

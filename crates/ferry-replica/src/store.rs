@@ -1,0 +1,494 @@
+//! The subscriber's store: the only code that reads or writes `ferry.subscriber_position`,
+//! `ferry.subscriber_table` and `ferry.subscriber_seq` (see `sql/subscriber/`).
+//!
+//! A table's state is parsed once, into [`TableState`], and changes only through the
+//! transitions here, each of which names the state it leaves in its `where` clause, so a
+//! transition that races with another (a `resync` during a copy, say) changes nothing:
+//!
+//! ```text
+//!  add ──▶ InCopy ──record_copied──▶ CatchingUp(snapshot) ──mark_ok──▶ Ok
+//!            ▲                                                          │
+//!            └──────────── resync / send_all_to_copy ◀──────────────────┘
+//! ```
+//!
+//! The position (the tick of the last batch applied here) is written in the same
+//! transaction as each batch's changes; [`batch_step`] is the one rule comparing it with a
+//! batch or with the queue's record of the consumer.
+
+use tokio_postgres::{GenericClient, Transaction};
+
+use crate::error::{ReplicaError, ResultExt};
+use crate::names::RelName;
+use crate::snapshot::Snapshot;
+
+/// A replicated table's state on the subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableState {
+    /// Waiting for (or in) its initial copy: replay skips its events, which the copy will
+    /// contain.
+    InCopy,
+    /// Copied under this provider snapshot: events of transactions it saw are skipped.
+    CatchingUp(Snapshot),
+    /// Every event is applied.
+    Ok,
+}
+
+impl TableState {
+    /// The name stored in `subscriber_table.state` and shown by `subscriber tables`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TableState::InCopy => "in-copy",
+            TableState::CatchingUp(_) => "catching-up",
+            TableState::Ok => "ok",
+        }
+    }
+
+    /// The state stored as `state` with `copy_snapshot`; anything else is corrupt.
+    fn parse(state: &str, copy_snapshot: Option<&str>) -> Result<TableState, String> {
+        match (state, copy_snapshot) {
+            ("in-copy", _) => Ok(TableState::InCopy),
+            ("catching-up", Some(snapshot)) => Ok(TableState::CatchingUp(snapshot.parse()?)),
+            ("catching-up", None) => Err("catching-up without the copy's snapshot".into()),
+            ("ok", _) => Ok(TableState::Ok),
+            (other, _) => Err(format!("unknown state {other:?}")),
+        }
+    }
+
+    /// Whether an event of transaction `txid` is applied to a table in this state.
+    pub fn applies(&self, txid: i64) -> bool {
+        match self {
+            TableState::InCopy => false,
+            TableState::CatchingUp(copy) => !copy.sees(txid),
+            TableState::Ok => true,
+        }
+    }
+}
+
+impl std::fmt::Display for TableState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl serde::Serialize for TableState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
+/// A replicated table as stored on the subscriber.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoredTable {
+    /// The table.
+    pub table: RelName,
+    /// Its state.
+    pub state: TableState,
+    /// Keep the rows already here when copying (`subscriber add --skip-truncate`).
+    pub skip_truncate: bool,
+}
+
+/// The tables added for `queue` here, by name.
+pub async fn tables(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Vec<StoredTable>, ReplicaError> {
+    let rows = client
+        .query(
+            r#"select "table_schema", "table_name", "state", "copy_snapshot", "skip_truncate"
+                 from "ferry"."subscriber_table" where "queue_name" = $1 order by 1, 2"#,
+            &[&queue],
+        )
+        .await
+        .context("reading the subscriber's tables")?;
+    rows.iter()
+        .map(|r| {
+            let table = RelName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+            let state = TableState::parse(r.get(2), r.get(3)).map_err(|e| {
+                ReplicaError::corrupt(format!("the stored state of {table} cannot be read: {e}"))
+            })?;
+            Ok(StoredTable {
+                table,
+                state,
+                skip_truncate: r.get(4),
+            })
+        })
+        .collect()
+}
+
+/// Locks `table`'s state for its copy, in the copy's transaction. `None` when the table is
+/// no longer waiting for a copy (removed, or copied meanwhile); otherwise whether to keep the
+/// rows already here.
+pub async fn claim_for_copy(
+    stx: &Transaction<'_>,
+    queue: &str,
+    table: &RelName,
+) -> Result<Option<bool>, ReplicaError> {
+    Ok(stx
+        .query_opt(
+            r#"select "skip_truncate" from "ferry"."subscriber_table"
+                where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3
+                  and "state" = 'in-copy'
+                  for update"#,
+            &[&queue, &table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("locking the state of {table}"))?
+        .map(|row| row.get(0)))
+}
+
+/// `InCopy` → `CatchingUp(snapshot)`: the copy of `rows` rows under `snapshot` is in this
+/// transaction.
+pub async fn record_copied(
+    stx: &Transaction<'_>,
+    queue: &str,
+    table: &RelName,
+    snapshot: &Snapshot,
+    rows: u64,
+) -> Result<(), ReplicaError> {
+    let changed = stx
+        .execute(
+            r#"update "ferry"."subscriber_table"
+                  set "state" = 'catching-up', "copy_snapshot" = $4, "copied_rows" = $5,
+                      "state_changed" = now()
+                where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3
+                  and "state" = 'in-copy'"#,
+            &[
+                &queue,
+                &table.schema,
+                &table.name,
+                &snapshot.to_string(),
+                &(rows as i64),
+            ],
+        )
+        .await
+        .with_context(|| format!("recording the copy of {table}"))?;
+    expect_one(changed, table, "in-copy", "catching-up")
+}
+
+/// `CatchingUp` → `Ok`, in the transaction of the batch whose tick saw everything the copy
+/// saw. `false` when the table is no longer catching up (a `resync` or `remove` committed
+/// since the batch read the states): it is left as that left it.
+pub async fn mark_ok(
+    stx: &Transaction<'_>,
+    queue: &str,
+    table: &RelName,
+) -> Result<bool, ReplicaError> {
+    let changed = stx
+        .execute(
+            r#"update "ferry"."subscriber_table" set "state" = 'ok', "state_changed" = now()
+                where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3
+                  and "state" = 'catching-up'"#,
+            &[&queue, &table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("marking {table} ok"))?;
+    Ok(changed == 1)
+}
+
+/// A transition that found its table in another state than the one it leaves although the
+/// transaction making it holds the state's lock: a broken invariant.
+fn expect_one(changed: u64, table: &RelName, from: &str, to: &str) -> Result<(), ReplicaError> {
+    if changed == 1 {
+        Ok(())
+    } else {
+        Err(ReplicaError::corrupt(format!(
+            "{table} was not {from} when it was to become {to}"
+        )))
+    }
+}
+
+/// Every table of `queue` here back to `InCopy` (the consumer had to be registered anew:
+/// events before that are lost to it). Returns how many tables changed.
+pub async fn send_all_to_copy(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<u64, ReplicaError> {
+    client
+        .execute(
+            r#"update "ferry"."subscriber_table"
+                  set "state" = 'in-copy', "copy_snapshot" = null, "copied_rows" = null,
+                      "state_changed" = now()
+                where "queue_name" = $1 and "state" <> 'in-copy'"#,
+            &[&queue],
+        )
+        .await
+        .context("sending tables back to in-copy")
+}
+
+/// Adds `table` for `queue` (`InCopy`) and protects it from writers other than replay
+/// (`ferry.subscriber_add_table`). `true` when new.
+pub async fn add_table(
+    client: &impl GenericClient,
+    queue: &str,
+    table: &RelName,
+    skip_truncate: bool,
+) -> Result<bool, ReplicaError> {
+    let added: i32 = client
+        .query_one(
+            r#"select "ferry"."subscriber_add_table"($1, $2, $3, $4)"#,
+            &[&queue, &table.schema, &table.name, &skip_truncate],
+        )
+        .await
+        .with_context(|| format!("adding {table} on the subscriber"))?
+        .get(0);
+    Ok(added == 1)
+}
+
+/// Stops replicating `table` here and lifts its protection. `true` when it was added.
+pub async fn remove_table(
+    client: &impl GenericClient,
+    queue: &str,
+    table: &RelName,
+) -> Result<bool, ReplicaError> {
+    let removed: i32 = client
+        .query_one(
+            r#"select "ferry"."subscriber_remove_table"($1, $2, $3)"#,
+            &[&queue, &table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("removing {table} on the subscriber"))?
+        .get(0);
+    Ok(removed == 1)
+}
+
+/// Any state → `InCopy` for one table: replay copies it again. `true` when it is added here.
+pub async fn resync_table(
+    client: &impl GenericClient,
+    queue: &str,
+    table: &RelName,
+) -> Result<bool, ReplicaError> {
+    let done: i32 = client
+        .query_one(
+            r#"select "ferry"."subscriber_resync_table"($1, $2, $3)"#,
+            &[&queue, &table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("resyncing {table}"))?
+        .get(0);
+    Ok(done == 1)
+}
+
+/// The sequences kept in step here for `queue`.
+pub async fn seqs(client: &impl GenericClient, queue: &str) -> Result<Vec<RelName>, ReplicaError> {
+    let rows = client
+        .query(
+            r#"select "seq_schema", "seq_name" from "ferry"."subscriber_seq"
+                where "queue_name" = $1 order by 1, 2"#,
+            &[&queue],
+        )
+        .await
+        .context("listing the subscriber's sequences")?;
+    Ok(rows
+        .iter()
+        .map(|r| RelName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// Keeps `seq` in step here for `queue`. `true` when new.
+pub async fn add_seq(
+    client: &impl GenericClient,
+    queue: &str,
+    seq: &RelName,
+) -> Result<bool, ReplicaError> {
+    let added = client
+        .execute(
+            r#"insert into "ferry"."subscriber_seq" ("queue_name", "seq_schema", "seq_name")
+               values ($1, $2, $3) on conflict do nothing"#,
+            &[&queue, &seq.schema, &seq.name],
+        )
+        .await
+        .with_context(|| format!("adding sequence {seq} on the subscriber"))?;
+    Ok(added == 1)
+}
+
+/// Stops keeping `seq` in step. `true` when it was added.
+pub async fn remove_seq(
+    client: &impl GenericClient,
+    queue: &str,
+    seq: &RelName,
+) -> Result<bool, ReplicaError> {
+    let removed = client
+        .execute(
+            r#"delete from "ferry"."subscriber_seq"
+                where "queue_name" = $1 and "seq_schema" = $2 and "seq_name" = $3"#,
+            &[&queue, &seq.schema, &seq.name],
+        )
+        .await
+        .with_context(|| format!("removing sequence {seq} on the subscriber"))?;
+    Ok(removed == 1)
+}
+
+/// Records that this subscriber replicates `queue` as `consumer` (no position yet). Running
+/// it again changes nothing.
+pub async fn record_queue(
+    client: &impl GenericClient,
+    queue: &str,
+    consumer: &str,
+) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            r#"insert into "ferry"."subscriber_position" ("queue_name", "consumer")
+               values ($1, $2) on conflict ("queue_name") do nothing"#,
+            &[&queue, &consumer],
+        )
+        .await
+        .context("recording the queue on the subscriber")?;
+    Ok(())
+}
+
+/// Whether this subscriber replicates `queue` (its store is installed and the queue
+/// recorded).
+pub async fn has_queue(client: &impl GenericClient, queue: &str) -> Result<bool, ReplicaError> {
+    Ok(client
+        .query_one(
+            r#"select exists (select 1 from "ferry"."subscriber_position" where "queue_name" = $1)"#,
+            &[&queue],
+        )
+        .await
+        .context("reading the subscriber's queues")?
+        .get(0))
+}
+
+/// The tick of the last batch applied here for `queue` (`None` before the first batch, or
+/// after every table was sent back to copy).
+pub async fn position(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Option<i64>, ReplicaError> {
+    Ok(client
+        .query_opt(
+            r#"select "last_tick_id" from "ferry"."subscriber_position" where "queue_name" = $1"#,
+            &[&queue],
+        )
+        .await
+        .context("reading the subscriber's position")?
+        .and_then(|row| row.get(0)))
+}
+
+/// The position for `queue`, locked until the batch's transaction ends: no other replay
+/// can apply a batch meanwhile.
+pub async fn lock_position(
+    stx: &Transaction<'_>,
+    queue: &str,
+) -> Result<Option<i64>, ReplicaError> {
+    Ok(stx
+        .query_opt(
+            r#"select "last_tick_id" from "ferry"."subscriber_position"
+                where "queue_name" = $1 for update"#,
+            &[&queue],
+        )
+        .await
+        .context("reading the subscriber's position")?
+        .ok_or_else(|| {
+            ReplicaError::needs_setup(format!(
+                "ferry is not installed on the subscriber for queue \"{queue}\": run `ferry CONFIG subscriber install`"
+            ))
+        })?
+        .get(0))
+}
+
+/// Records `tick` as the position, in the batch's transaction.
+pub async fn record_position(
+    stx: &Transaction<'_>,
+    queue: &str,
+    tick: i64,
+) -> Result<(), ReplicaError> {
+    stx.execute(
+        r#"update "ferry"."subscriber_position" set "last_tick_id" = $2, "updated" = now()
+            where "queue_name" = $1"#,
+        &[&queue, &tick],
+    )
+    .await
+    .context("recording the subscriber's position")?;
+    Ok(())
+}
+
+/// Forgets the position for `queue`: only right when every table of the queue here is
+/// waiting for its copy (events before the copies do not matter to them).
+pub async fn forget_position(client: &impl GenericClient, queue: &str) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            r#"update "ferry"."subscriber_position" set "last_tick_id" = null, "updated" = now()
+                where "queue_name" = $1"#,
+            &[&queue],
+        )
+        .await
+        .context("resetting the subscriber's position")?;
+    Ok(())
+}
+
+/// What to do with a batch from tick `prev` to tick `cur`, given the subscriber's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchStep {
+    /// The batch starts where the subscriber is (or the subscriber has no position yet):
+    /// apply it.
+    Apply,
+    /// The subscriber has this batch already (a stop hit after its commit and before the
+    /// provider's finish): only finish it on the provider.
+    FinishOnly,
+    /// The batch does not start at the subscriber's position (`recorded`): nothing may be
+    /// applied until the queue's record of the consumer is reconciled with it.
+    OutOfStep {
+        /// The tick the subscriber has applied up to.
+        recorded: i64,
+    },
+}
+
+/// The one rule for a batch against the subscriber's position (`recorded`): used under the
+/// position's lock before applying, and at start-up against the consumer's open batch.
+pub fn batch_step(recorded: Option<i64>, prev: i64, cur: i64) -> BatchStep {
+    match recorded {
+        Some(at) if at == cur => BatchStep::FinishOnly,
+        Some(at) if at != prev => BatchStep::OutOfStep { recorded: at },
+        _ => BatchStep::Apply,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_parse_once_and_print_their_stored_name() {
+        for (name, snapshot) in [
+            ("in-copy", None),
+            ("catching-up", Some("5:9:7")),
+            ("ok", None),
+        ] {
+            let state = TableState::parse(name, snapshot).unwrap();
+            assert_eq!(state.name(), name);
+            assert_eq!(
+                serde_json::to_string(&state).unwrap(),
+                format!("\"{name}\"")
+            );
+        }
+        assert!(TableState::parse("catching-up", None).is_err());
+        assert!(TableState::parse("catching-up", Some("garbage")).is_err());
+        assert!(TableState::parse("copying", None).is_err());
+    }
+
+    #[test]
+    fn which_events_a_state_applies() {
+        assert!(!TableState::InCopy.applies(3));
+        assert!(TableState::Ok.applies(3));
+        let catching_up = TableState::CatchingUp("5:9:7".parse().unwrap());
+        assert!(!catching_up.applies(4), "seen by the copy");
+        assert!(catching_up.applies(7), "running when the copy was taken");
+        assert!(catching_up.applies(9), "started after the copy");
+    }
+
+    #[test]
+    fn a_batch_against_the_position() {
+        assert_eq!(batch_step(None, 4, 5), BatchStep::Apply);
+        assert_eq!(batch_step(Some(4), 4, 5), BatchStep::Apply);
+        assert_eq!(batch_step(Some(5), 4, 5), BatchStep::FinishOnly);
+        assert_eq!(
+            batch_step(Some(3), 4, 5),
+            BatchStep::OutOfStep { recorded: 3 }
+        );
+        assert_eq!(
+            batch_step(Some(9), 4, 5),
+            BatchStep::OutOfStep { recorded: 9 }
+        );
+    }
+}

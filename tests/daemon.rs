@@ -217,6 +217,61 @@ fn configuration_errors_exit_2_with_one_line_naming_file_section_and_key() {
     assert_eq!(ferry(&[]).status.code(), Some(2));
 }
 
+/// The command line is one clap tree: help at every level, an option a command does not take
+/// refused naming it (exit 2), and completions, the man page and the example config generated
+/// from the same definitions.
+#[test]
+fn the_command_tree_helps_refuses_and_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("any.ini");
+    let config = config.to_str().unwrap();
+
+    let help = ferry(&[config, "subscriber", "--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&help.stdout);
+    for command in ["install", "add", "resync", "tables", "missing", "check"] {
+        assert!(text.contains(command), "{command} missing from {text}");
+    }
+    let help = ferry(&[config, "subscriber", "add", "--help"]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("ferry CONFIG subscriber add"), "{text}");
+    for option in ["--all", "--create", "--skip-truncate", "-d, --daemon"] {
+        assert!(text.contains(option), "{option} missing from {text}");
+    }
+
+    for (args, option) in [
+        (vec![config, "provider", "tables", "--create"], "--create"),
+        (vec![config, "ticker", "--force"], "--force"),
+        (vec![config, "status", "--all"], "--all"),
+    ] {
+        let out = ferry(&args);
+        let stderr = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("ferry: unexpected argument '{option}'")),
+            "{args:?}: {stderr}"
+        );
+    }
+    let out = ferry(&[config, "provider", "add"]);
+    assert_eq!(out.status.code(), Some(2), "a table or --all is required");
+    let out = ferry(&["-d", config, "status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr_of(&out).contains("-d (--daemon) is for `ticker` and `replay` only"));
+
+    let completions = ferry_ok(&["completions", "bash"]);
+    assert!(completions.contains("_ferry()") && completions.contains("skip-truncate"));
+    let man = ferry_ok(&["man"]);
+    assert!(
+        man.contains(".TH ferry 1") && man.contains("subscriber"),
+        "{man}"
+    );
+    let ini = ferry_ok(&["--ini"]);
+    assert!(
+        ini.contains("[pgqadm]") && ini.contains("[londiste]"),
+        "{ini}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ticker_reconnects_after_the_database_restarts_and_logs_once_per_outage() {
     let cluster = Cluster::start().expect("own cluster");

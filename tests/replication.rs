@@ -1078,7 +1078,9 @@ async fn replay_says_when_the_ticker_is_not_running() {
 
 /// `ferry demo`, the README's first command, runs to its end: replication under load, both
 /// sides identical, everything stopped. (It starts two clusters of its own and runs a
-/// full-speed load; it took 12 s alone in a debug build.)
+/// full-speed load; it took 12 s alone in a debug build.) The demo is in the binary only with
+/// the `demo` feature, which the test command turns on (`--all-features`).
+#[cfg(feature = "demo")]
 #[test]
 fn demo_runs_to_identical() {
     let out = ferry(&["demo"]);

@@ -20,6 +20,8 @@ pub enum Verbosity {
     Normal,
     /// Debug lines too (`-v`).
     Verbose,
+    /// Trace lines too, the driver's included (`-vv`).
+    Trace,
 }
 
 impl Verbosity {
@@ -29,6 +31,7 @@ impl Verbosity {
             Verbosity::Normal => "info",
             // the driver's per-query lines would drown everything else
             Verbosity::Verbose => "debug,tokio_postgres=info",
+            Verbosity::Trace => "trace",
         }
     }
 }

@@ -1,194 +1,318 @@
 //! The command line, in the grammar of pgqadm.py and londiste.py: `ferry [OPTIONS] CONFIG
-//! COMMAND [ARGS]`, options allowed anywhere (`ferry conf.ini ticker -d`, `ferry -s conf.ini`).
+//! COMMAND [ARGS]`. The options of every command (`-d`, `-v`, `-q`, `-s`, `-k`, `-r`) may stand
+//! anywhere (`ferry conf.ini ticker -d`, `ferry -s conf.ini`); each command's own options
+//! (`--all`, `--json`, ...) belong to it, and any other is a usage error naming it. The same
+//! definitions give `--help` at every level, the shell completions and the man page.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use clap::Parser;
-use ferry_config::{ConfigError, IniFile};
+use clap::{Args, Parser, Subcommand};
 use ferry_daemon::logging::Verbosity;
 
-use crate::replication_admin::{self, Flags};
-use crate::{daemon, queue_admin, Failure};
-
-const COMMANDS: &str = "\
-commands (CONFIG is a Londiste 2 / pgqadm ini file):
-  ferry CONFIG install                   install or upgrade the queue schema ([pgqadm] db)
-  ferry CONFIG ticker [-d]               run the ticker ([pgqadm]); -d detaches
-  ferry CONFIG status [--json]           queues and consumers
-  ferry CONFIG create QUEUE              create a queue
-  ferry CONFIG drop QUEUE [--force]      drop a queue (--force: even with consumers)
-  ferry CONFIG register QUEUE CONSUMER   register a consumer
-  ferry CONFIG unregister QUEUE CONSUMER unregister a consumer
-  ferry CONFIG config QUEUE KEY=VALUE    set rotation_period or ticker_idle_period
-  ferry CONFIG replay [-d]               run replication ([londiste]); -d detaches
-  ferry CONFIG provider install | add [--all | TABLE...] | remove TABLE... |
-                        add-seq [--all | SEQ...] | remove-seq SEQ... | tables | seqs
-  ferry CONFIG subscriber install | add [--all | TABLE...] [--create] [--skip-truncate] |
-                        remove TABLE... | add-seq [--all | SEQ...] | remove-seq SEQ... |
-                        tables | seqs | missing | resync TABLE... | check
-  ferry demo                             two throwaway clusters replicating under load
-  ferry -s CONFIG   stop the daemon of CONFIG gracefully (SIGINT) and wait for it
-  ferry -k CONFIG   kill it (SIGTERM);  ferry -r CONFIG   reload its config (SIGHUP)
-exit codes: 0 success, 1 runtime failure, 2 usage or configuration error";
+/// Exit codes and how to learn more, under every `--help`.
+const AFTER_HELP: &str = "\
+CONFIG is a Londiste 2 / SkyTools ini file ([pgqadm] for the queue commands and the ticker,
+[londiste] for replay, provider and subscriber); `ferry --ini` prints an annotated example.
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.";
 
 /// Trigger-and-queue logical replication for PostgreSQL.
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, after_help = COMMANDS)]
+#[command(
+    name = "ferry",
+    // subcommands' usage lines read `ferry CONFIG provider add ...`
+    bin_name = "ferry CONFIG",
+    override_usage = "ferry [OPTIONS] CONFIG COMMAND [ARGS]\n       ferry demo | completions SHELL | man | --ini",
+    version,
+    after_help = AFTER_HELP,
+    allow_external_subcommands = true,
+    disable_help_subcommand = true
+)]
 pub struct Cli {
-    /// Run detached, as a daemon (needs `pidfile` in the config).
-    #[arg(short = 'd', long = "daemon")]
+    /// Options every command takes, anywhere on the line.
+    #[command(flatten)]
+    pub global: GlobalOptions,
+    /// The config file.
+    #[arg(value_name = "CONFIG")]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Options that stand anywhere on the line, as in SkyTools.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct GlobalOptions {
+    /// Run detached, as a daemon (ticker and replay; needs `pidfile` in the config).
+    #[arg(short = 'd', long = "daemon", global = true)]
     pub daemon: bool,
-    /// Log debug lines too.
-    #[arg(short = 'v', long = "verbose")]
-    pub verbose: bool,
+    /// Log debug lines too; twice: trace lines.
+    #[arg(short = 'v', long = "verbose", global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     /// Log only warnings and errors.
-    #[arg(short = 'q', long = "quiet")]
+    #[arg(short = 'q', long = "quiet", global = true)]
     pub quiet: bool,
     /// Stop the running daemon of CONFIG gracefully (SIGINT) and wait until it is gone.
-    #[arg(short = 's', long = "stop")]
+    #[arg(short = 's', long = "stop", global = true)]
     pub stop: bool,
     /// Kill the running daemon of CONFIG (SIGTERM) and wait until it is gone.
-    #[arg(short = 'k', long = "kill")]
+    #[arg(short = 'k', long = "kill", global = true)]
     pub kill: bool,
     /// Make the running daemon of CONFIG re-read its config and reopen its log (SIGHUP).
-    #[arg(short = 'r', long = "reload")]
+    #[arg(short = 'r', long = "reload", global = true)]
     pub reload: bool,
-    /// Machine-readable output for listings.
-    #[arg(long)]
-    pub json: bool,
-    /// Do it even if it is refused otherwise (drop a queue that has consumers).
-    #[arg(long)]
-    pub force: bool,
-    /// add/add-seq: every table (sequence) of the provider, or of the queue on the subscriber.
-    #[arg(long)]
-    pub all: bool,
-    /// subscriber add: create a missing table from the provider's definition.
-    #[arg(long)]
-    pub create: bool,
-    /// subscriber add: keep the rows already in the subscriber's table when copying.
-    #[arg(long = "skip-truncate")]
-    pub skip_truncate: bool,
-    /// CONFIG COMMAND [ARGS...]
-    #[arg(value_name = "CONFIG COMMAND ARGS")]
-    pub words: Vec<String>,
+    /// Print an annotated example config and exit.
+    #[arg(long = "ini")]
+    pub ini: bool,
 }
 
-impl Cli {
+impl GlobalOptions {
     /// The log verbosity the flags ask for.
     pub fn verbosity(&self) -> Verbosity {
-        if self.verbose {
-            Verbosity::Verbose
-        } else if self.quiet {
-            Verbosity::Quiet
-        } else {
-            Verbosity::Normal
+        match (self.verbose, self.quiet) {
+            (0, true) => Verbosity::Quiet,
+            (0, false) => Verbosity::Normal,
+            (1, _) => Verbosity::Verbose,
+            _ => Verbosity::Trace,
         }
     }
 }
 
-/// Runs what the command line asks for.
-pub fn dispatch(cli: Cli) -> Result<(), Failure> {
-    let control = [cli.stop, cli.kill, cli.reload]
-        .iter()
-        .filter(|f| **f)
-        .count();
-    if control > 1 {
-        return Err(Failure::Usage("-s, -k and -r exclude each other".into()));
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Install or upgrade the queue schema in [pgqadm] db (running it again changes nothing).
+    Install,
+    /// Run the ticker of [pgqadm] (foreground, or detached with -d).
+    Ticker,
+    /// Every queue (last tick, events not yet ticked, rotation) and consumer (lag, pending).
+    Status(JsonOption),
+    /// Create a queue.
+    Create {
+        /// The queue.
+        queue: String,
+    },
+    /// Drop a queue and its events.
+    Drop {
+        /// The queue.
+        queue: String,
+        /// Drop it even while consumers are registered.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Register a consumer on a queue.
+    Register {
+        /// The queue.
+        queue: String,
+        /// The consumer.
+        consumer: String,
+    },
+    /// Unregister a consumer.
+    Unregister {
+        /// The queue.
+        queue: String,
+        /// The consumer.
+        consumer: String,
+    },
+    /// Set a queue's rotation_period or ticker_idle_period (an interval, e.g. `30 minutes`).
+    Config {
+        /// The queue.
+        queue: String,
+        /// KEY=VALUE.
+        #[arg(value_name = "KEY=VALUE")]
+        setting: String,
+    },
+    /// Run replication of [londiste]: copy new tables, apply batches (-d detaches).
+    Replay,
+    /// The provider's side of [londiste]: what the queue carries.
+    #[command(subcommand)]
+    Provider(ProviderCommand),
+    /// The subscriber's side of [londiste]: what is replicated here.
+    #[command(subcommand)]
+    Subscriber(SubscriberCommand),
+    /// Two throwaway clusters replicating under a write load (needs PostgreSQL's server
+    /// binaries; this build must have the `demo` feature).
+    Demo,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `ferry man | man -l -`.
+    Man,
+    /// Anything else: refused as an unknown command.
+    #[command(external_subcommand)]
+    Unknown(Vec<String>),
+}
+
+impl Command {
+    /// Whether this command needs CONFIG.
+    pub fn needs_config(&self) -> bool {
+        !matches!(
+            self,
+            Command::Demo | Command::Completions { .. } | Command::Man
+        )
     }
-    if cli.words.len() == 1 && cli.words[0] == "demo" && !Path::new("demo").exists() {
-        return crate::demo::run();
-    }
-    let Some((config, rest)) = cli.words.split_first() else {
-        return Err(Failure::Usage(format!(
-            "a config file is required\n\n{COMMANDS}"
-        )));
-    };
-    let config_path = absolute(Path::new(config));
-    if control == 1 {
-        let signal = if cli.stop {
-            daemon::Control::Stop
-        } else if cli.kill {
-            daemon::Control::Kill
-        } else {
-            daemon::Control::Reload
-        };
-        return daemon::control(&config_path, rest.first().map(String::as_str), signal);
-    }
-    let Some((command, args)) = rest.split_first() else {
-        return Err(Failure::Usage(format!(
-            "a command is required after {config}\n\n{COMMANDS}"
-        )));
-    };
-    let expect_args = |n: usize, shape: &str| {
-        if args.len() == n {
-            Ok(())
-        } else {
-            Err(Failure::Usage(format!(
-                "usage: ferry CONFIG {command} {shape}"
-            )))
-        }
-    };
-    let flags = Flags {
-        all: cli.all,
-        create: cli.create,
-        skip_truncate: cli.skip_truncate,
-        json: cli.json,
-    };
-    match command.as_str() {
-        "ticker" => {
-            expect_args(0, "[-d]")?;
-            daemon::run_ticker(&config_path, cli.daemon, cli.verbosity())
-        }
-        "replay" => {
-            expect_args(0, "[-d]")?;
-            daemon::run_replay(&config_path, cli.daemon, cli.verbosity())
-        }
-        "provider" => replication_admin::provider(&config_path, args, flags),
-        "subscriber" => replication_admin::subscriber(&config_path, args, flags),
-        "install" => {
-            expect_args(0, "")?;
-            queue_admin::install(&config_path)
-        }
-        "status" => {
-            expect_args(0, "[--json]")?;
-            queue_admin::status(&config_path, cli.json)
-        }
-        "create" => {
-            expect_args(1, "QUEUE")?;
-            queue_admin::create(&config_path, &args[0])
-        }
-        "drop" => {
-            expect_args(1, "QUEUE [--force]")?;
-            queue_admin::drop(&config_path, &args[0], cli.force)
-        }
-        "register" => {
-            expect_args(2, "QUEUE CONSUMER")?;
-            queue_admin::register(&config_path, &args[0], &args[1])
-        }
-        "unregister" => {
-            expect_args(2, "QUEUE CONSUMER")?;
-            queue_admin::unregister(&config_path, &args[0], &args[1])
-        }
-        "config" => {
-            expect_args(2, "QUEUE KEY=VALUE")?;
-            let Some((key, value)) = args[1].split_once('=') else {
-                return Err(Failure::Usage(
-                    "usage: ferry CONFIG config QUEUE KEY=VALUE".into(),
-                ));
-            };
-            queue_admin::set_config(&config_path, &args[0], key.trim(), value.trim())
-        }
-        other => Err(Failure::Usage(format!(
-            "unknown command '{other}'\n\n{COMMANDS}"
-        ))),
+
+    /// Whether this command runs a daemon (takes `-d`).
+    pub fn is_daemon(&self) -> bool {
+        matches!(self, Command::Ticker | Command::Replay)
     }
 }
 
-/// Reads the config file; any problem is a usage failure naming the file.
-pub fn load_ini(path: &Path) -> Result<IniFile, Failure> {
-    IniFile::load(path).map_err(|e: ConfigError| Failure::usage(&e))
+/// `--json`: machine-readable output.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct JsonOption {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
-fn absolute(path: &Path) -> PathBuf {
-    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+/// Tables or sequences named on the line, or `--all`.
+#[derive(Debug, Clone, Args)]
+pub struct Selection {
+    /// Every candidate: every table (sequence) of the provider, or on the subscriber every
+    /// one the provider registered for the queue and not added here yet.
+    #[arg(long, conflicts_with = "names")]
+    pub all: bool,
+    /// `name` (schema public), `schema.name` or quoted identifiers (`'"My Schema"."T"'`).
+    #[arg(value_name = "NAME", required_unless_present = "all")]
+    pub names: Vec<String>,
+}
+
+/// Names given on the line (at least one).
+#[derive(Debug, Clone, Args)]
+pub struct Names {
+    /// `name` (schema public), `schema.name` or quoted identifiers.
+    #[arg(value_name = "NAME", required = true)]
+    pub names: Vec<String>,
+}
+
+/// `ferry CONFIG provider ...`.
+#[derive(Debug, Subcommand)]
+pub enum ProviderCommand {
+    /// Install the queue schema and the provider catalog into provider_db; create the queue.
+    Install,
+    /// Capture tables into the queue (creates their triggers).
+    Add(Selection),
+    /// Stop capturing tables.
+    Remove(Names),
+    /// Register sequences with the queue.
+    AddSeq(Selection),
+    /// Unregister sequences.
+    RemoveSeq(Names),
+    /// The tables the queue carries.
+    Tables(JsonOption),
+    /// The sequences registered with the queue.
+    Seqs(JsonOption),
+}
+
+/// `ferry CONFIG subscriber ...`.
+#[derive(Debug, Subcommand)]
+pub enum SubscriberCommand {
+    /// Install the subscriber catalog into subscriber_db; register job_name on the queue.
+    Install,
+    /// Replicate provider tables here: replay copies them, then applies their changes.
+    Add {
+        /// The tables.
+        #[command(flatten)]
+        selection: Selection,
+        /// Create a missing table from the provider's definition.
+        #[arg(long)]
+        create: bool,
+        /// Keep the rows already in the table when copying.
+        #[arg(long = "skip-truncate")]
+        skip_truncate: bool,
+    },
+    /// Stop replicating tables here (they become writable).
+    Remove(Names),
+    /// Copy tables again.
+    Resync(Names),
+    /// Keep sequences at or above the provider's.
+    AddSeq(Selection),
+    /// Stop keeping sequences in step.
+    RemoveSeq(Names),
+    /// `Table State`, then `schema.table state` per table (in-copy, catching-up, ok, or `-`).
+    Tables(JsonOption),
+    /// The sequences kept in step here.
+    Seqs(JsonOption),
+    /// Provider tables and sequences of the queue not added here.
+    Missing(JsonOption),
+    /// Every difference that would stop replay; exit 1 if any.
+    Check(JsonOption),
+}
+
+/// The clap definition of the whole command line (for completions and the man page).
+pub fn definition() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ferry").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_definition_is_consistent() {
+        definition().debug_assert();
+    }
+
+    #[test]
+    fn options_stand_anywhere() {
+        for args in [
+            &["-d", "c.ini", "ticker"][..],
+            &["c.ini", "-d", "ticker"],
+            &["c.ini", "ticker", "-d"],
+        ] {
+            let cli = parse(args).unwrap();
+            assert!(cli.global.daemon, "{args:?}");
+            assert!(matches!(cli.command, Some(Command::Ticker)), "{args:?}");
+            assert_eq!(cli.config.unwrap().to_str(), Some("c.ini"));
+        }
+        let cli = parse(&["c.ini", "-k"]).unwrap();
+        assert!(cli.global.kill && cli.command.is_none());
+        let cli = parse(&["-q", "c.ini", "subscriber", "add", "-vv", "--all"]).unwrap();
+        assert_eq!(cli.global.verbose, 2);
+        assert!(cli.global.quiet);
+        assert_eq!(cli.global.verbosity(), Verbosity::Trace);
+    }
+
+    #[test]
+    fn commands_parse_into_the_tree() {
+        let cli = parse(&["c.ini", "subscriber", "add", "t1", "--create", "s.t2"]).unwrap();
+        match cli.command {
+            Some(Command::Subscriber(SubscriberCommand::Add {
+                selection, create, ..
+            })) => {
+                assert!(create && !selection.all);
+                assert_eq!(selection.names, ["t1", "s.t2"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(&["demo"]).unwrap().command,
+            Some(Command::Demo)
+        ));
+        assert!(matches!(
+            parse(&["c.ini", "fly"]).unwrap().command,
+            Some(Command::Unknown(words)) if words == ["fly"]
+        ));
+    }
+
+    #[test]
+    fn an_option_a_command_does_not_take_is_refused() {
+        for args in [
+            &["c.ini", "provider", "tables", "--create"][..],
+            &["c.ini", "ticker", "--force"],
+            &["c.ini", "provider", "add", "--all", "t1"],
+            &["c.ini", "provider", "add"],
+            &["c.ini", "subscriber", "remove"],
+            &["c.ini", "status", "extra"],
+        ] {
+            let error = parse(args).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{args:?}");
+        }
+    }
 }

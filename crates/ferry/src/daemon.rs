@@ -3,17 +3,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_config::{
-    daemon_sections, DaemonSettings, ReplicationConfig, TickerConfig, REPLICATION_SECTION,
-    TICKER_SECTION,
-};
-use ferry_connect::ConnInfo;
+use ferry_config::{daemon_sections, DaemonSettings, REPLICATION_SECTION, TICKER_SECTION};
 use ferry_daemon::logging::{self, LogFileSettings, LogTarget, Verbosity};
 use ferry_daemon::{pidfile, PidFile, PidFileError};
-use ferry_replica::ReplaySettings;
-use ferry_ticker::TickerSettings;
 
-use crate::cli::load_ini;
+use crate::settings::{self, load_ini};
 use crate::Failure;
 
 /// What `-s`, `-k` and `-r` ask of a running daemon.
@@ -27,57 +21,9 @@ pub enum Control {
     Reload,
 }
 
-/// Reads `[pgqadm]` of `config` with its `db` parsed, and the config's warnings.
-pub fn ticker_settings(
-    config: &Path,
-) -> Result<(TickerConfig, TickerSettings, Vec<String>), Failure> {
-    let ini = load_ini(config)?;
-    let (ticker, warnings) = TickerConfig::from_ini(&ini).map_err(|e| Failure::usage(&e))?;
-    let db = ConnInfo::parse(&ticker.db).map_err(|e| {
-        Failure::Usage(format!(
-            "{}: [{TICKER_SECTION}] db: {}",
-            config.display(),
-            ferry_daemon::logging::one_line(&e)
-        ))
-    })?;
-    let settings = TickerSettings {
-        job_name: ticker.daemon.job_name.clone(),
-        db,
-        loop_delay: ticker.loop_delay,
-        maint_delay: ticker.maint_delay,
-    };
-    Ok((ticker, settings, warnings))
-}
-
-/// Reads `[londiste]` of `config` with both connection strings parsed, and the warnings.
-pub fn replay_settings(
-    config: &Path,
-) -> Result<(ReplicationConfig, ReplaySettings, Vec<String>), Failure> {
-    let ini = load_ini(config)?;
-    let (replication, warnings) =
-        ReplicationConfig::from_ini(&ini).map_err(|e| Failure::usage(&e))?;
-    let parse = |key: &str, value: &str| {
-        ConnInfo::parse(value).map_err(|e| {
-            Failure::Usage(format!(
-                "{}: [{REPLICATION_SECTION}] {key}: {}",
-                config.display(),
-                ferry_daemon::logging::one_line(&e)
-            ))
-        })
-    };
-    let settings = ReplaySettings {
-        job_name: replication.daemon.job_name.clone(),
-        provider: parse("provider_db", &replication.provider_db)?,
-        subscriber: parse("subscriber_db", &replication.subscriber_db)?,
-        queue: replication.queue_name.clone(),
-        loop_delay: replication.loop_delay,
-    };
-    Ok((replication, settings, warnings))
-}
-
 /// `ferry CONFIG replay [-d]`.
 pub fn run_replay(config: &Path, detach: bool, verbosity: Verbosity) -> Result<(), Failure> {
-    let (replication, settings, warnings) = replay_settings(config)?;
+    let (replication, replay, warnings) = settings::replication(config)?;
     let daemon = prepare(
         config,
         REPLICATION_SECTION,
@@ -90,36 +36,42 @@ pub fn run_replay(config: &Path, detach: bool, verbosity: Verbosity) -> Result<(
     }
     let config = config.to_path_buf();
     let reload_settings = move || {
-        replay_settings(&config)
+        settings::replication(&config)
             .map(|(_, settings, _)| settings)
             .map_err(|f| match f {
                 Failure::Usage(m) | Failure::Runtime(m) => m,
             })
     };
     daemon.run(|shutdown, reload| async move {
-        ferry_replica::run(settings, reload_settings, shutdown, reload)
+        ferry_replica::run(replay, reload_settings, shutdown, reload)
             .await
-            .map_err(|e| Failure::usage(&e))
+            .map_err(|e| {
+                if e.is_configuration() {
+                    Failure::usage(&e)
+                } else {
+                    Failure::runtime(&e)
+                }
+            })
     })
 }
 
 /// `ferry CONFIG ticker [-d]`.
 pub fn run_ticker(config: &Path, detach: bool, verbosity: Verbosity) -> Result<(), Failure> {
-    let (ticker, settings, warnings) = ticker_settings(config)?;
+    let (ticker, ticker_settings, warnings) = settings::ticker(config)?;
     let daemon = prepare(config, TICKER_SECTION, &ticker.daemon, detach, verbosity)?;
     for warning in warnings {
         tracing::warn!("{warning}");
     }
     let config = config.to_path_buf();
     let reload_settings = move || {
-        ticker_settings(&config)
+        settings::ticker(&config)
             .map(|(_, settings, _)| settings)
             .map_err(|f| match f {
                 Failure::Usage(m) | Failure::Runtime(m) => m,
             })
     };
     daemon.run(|shutdown, reload| async move {
-        ferry_ticker::run(settings, reload_settings, shutdown, reload)
+        ferry_ticker::run(ticker_settings, reload_settings, shutdown, reload)
             .await
             .map_err(|e| Failure::usage(&e))
     })
@@ -213,17 +165,11 @@ impl Prepared {
     }
 }
 
-/// `ferry -s|-k|-r CONFIG [COMMAND]`: signals the daemon(s) of CONFIG; `-s` and `-k` wait for
-/// them to exit. A daemon that is not running is fine for `-s`/`-k` (it is stopped) and an
-/// error for `-r`.
-pub fn control(config: &Path, command: Option<&str>, what: Control) -> Result<(), Failure> {
+/// `ferry -s|-k|-r CONFIG [COMMAND]`: signals the daemon(s) of CONFIG (of section `wanted`
+/// only, when the command names one); `-s` and `-k` wait for them to exit. A daemon that is
+/// not running is fine for `-s`/`-k` (it is stopped) and an error for `-r`.
+pub fn control(config: &Path, wanted: Option<&str>, what: Control) -> Result<(), Failure> {
     let ini = load_ini(config)?;
-    let wanted = match command {
-        None => None,
-        Some("ticker" | "install" | "status") => Some(TICKER_SECTION),
-        Some("replay" | "provider" | "subscriber") => Some(REPLICATION_SECTION),
-        Some(other) => return Err(Failure::Usage(format!("unknown command '{other}'"))),
-    };
     let sections: Vec<(String, DaemonSettings)> = daemon_sections(&ini)
         .map_err(|e| Failure::usage(&e))?
         .into_iter()

@@ -15,10 +15,8 @@ where
     F: FnOnce(Session) -> Fut,
     Fut: Future<Output = Result<T, QueueError>>,
 {
-    let (_, settings, warnings) = crate::daemon::ticker_settings(config)?;
-    for warning in warnings {
-        eprintln!("ferry: warning: {warning}");
-    }
+    let (_, settings, warnings) = crate::settings::ticker(config)?;
+    crate::settings::print_warnings(&warnings);
     let db = settings.db;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

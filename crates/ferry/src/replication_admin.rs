@@ -8,23 +8,8 @@ use ferry_connect::Session;
 use ferry_replica::subscriber::AddOptions;
 use ferry_replica::{provider, subscriber, RelName, ReplaySettings, ReplicaError};
 
+use crate::cli::{ProviderCommand, Selection, SubscriberCommand};
 use crate::Failure;
-
-/// Options of the table and sequence commands.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Flags {
-    /// `--all`.
-    pub all: bool,
-    /// `--create` (subscriber add).
-    pub create: bool,
-    /// `--skip-truncate` (subscriber add).
-    pub skip_truncate: bool,
-    /// `--json` (listings).
-    pub json: bool,
-}
-
-const PROVIDER_USAGE: &str = "usage: ferry CONFIG provider install | add [--all | TABLE...] | remove TABLE... | add-seq [--all | SEQ...] | remove-seq SEQ... | tables | seqs";
-const SUBSCRIBER_USAGE: &str = "usage: ferry CONFIG subscriber install | add [--all | TABLE...] [--create] [--skip-truncate] | remove TABLE... | add-seq [--all | SEQ...] | remove-seq SEQ... | tables | seqs | missing | resync TABLE... | check";
 
 /// The open connections a command needs.
 struct Sides {
@@ -45,10 +30,8 @@ where
     F: FnOnce(Sides) -> Fut,
     Fut: Future<Output = Result<T, ReplicaError>>,
 {
-    let (_, settings, warnings) = crate::daemon::replay_settings(config)?;
-    for warning in warnings {
-        eprintln!("ferry: warning: {warning}");
-    }
+    let (_, settings, warnings) = crate::settings::replication(config)?;
+    crate::settings::print_warnings(&warnings);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -59,10 +42,7 @@ where
             let provider =
                 ferry_replica::open_session(&settings.provider, "provider", &name).await?;
             let subscriber = if with_subscriber {
-                Some(
-                    ferry_replica::open_session(&settings.subscriber, "subscriber", &name)
-                        .await?,
-                )
+                Some(ferry_replica::open_session(&settings.subscriber, "subscriber", &name).await?)
             } else {
                 None
             };
@@ -120,20 +100,9 @@ fn report_each(results: Vec<(String, Result<String, ReplicaError>)>) -> Result<(
 }
 
 /// `ferry CONFIG provider COMMAND ARGS`.
-pub fn provider(config: &Path, args: &[String], flags: Flags) -> Result<(), Failure> {
-    let Some((command, names)) = args.split_first() else {
-        return Err(Failure::Usage(PROVIDER_USAGE.into()));
-    };
-    let names = names.to_vec();
-    let needs_names = |names: &[String]| {
-        if names.is_empty() && !flags.all {
-            Err(Failure::Usage(PROVIDER_USAGE.into()))
-        } else {
-            Ok(())
-        }
-    };
-    match command.as_str() {
-        "install" => {
+pub fn provider(config: &Path, command: ProviderCommand) -> Result<(), Failure> {
+    match command {
+        ProviderCommand::Install => {
             let done = with_sides(config, false, |mut s| async move {
                 provider::install(s.provider.client_mut(), &s.settings.queue).await
             })?;
@@ -149,14 +118,14 @@ pub fn provider(config: &Path, args: &[String], flags: Flags) -> Result<(), Fail
             );
             Ok(())
         }
-        "add" | "add-seq" => {
-            needs_names(&names)?;
-            let sequences = command == "add-seq";
+        ProviderCommand::Add(ref selection) | ProviderCommand::AddSeq(ref selection) => {
+            let sequences = matches!(command, ProviderCommand::AddSeq(_));
+            let Selection { all, names } = selection.clone();
             let results = with_sides(config, false, |s| async move {
                 provider::require_installed(s.provider.client()).await?;
                 let client = s.provider.client();
                 let queue = &s.settings.queue;
-                let names: Vec<String> = if flags.all {
+                let names: Vec<String> = if all {
                     provider::candidates(client, sequences)
                         .await?
                         .iter()
@@ -186,11 +155,9 @@ pub fn provider(config: &Path, args: &[String], flags: Flags) -> Result<(), Fail
             })?;
             report_each(results)
         }
-        "remove" | "remove-seq" => {
-            if names.is_empty() {
-                return Err(Failure::Usage(PROVIDER_USAGE.into()));
-            }
-            let sequences = command == "remove-seq";
+        ProviderCommand::Remove(ref names) | ProviderCommand::RemoveSeq(ref names) => {
+            let sequences = matches!(command, ProviderCommand::RemoveSeq(_));
+            let names = names.names.clone();
             let results = with_sides(config, false, |s| async move {
                 provider::require_installed(s.provider.client()).await?;
                 let mut results = Vec::new();
@@ -219,8 +186,8 @@ pub fn provider(config: &Path, args: &[String], flags: Flags) -> Result<(), Fail
             })?;
             report_each(results)
         }
-        "tables" | "seqs" => {
-            let sequences = command == "seqs";
+        ProviderCommand::Tables(output) | ProviderCommand::Seqs(output) => {
+            let sequences = matches!(command, ProviderCommand::Seqs(_));
             let names = with_sides(config, false, |s| async move {
                 provider::require_installed(s.provider.client()).await?;
                 if sequences {
@@ -229,21 +196,16 @@ pub fn provider(config: &Path, args: &[String], flags: Flags) -> Result<(), Fail
                     provider::tables(s.provider.client(), &s.settings.queue).await
                 }
             })?;
-            print_names(&names, flags.json);
+            print_names(&names, output.json);
             Ok(())
         }
-        _ => Err(Failure::Usage(PROVIDER_USAGE.into())),
     }
 }
 
 /// `ferry CONFIG subscriber COMMAND ARGS`.
-pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Failure> {
-    let Some((command, names)) = args.split_first() else {
-        return Err(Failure::Usage(SUBSCRIBER_USAGE.into()));
-    };
-    let names = names.to_vec();
-    match command.as_str() {
-        "install" => {
+pub fn subscriber(config: &Path, command: SubscriberCommand) -> Result<(), Failure> {
+    match command {
+        SubscriberCommand::Install => {
             let done = with_sides(config, true, |mut s| async move {
                 let subscriber = s.subscriber.as_mut().expect("subscriber connected");
                 subscriber::install(
@@ -265,11 +227,23 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
             );
             Ok(())
         }
-        "add" | "add-seq" => {
-            if names.is_empty() && !flags.all {
-                return Err(Failure::Usage(SUBSCRIBER_USAGE.into()));
-            }
-            let sequences = command == "add-seq";
+        SubscriberCommand::Add { .. } | SubscriberCommand::AddSeq(_) => {
+            let (sequences, Selection { all, names }, options) = match command {
+                SubscriberCommand::Add {
+                    selection,
+                    create,
+                    skip_truncate,
+                } => (
+                    false,
+                    selection,
+                    AddOptions {
+                        create,
+                        skip_truncate,
+                    },
+                ),
+                SubscriberCommand::AddSeq(selection) => (true, selection, AddOptions::default()),
+                _ => unreachable!("matched above"),
+            };
             let results = with_sides(config, true, |s| async move {
                 let (sub, prov, queue) = (
                     s.subscriber().client(),
@@ -278,16 +252,12 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
                 );
                 provider::require_installed(prov).await?;
                 subscriber::require_installed(sub, queue).await?;
-                let names: Vec<String> = if flags.all {
+                let names: Vec<String> = if all {
                     let (tables, seqs) = subscriber::missing(sub, prov, queue).await?;
                     let wanted = if sequences { seqs } else { tables };
                     wanted.iter().map(RelName::to_string).collect()
                 } else {
                     names
-                };
-                let options = AddOptions {
-                    create: flags.create,
-                    skip_truncate: flags.skip_truncate,
                 };
                 let mut results = Vec::new();
                 for name in names {
@@ -307,23 +277,24 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
             })?;
             report_each(results)
         }
-        "remove" | "remove-seq" | "resync" => {
-            if names.is_empty() {
-                return Err(Failure::Usage(SUBSCRIBER_USAGE.into()));
-            }
-            let command = command.clone();
+        SubscriberCommand::Remove(ref names)
+        | SubscriberCommand::RemoveSeq(ref names)
+        | SubscriberCommand::Resync(ref names) => {
+            let names = names.names.clone();
             let results = with_sides(config, true, |s| async move {
                 let (sub, queue) = (s.subscriber().client(), &s.settings.queue);
                 subscriber::require_installed(sub, queue).await?;
                 let mut results = Vec::new();
                 for name in names {
-                    let result = match command.as_str() {
-                        "remove" => subscriber::remove_table(sub, queue, &name)
+                    let result = match &command {
+                        SubscriberCommand::Remove(_) => subscriber::remove_table(sub, queue, &name)
                             .await
                             .map(|(rel, done)| (rel, done, "removed")),
-                        "remove-seq" => subscriber::remove_seq(sub, queue, &name)
-                            .await
-                            .map(|(rel, done)| (rel, done, "removed")),
+                        SubscriberCommand::RemoveSeq(_) => {
+                            subscriber::remove_seq(sub, queue, &name)
+                                .await
+                                .map(|(rel, done)| (rel, done, "removed"))
+                        }
                         _ => subscriber::resync_table(sub, queue, &name)
                             .await
                             .map(|(rel, done)| (rel, done, "will be copied again")),
@@ -339,7 +310,7 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
             })?;
             report_each(results)
         }
-        "tables" => {
+        SubscriberCommand::Tables(output) => {
             let states = with_sides(config, true, |s| async move {
                 let (sub, prov, queue) = (
                     s.subscriber().client(),
@@ -349,7 +320,7 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
                 subscriber::require_installed(sub, queue).await?;
                 subscriber::table_states(sub, prov, queue).await
             })?;
-            if flags.json {
+            if output.json {
                 let rows: Vec<_> = states
                     .iter()
                     .map(|t| serde_json::json!({ "table": t.table.to_string(), "state": t.state }))
@@ -366,15 +337,15 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
             }
             Ok(())
         }
-        "seqs" => {
+        SubscriberCommand::Seqs(output) => {
             let seqs = with_sides(config, true, |s| async move {
                 subscriber::require_installed(s.subscriber().client(), &s.settings.queue).await?;
                 subscriber::seqs(s.subscriber().client(), &s.settings.queue).await
             })?;
-            print_names(&seqs, flags.json);
+            print_names(&seqs, output.json);
             Ok(())
         }
-        "missing" => {
+        SubscriberCommand::Missing(output) => {
             let (tables, seqs) = with_sides(config, true, |s| async move {
                 let (sub, prov, queue) = (
                     s.subscriber().client(),
@@ -384,7 +355,7 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
                 subscriber::require_installed(sub, queue).await?;
                 subscriber::missing(sub, prov, queue).await
             })?;
-            if flags.json {
+            if output.json {
                 let doc = serde_json::json!({
                     "tables": tables.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "seqs": seqs.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -403,7 +374,7 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
             }
             Ok(())
         }
-        "check" => {
+        SubscriberCommand::Check(output) => {
             let problems = with_sides(config, true, |s| async move {
                 let (sub, prov, queue) = (
                     s.subscriber().client(),
@@ -413,7 +384,7 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
                 subscriber::require_installed(sub, queue).await?;
                 subscriber::check(sub, prov, queue).await
             })?;
-            if flags.json {
+            if output.json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&problems).expect("strings")
@@ -434,6 +405,5 @@ pub fn subscriber(config: &Path, args: &[String], flags: Flags) -> Result<(), Fa
                 )))
             }
         }
-        _ => Err(Failure::Usage(SUBSCRIBER_USAGE.into())),
     }
 }

@@ -153,6 +153,10 @@ fn configuration_errors_exit_2_with_one_line_naming_file_section_and_key() {
         "[pgqadm]\njob_name = t\ndb = dbname=x colour=red\n",
     );
     let no_pidfile = write("no_pidfile.ini", "[pgqadm]\njob_name = t\ndb = dbname=x\n");
+    let crl = write(
+        "crl.ini",
+        "[pgqadm]\njob_name = t\ndb = dbname=x sslmode=verify-full sslcrl=/etc/crl.pem\n",
+    );
     let cases: Vec<(Vec<&str>, String)> = vec![
         (
             vec![&missing, "ticker"],
@@ -181,6 +185,10 @@ fn configuration_errors_exit_2_with_one_line_naming_file_section_and_key() {
         (
             vec![&bad_conninfo, "ticker"],
             format!("{bad_conninfo}: [pgqadm] db: invalid connection string"),
+        ),
+        (
+            vec![&crl, "ticker"],
+            format!("{crl}: [pgqadm] db: invalid connection string: sslcrl=/etc/crl.pem is not supported: ferry cannot check certificate revocation"),
         ),
         (
             vec![&no_pidfile, "ticker", "-d"],
@@ -331,4 +339,103 @@ async fn ticker_reconnects_after_the_database_restarts_and_logs_once_per_outage(
         started.elapsed()
     );
     assert_eq!(warnings(), 2, "{}", read(&log_file));
+}
+
+/// Logs as an operator expects them: `--log-format json` (or `log_format = json`) writes one
+/// json object per line; text on a pipe has no colour escapes; under systemd (stderr is the
+/// journal, as `JOURNAL_STREAM` says) lines go to the journal only, not also to `logfile`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_format_colours_and_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+
+    let db = Cluster::shared().database("log_format").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ticker.ini");
+    write_ticker_config(&config, &db.conninfo, "0.05", "600");
+    let _cleanup = KillDaemonOnDrop(config.clone());
+    let config_arg = config.to_str().unwrap();
+    ferry_ok(&[config_arg, "install"]);
+    let log_file = dir.path().join("ticker.log");
+
+    // runs the ticker in the foreground with stderr into `name` until it logged its start
+    let run = |name: &str, args: &[&str], journal: bool| -> String {
+        let stderr_path = dir.path().join(name);
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut command = std::process::Command::new(ferry_bin());
+        command
+            .arg(config_arg)
+            .arg("ticker")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .env_remove("JOURNAL_STREAM");
+        if journal {
+            let meta = stderr.metadata().unwrap();
+            command.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        }
+        let mut child = command.stderr(stderr).spawn().unwrap();
+        wait_until("ticker started", Duration::from_secs(10), || {
+            read(&stderr_path).contains("ticker starting")
+        });
+        ferry_ok(&["-s", config_arg]);
+        child.wait().unwrap();
+        read(&stderr_path)
+    };
+
+    let text = run("text.txt", &[], false);
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour escapes on a pipe: {text:?}"
+    );
+    assert!(read(&log_file).contains("ticker starting"));
+
+    let json = run("json.txt", &["--log-format", "json"], false);
+    let mut lines = 0;
+    for line in json.lines() {
+        let object: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a json line ({e}): {line}"));
+        assert!(
+            object["level"].is_string() && object["message"].is_string(),
+            "{line}"
+        );
+        lines += 1;
+    }
+    assert!(lines >= 2, "{json}");
+    let last_in_file = read(&log_file)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        last_in_file.starts_with('{'),
+        "the log file is json too: {last_in_file}"
+    );
+
+    let file_before = read(&log_file);
+    let journal = run("journal.txt", &[], true);
+    assert!(journal.contains("logging there only"), "{journal}");
+    assert!(
+        !journal.contains('\u{1b}'),
+        "colour escapes in the journal: {journal:?}"
+    );
+    assert!(journal.contains("ticker stopped"), "{journal}");
+    assert_eq!(
+        read(&log_file),
+        file_before,
+        "nothing written to logfile under systemd"
+    );
+
+    // the ini key, and a value it does not take
+    let ini = read(&config);
+    std::fs::write(&config, format!("{ini}log_format = json\n")).unwrap();
+    let from_ini = run("from_ini.txt", &[], false);
+    assert!(from_ini.lines().all(|l| l.starts_with('{')), "{from_ini}");
+    std::fs::write(&config, format!("{ini}log_format = xml\n")).unwrap();
+    let out = ferry(&[config_arg, "ticker"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr_of(&out).contains("[pgqadm] log_format: 'xml' is not text or json"),
+        "{}",
+        stderr_of(&out)
+    );
 }

@@ -1,7 +1,9 @@
 //! The ini dialect of SkyTools (Python 2 `ConfigParser`): `[section]` headers, `key = value`
 //! or `key: value`, `#`/`;` comment lines, inline comments after whitespace and `;`,
 //! continuation lines, case-insensitive keys, `%(key)s` interpolation from the same section or
-//! `[DEFAULT]`, and `%%` for a literal percent sign.
+//! `[DEFAULT]`, and `%%` for a literal percent sign. Below `[DEFAULT]` stand SkyTools' built-in
+//! defaults: `job_name` (the file's name without extension), `config_dir`, `config_file`,
+//! `host_name` and `service_name` (the section's name).
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +32,38 @@ struct Section {
 pub struct IniFile {
     path: PathBuf,
     sections: Vec<Section>,
+    /// SkyTools' built-in defaults, below `[DEFAULT]` (`service_name` aside: it is per section).
+    builtins: Vec<Entry>,
+}
+
+/// SkyTools' built-in defaults for the file at `path`.
+fn builtins(path: &Path) -> Vec<Entry> {
+    let entry = |key: &str, value: String| Entry {
+        key: key.to_string(),
+        value,
+    };
+    let mut builtins = vec![entry("host_name", host_name())];
+    if let Some(stem) = path.file_stem() {
+        builtins.push(entry("job_name", stem.to_string_lossy().into_owned()));
+    }
+    if let Some(dir) = path.parent() {
+        builtins.push(entry("config_dir", dir.to_string_lossy().into_owned()));
+    }
+    builtins.push(entry("config_file", path.to_string_lossy().into_owned()));
+    builtins
+}
+
+/// This machine's host name (as Python's `socket.gethostname()`).
+fn host_name() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
+    let ok = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } == 0;
+    let end = buffer.iter().position(|b| *b == 0).unwrap_or(buffer.len());
+    if ok {
+        String::from_utf8_lossy(&buffer[..end]).into_owned()
+    } else {
+        "localhost".to_string()
+    }
 }
 
 impl IniFile {
@@ -125,6 +159,7 @@ impl IniFile {
         Ok(IniFile {
             path: path.to_path_buf(),
             sections,
+            builtins: builtins(path),
         })
     }
 
@@ -207,6 +242,14 @@ impl<'a> SectionRef<'a> {
             )
             .find(|e| e.key == key)
             .map(|e| e.value.as_str())
+            .or_else(|| (key == "service_name").then_some(self.section.name.as_str()))
+            .or_else(|| {
+                self.file
+                    .builtins
+                    .iter()
+                    .find(|e| e.key == key)
+                    .map(|e| e.value.as_str())
+            })
     }
 
     /// The interpolated value of `key`, or `None` when neither this section nor `[DEFAULT]`

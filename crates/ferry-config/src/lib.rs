@@ -27,6 +27,7 @@ const DAEMON_KEYS: &[&str] = &[
     "log_size",
     "log_count",
     "loop_delay",
+    "log_format",
     // accepted for compatibility with SkyTools files, without effect
     "use_skylog",
     "connection_lifetime",
@@ -50,17 +51,25 @@ pub struct DaemonSettings {
     pub log_size: u64,
     /// `log_count`: how many rotated log files are kept.
     pub log_count: u32,
+    /// `log_format = json`: one json object per log line (default `text`).
+    pub json_logs: bool,
 }
 
 impl DaemonSettings {
-    /// Reads the daemon keys of `section`. Relative paths are taken relative to the config
+    /// Reads the daemon keys of `section`. `~` and `~user` at the start of a path are home
+    /// directories (as SkyTools expands them); relative paths are taken relative to the config
     /// file's directory, so a detached daemon (whose working directory is `/`) finds them.
     pub fn from_section(section: &SectionRef<'_>, config_dir: &Path) -> Result<Self, ConfigError> {
         let path_of = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
-            Ok(section
-                .get(key)?
-                .filter(|v| !v.is_empty())
-                .map(|v| config_dir.join(v)))
+            match section.get(key)?.filter(|v| !v.is_empty()) {
+                None => Ok(None),
+                Some(value) => {
+                    let path = expand_home(&value).map_err(|message| {
+                        section.error(key, ErrorKind::Interpolation { message })
+                    })?;
+                    Ok(Some(config_dir.join(path)))
+                }
+            }
         };
         Ok(DaemonSettings {
             job_name: section.require("job_name")?,
@@ -68,6 +77,19 @@ impl DaemonSettings {
             pidfile: path_of("pidfile")?,
             log_size: parse_or(section, "log_size", DEFAULT_LOG_SIZE)?,
             log_count: parse_or(section, "log_count", DEFAULT_LOG_COUNT)?,
+            json_logs: match section.get("log_format")?.as_deref().map(str::trim) {
+                None | Some("text") => false,
+                Some("json") => true,
+                Some(other) => {
+                    return Err(section.error(
+                        "log_format",
+                        ErrorKind::WrongType {
+                            value: other.to_string(),
+                            expected: "text or json",
+                        },
+                    ))
+                }
+            },
         })
     }
 }
@@ -153,6 +175,54 @@ pub fn daemon_sections(ini: &IniFile) -> Result<Vec<(String, DaemonSettings)>, C
         }
     }
     Ok(found)
+}
+
+/// `path` with a leading `~` (the user's home, `$HOME`) or `~user` (that user's home)
+/// expanded, as Python's `os.path.expanduser`; any other path as it is.
+fn expand_home(path: &str) -> Result<PathBuf, String> {
+    let Some(rest) = path.strip_prefix('~') else {
+        return Ok(PathBuf::from(path));
+    };
+    let (user, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let home = if user.is_empty() {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .or_else(|| home_of_uid(unsafe { libc::getuid() }))
+            .ok_or_else(|| format!("'{path}': HOME is not set"))?
+    } else {
+        home_of_user(user).ok_or_else(|| format!("'{path}': there is no user '{user}'"))?
+    };
+    Ok(if tail.is_empty() {
+        home
+    } else {
+        home.join(tail)
+    })
+}
+
+/// The home directory of the user named `name`, from the password database.
+fn home_of_user(name: &str) -> Option<PathBuf> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: configs are read before any thread starts; the entry is copied out at once.
+    unsafe { home_of(libc::getpwnam(name.as_ptr())) }
+}
+
+/// The home directory of user `uid`, from the password database.
+fn home_of_uid(uid: libc::uid_t) -> Option<PathBuf> {
+    // SAFETY: as in home_of_user.
+    unsafe { home_of(libc::getpwuid(uid)) }
+}
+
+/// The home directory of a password entry (null: none).
+///
+/// # Safety
+/// `entry` is null or points to a valid `passwd` entry not changed while this runs.
+unsafe fn home_of(entry: *const libc::passwd) -> Option<PathBuf> {
+    if entry.is_null() || (*entry).pw_dir.is_null() {
+        return None;
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::ffi::CStr::from_ptr((*entry).pw_dir);
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes())))
 }
 
 fn config_dir(ini: &IniFile) -> PathBuf {
@@ -245,6 +315,49 @@ mod tests {
 
     fn ini(text: &str) -> IniFile {
         IniFile::parse(Path::new("/etc/ferry/t.ini"), text).unwrap()
+    }
+
+    #[test]
+    fn skytools_built_in_defaults() {
+        // the template SkyTools ships: no job_name, paths under the home directory
+        let (c, warnings) = TickerConfig::from_ini(&ini(
+            "[pgqadm]\ndb = dbname=db1 host=%(host_name)s\n\
+             logfile = ~/log/%(job_name)s.log\npidfile = %(config_dir)s/pid/%(service_name)s.pid\n",
+        ))
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            c.daemon.job_name, "t",
+            "the config file's name without extension"
+        );
+        let home = std::env::var("HOME").unwrap();
+        assert_eq!(
+            c.daemon.logfile.unwrap(),
+            Path::new(&home).join("log/t.log")
+        );
+        assert_eq!(
+            c.daemon.pidfile.unwrap(),
+            Path::new("/etc/ferry/pid/pgqadm.pid")
+        );
+        assert!(!c.db.ends_with("host="), "{}", c.db);
+        // what the file sets wins over the built-ins
+        let (c, _) = TickerConfig::from_ini(&ini(
+            "[DEFAULT]\njob_name = from-default\n[pgqadm]\ndb = x\n",
+        ))
+        .unwrap();
+        assert_eq!(c.daemon.job_name, "from-default");
+    }
+
+    #[test]
+    fn home_directories_expand() {
+        let home = PathBuf::from(std::env::var("HOME").unwrap());
+        assert_eq!(expand_home("~").unwrap(), home);
+        assert_eq!(expand_home("~/a/b").unwrap(), home.join("a/b"));
+        assert_eq!(expand_home("/var/~x").unwrap(), Path::new("/var/~x"));
+        assert_eq!(expand_home("rel/x").unwrap(), Path::new("rel/x"));
+        assert_eq!(expand_home("~root/x").unwrap(), Path::new("/root/x"));
+        let error = expand_home("~no-such-user-here/x").unwrap_err();
+        assert!(error.contains("no user 'no-such-user-here'"), "{error}");
     }
 
     #[test]

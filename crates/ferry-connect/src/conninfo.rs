@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::ConnectError;
+use crate::{service, ConnectError};
 
 /// Keys libpq accepts that ferry understands.
 const KNOWN_KEYS: &[&str] = &[
@@ -36,6 +36,7 @@ const KNOWN_KEYS: &[&str] = &[
     "channel_binding",
     "target_session_attrs",
     "load_balance_hosts",
+    "service",
 ];
 
 /// libpq's environment variables and the keys they stand for.
@@ -56,6 +57,11 @@ const ENVIRONMENT: &[(&str, &str)] = &[
     ("PGCONNECT_TIMEOUT", "connect_timeout"),
     ("PGTARGETSESSIONATTRS", "target_session_attrs"),
     ("PGCHANNELBINDING", "channel_binding"),
+    ("PGSSLCRL", "sslcrl"),
+    ("PGGSSENCMODE", "gssencmode"),
+    ("PGSSLSNI", "sslsni"),
+    ("PGCLIENTENCODING", "client_encoding"),
+    ("PGLOADBALANCEHOSTS", "load_balance_hosts"),
 ];
 
 /// Socket directories tried, in order, when no host is given (Debian's, then upstream's).
@@ -94,21 +100,41 @@ fn redacted(params: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
 }
 
 impl ConnInfo {
-    /// Parses a libpq connection string (`key=value ...` or a `postgresql://` URI).
+    /// Parses a libpq connection string (`key=value ...` or a `postgresql://` URI). A
+    /// service (`service=NAME`, or `PGSERVICE`) is looked up at once (see [`crate::service`]):
+    /// its parameters fill in what the string leaves out.
     pub fn parse(text: &str) -> Result<ConnInfo, ConnectError> {
+        ConnInfo::parse_with(text, &|name| std::env::var(name).ok())
+    }
+
+    /// [`ConnInfo::parse`] with the environment given, for tests.
+    pub fn parse_with(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ConnInfo, ConnectError> {
         let trimmed = text.trim();
-        let params = if trimmed.starts_with("postgresql://") || trimmed.starts_with("postgres://") {
-            parse_uri(trimmed)?
-        } else {
-            parse_key_values(trimmed)?
-        };
-        for key in params.keys() {
-            if !KNOWN_KEYS.contains(&key.as_str()) {
-                return Err(ConnectError::invalid(format!(
-                    "invalid connection option \"{key}\""
-                )));
+        let mut params =
+            if trimmed.starts_with("postgresql://") || trimmed.starts_with("postgres://") {
+                parse_uri(trimmed)?
+            } else {
+                parse_key_values(trimmed)?
+            };
+        check_keys(params.keys(), "connection option")?;
+        let service = params
+            .get("service")
+            .cloned()
+            .or_else(|| env("PGSERVICE").filter(|v| !v.is_empty()));
+        if let Some(name) = service {
+            let from_service = service::lookup(&name, env)?;
+            check_keys(
+                from_service.keys(),
+                &format!("option of service \"{name}\""),
+            )?;
+            for (key, value) in from_service {
+                params.entry(key).or_insert(value);
             }
         }
+        refuse_unsupported(&|key| params.get(key).map(String::as_str))?;
         Ok(ConnInfo { params })
     }
 
@@ -179,6 +205,60 @@ impl ConnInfo {
             return Some(PathBuf::from(path));
         }
         std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".pgpass"))
+    }
+}
+
+/// Refuses the libpq keys (and values) ferry accepts but cannot honour, so that none is
+/// silently ignored: a certificate revocation list (ferry cannot check revocation), GSSAPI
+/// encryption required, TLS without SNI, a client encoding other than UTF-8.
+pub(crate) fn refuse_unsupported<'a>(
+    get: &impl Fn(&str) -> Option<&'a str>,
+) -> Result<(), ConnectError> {
+    if let Some(crl) = get("sslcrl").filter(|v| !v.is_empty()) {
+        return Err(ConnectError::invalid(format!(
+            "sslcrl={crl} is not supported: ferry cannot check certificate revocation, and will not connect pretending it does; remove sslcrl (revoke by replacing the CA or the server certificate)"
+        )));
+    }
+    if get("gssencmode") == Some("require") {
+        return Err(ConnectError::invalid(
+            "gssencmode=require is not supported: ferry has no GSSAPI encryption (use sslmode)",
+        ));
+    }
+    if let Some(mode) = get("gssencmode").filter(|m| !matches!(*m, "disable" | "prefer")) {
+        return Err(ConnectError::invalid(format!(
+            "invalid gssencmode value \"{mode}\" (disable, prefer, require)"
+        )));
+    }
+    if get("sslsni") == Some("0") {
+        return Err(ConnectError::invalid(
+            "sslsni=0 is not supported: ferry always sends the server name over TLS",
+        ));
+    }
+    if let Some(encoding) = get("client_encoding") {
+        let utf8 = matches!(
+            encoding
+                .to_ascii_lowercase()
+                .replace(['-', '_'], "")
+                .as_str(),
+            "utf8" | "unicode" | "auto"
+        );
+        if !utf8 {
+            return Err(ConnectError::invalid(format!(
+                "client_encoding={encoding} is not supported: ferry always talks UTF-8 to the server (the server converts)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses any key libpq does not know (`what` names where it came from).
+fn check_keys<'k>(
+    mut keys: impl Iterator<Item = &'k String>,
+    what: &str,
+) -> Result<(), ConnectError> {
+    match keys.find(|key| !KNOWN_KEYS.contains(&key.as_str())) {
+        Some(key) => Err(ConnectError::invalid(format!("invalid {what} \"{key}\""))),
+        None => Ok(()),
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod conninfo;
 mod pgpass;
+mod service;
 mod tls;
 
 use std::time::Duration;
@@ -287,6 +288,57 @@ where
 }
 
 /// The driver's configuration for `resolved`, and the TLS settings when TLS may be used.
+/// Passes libpq's TCP keys to the driver: `keepalives` (0 or 1), `keepalives_idle`,
+/// `keepalives_interval` (seconds), `keepalives_count`, `tcp_user_timeout` (milliseconds,
+/// 0: the system's default), `load_balance_hosts` (disable, random).
+fn apply_tcp_settings<'a>(
+    config: &mut Config,
+    get: &impl Fn(&str) -> Option<&'a str>,
+) -> Result<(), ConnectError> {
+    let number = |key: &str| -> Result<Option<u64>, ConnectError> {
+        get(key)
+            .map(|v| {
+                v.trim().parse::<u64>().map_err(|_| {
+                    ConnectError::invalid(format!("invalid integer value \"{v}\" for {key}"))
+                })
+            })
+            .transpose()
+    };
+    match get("keepalives") {
+        None | Some("1") => config.keepalives(true),
+        Some("0") => config.keepalives(false),
+        Some(other) => {
+            return Err(ConnectError::invalid(format!(
+                "invalid keepalives value \"{other}\" (0 or 1)"
+            )))
+        }
+    };
+    if let Some(idle) = number("keepalives_idle")? {
+        config.keepalives_idle(Duration::from_secs(idle));
+    }
+    if let Some(interval) = number("keepalives_interval")? {
+        config.keepalives_interval(Duration::from_secs(interval));
+    }
+    if let Some(count) = number("keepalives_count")? {
+        config.keepalives_retries(u32::try_from(count).unwrap_or(u32::MAX));
+    }
+    if let Some(millis) = number("tcp_user_timeout")?.filter(|m| *m > 0) {
+        config.tcp_user_timeout(Duration::from_millis(millis));
+    }
+    if let Some(mode) = get("load_balance_hosts") {
+        config.load_balance_hosts(match mode {
+            "disable" => tokio_postgres::config::LoadBalanceHosts::Disable,
+            "random" => tokio_postgres::config::LoadBalanceHosts::Random,
+            other => {
+                return Err(ConnectError::invalid(format!(
+                    "invalid load_balance_hosts value \"{other}\" (disable, random)"
+                )))
+            }
+        });
+    }
+    Ok(())
+}
+
 fn build_config(
     resolved: &ConnInfo,
     application_name: &str,
@@ -348,12 +400,9 @@ fn build_config(
         }
     };
     config.connect_timeout(timeout);
-    if get("keepalives") == Some("0") {
-        config.keepalives(false);
-    }
-    if let Some(idle) = get("keepalives_idle").and_then(|v| v.parse().ok()) {
-        config.keepalives_idle(Duration::from_secs(idle));
-    }
+    apply_tcp_settings(&mut config, &get)?;
+    // again after the environment was added (PGSSLCRL, PGGSSENCMODE, ...)
+    conninfo::refuse_unsupported(&get)?;
     if let Some(attrs) = get("target_session_attrs") {
         config.target_session_attrs(match attrs {
             "any" => tokio_postgres::config::TargetSessionAttrs::Any,
@@ -409,4 +458,89 @@ fn build_config(
         message,
     })?;
     Ok((config, Some(settings)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_of(conninfo: &str) -> Result<Config, ConnectError> {
+        let info = ConnInfo::parse_with(conninfo, &|_| None)?;
+        build_config(&info, "test").map(|(config, _)| config)
+    }
+
+    #[test]
+    fn tcp_keys_reach_the_driver() {
+        let config = config_of(
+            "host=/tmp keepalives=1 keepalives_idle=30 keepalives_interval=5 keepalives_count=4 tcp_user_timeout=9000",
+        )
+        .unwrap();
+        assert!(config.get_keepalives());
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(
+            config.get_keepalives_interval(),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(config.get_keepalives_retries(), Some(4));
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&Duration::from_millis(9000))
+        );
+        assert!(!config_of("host=/tmp keepalives=0")
+            .unwrap()
+            .get_keepalives());
+        assert!(config_of("host=/tmp keepalives_idle=soon").is_err());
+    }
+
+    #[test]
+    fn keys_ferry_cannot_honour_are_refused_not_ignored() {
+        for (conninfo, needle) in [
+            ("host=/tmp sslcrl=/etc/crl.pem", "certificate revocation"),
+            ("host=/tmp gssencmode=require", "GSSAPI"),
+            ("host=/tmp sslsni=0", "sslsni=0"),
+            ("host=/tmp client_encoding=LATIN1", "UTF-8"),
+        ] {
+            let error = config_of(conninfo).unwrap_err();
+            assert!(error.is_configuration(), "{conninfo}");
+            assert!(error.to_string().contains(needle), "{conninfo}: {error}");
+        }
+        for fine in [
+            "host=/tmp gssencmode=disable",
+            "host=/tmp sslsni=1",
+            "host=/tmp client_encoding=UTF8",
+            "host=/tmp sslcompression=0",
+        ] {
+            assert!(config_of(fine).is_ok(), "{fine}");
+        }
+    }
+
+    #[test]
+    fn a_service_fills_in_what_the_string_leaves_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("services.conf");
+        std::fs::write(&file, "[shop]\nhost=db1\nport=6432\ndbname=shop\n").unwrap();
+        let env = |name: &str| match name {
+            "PGSERVICEFILE" => Some(file.to_str().unwrap().to_string()),
+            "PGSYSCONFDIR" => Some(dir.path().to_str().unwrap().to_string()),
+            _ => None,
+        };
+        let info = ConnInfo::parse_with("service=shop dbname=other", &env).unwrap();
+        assert_eq!(info.get("host"), Some("db1"));
+        assert_eq!(info.get("port"), Some("6432"));
+        assert_eq!(info.get("dbname"), Some("other"), "the string wins");
+        let with_env = |name: &str| match name {
+            "PGSERVICE" => Some("shop".to_string()),
+            other => env(other),
+        };
+        let info = ConnInfo::parse_with("user=u", &with_env).unwrap();
+        assert_eq!(info.get("host"), Some("db1"), "PGSERVICE names the service");
+        let error = ConnInfo::parse_with("service=nope", &env).unwrap_err();
+        assert!(
+            error.to_string().contains("service \"nope\" not found"),
+            "{error}"
+        );
+        std::fs::write(&file, "[shop]\nhots=db1\n").unwrap();
+        let error = ConnInfo::parse_with("service=shop", &env).unwrap_err();
+        assert!(error.to_string().contains("\"hots\""), "{error}");
+    }
 }

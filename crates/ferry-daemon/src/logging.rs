@@ -3,7 +3,7 @@
 //! logrotate works too.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -36,13 +36,25 @@ impl Verbosity {
     }
 }
 
-/// Where log lines go.
+/// Where log lines go, and in which form.
 #[derive(Debug, Clone)]
 pub struct LogTarget {
     /// Also write to stderr (in the foreground).
     pub stderr: bool,
     /// Write to this file, rotating it at `max_size` bytes and keeping `keep` old files.
     pub file: Option<LogFileSettings>,
+    /// The lines' form.
+    pub format: LogFormat,
+}
+
+/// The form of log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `time level message field=value ...` (the default).
+    #[default]
+    Text,
+    /// One json object per line: `timestamp`, `level`, `message` and the fields.
+    Json,
 }
 
 /// A size-rotated log file.
@@ -84,41 +96,84 @@ pub struct LogError {
 }
 
 /// Installs the global subscriber. `FERRY_LOG` (an `EnvFilter` directive) overrides the
-/// verbosity.
+/// verbosity. Colours only when stderr is a terminal; under systemd (stderr is the journal)
+/// lines go to the journal alone, so each line is stored once.
 pub fn init(target: &LogTarget, verbosity: Verbosity) -> Result<LogGuard, LogError> {
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = std::env::var("FERRY_LOG")
         .ok()
         .and_then(|d| EnvFilter::try_new(d).ok())
         .unwrap_or_else(|| EnvFilter::new(verbosity.directive()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    match &target.file {
+    let journal = target.stderr && stderr_is_journal();
+    let file = target.file.as_ref().filter(|_| !journal);
+    let ansi = target.stderr && file.is_none() && io::stderr().is_terminal();
+    let (writer, worker, reopen) = match file {
         Some(settings) => {
             let rotating = RotatingFile::open(settings)?;
             let reopen = rotating.reopen_flag();
             let (writer, worker) = tracing_appender::non_blocking(rotating);
-            if target.stderr {
-                builder
-                    .with_ansi(false)
-                    .with_writer(writer.and(io::stderr))
-                    .init();
+            let writer = if target.stderr {
+                BoxMakeWriter::new(writer.and(io::stderr))
             } else {
-                builder.with_ansi(false).with_writer(writer).init();
-            }
-            Ok(LogGuard {
-                _worker: Some(worker),
-                reopen: Some(reopen),
-            })
+                BoxMakeWriter::new(writer)
+            };
+            (writer, Some(worker), Some(reopen))
         }
-        None => {
-            builder.with_writer(io::stderr).init();
-            Ok(LogGuard {
-                _worker: None,
-                reopen: None,
-            })
+        None => (BoxMakeWriter::new(io::stderr), None, None),
+    };
+    let layer = match target.format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_target(false)
+            .with_ansi(false)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+    };
+    tracing_subscriber::registry().with(layer).init();
+    if journal {
+        if let Some(settings) = &target.file {
+            tracing::info!(
+                logfile = %settings.path.display(),
+                "stderr is the systemd journal: logging there only, not to logfile"
+            );
         }
     }
+    Ok(LogGuard {
+        _worker: worker,
+        reopen,
+    })
+}
+
+/// Whether stderr is connected to the systemd journal (`JOURNAL_STREAM` names its device and
+/// inode, as systemd sets it for services).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((device, inode)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let Ok(stderr) = io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(metadata) = File::from(stderr).metadata() else {
+        return false;
+    };
+    device.parse() == Ok(metadata.dev()) && inode.parse() == Ok(metadata.ino())
 }
 
 /// A log file that rotates itself by size: `f` → `f.1` → ... → `f.N`, oldest dropped.

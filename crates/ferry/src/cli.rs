@@ -60,9 +60,21 @@ pub struct GlobalOptions {
     /// Make the running daemon of CONFIG re-read its config and reopen its log (SIGHUP).
     #[arg(short = 'r', long = "reload", global = true)]
     pub reload: bool,
+    /// Log lines as text or as one json object each (overrides `log_format` of the config).
+    #[arg(long = "log-format", value_name = "FORMAT", global = true)]
+    pub log_format: Option<LogFormatArg>,
     /// Print an annotated example config and exit.
     #[arg(long = "ini")]
     pub ini: bool,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormatArg {
+    /// `time level message field=value ...`.
+    Text,
+    /// One json object per line.
+    Json,
 }
 
 impl GlobalOptions {

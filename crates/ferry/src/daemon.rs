@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry_config::{daemon_sections, DaemonSettings, REPLICATION_SECTION, TICKER_SECTION};
-use ferry_daemon::logging::{self, LogFileSettings, LogTarget, Verbosity};
+use ferry_daemon::logging::{self, LogFileSettings, LogFormat, LogTarget, Verbosity};
 use ferry_daemon::{pidfile, PidFile, PidFileError};
 
 use crate::settings::{self, load_ini};
@@ -21,16 +21,21 @@ pub enum Control {
     Reload,
 }
 
+/// How a daemon runs, from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    /// `-d`: detach.
+    pub detach: bool,
+    /// `-q`, `-v`, `-vv`.
+    pub verbosity: Verbosity,
+    /// `--log-format`, over the config's `log_format`.
+    pub log_format: Option<LogFormat>,
+}
+
 /// `ferry CONFIG replay [-d]`.
-pub fn run_replay(config: &Path, detach: bool, verbosity: Verbosity) -> Result<(), Failure> {
+pub fn run_replay(config: &Path, options: RunOptions) -> Result<(), Failure> {
     let (replication, replay, warnings) = settings::replication(config)?;
-    let daemon = prepare(
-        config,
-        REPLICATION_SECTION,
-        &replication.daemon,
-        detach,
-        verbosity,
-    )?;
+    let daemon = prepare(config, REPLICATION_SECTION, &replication.daemon, options)?;
     for warning in warnings {
         tracing::warn!("{warning}");
     }
@@ -56,9 +61,9 @@ pub fn run_replay(config: &Path, detach: bool, verbosity: Verbosity) -> Result<(
 }
 
 /// `ferry CONFIG ticker [-d]`.
-pub fn run_ticker(config: &Path, detach: bool, verbosity: Verbosity) -> Result<(), Failure> {
+pub fn run_ticker(config: &Path, options: RunOptions) -> Result<(), Failure> {
     let (ticker, ticker_settings, warnings) = settings::ticker(config)?;
-    let daemon = prepare(config, TICKER_SECTION, &ticker.daemon, detach, verbosity)?;
+    let daemon = prepare(config, TICKER_SECTION, &ticker.daemon, options)?;
     for warning in warnings {
         tracing::warn!("{warning}");
     }
@@ -89,9 +94,9 @@ fn prepare(
     config: &Path,
     section: &str,
     daemon: &DaemonSettings,
-    detach: bool,
-    verbosity: Verbosity,
+    options: RunOptions,
 ) -> Result<Prepared, Failure> {
+    let detach = options.detach;
     if detach && daemon.pidfile.is_none() {
         return Err(Failure::Usage(format!(
             "{}: [{section}] pidfile: required to run detached (-d)",
@@ -116,6 +121,11 @@ fn prepare(
             max_size: daemon.log_size,
             keep: daemon.log_count,
         }),
+        format: options.log_format.unwrap_or(if daemon.json_logs {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
+        }),
     };
     if detach {
         if target.file.is_none() {
@@ -127,7 +137,7 @@ fn prepare(
         }
         ferry_daemon::detach().map_err(|e| Failure::Runtime(format!("cannot detach: {e}")))?;
     }
-    let log = logging::init(&target, verbosity).map_err(|e| Failure::runtime(&e))?;
+    let log = logging::init(&target, options.verbosity).map_err(|e| Failure::runtime(&e))?;
     Ok(Prepared { pidfile, log })
 }
 

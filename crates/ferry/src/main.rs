@@ -130,10 +130,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
             "-d (--daemon) is for `ticker` and `replay` only".into(),
         ));
     }
-    let verbosity = options.verbosity();
+    let run_options = daemon::RunOptions {
+        detach: options.daemon,
+        verbosity: options.verbosity(),
+        log_format: options.log_format.map(|format| match format {
+            cli::LogFormatArg::Text => ferry_daemon::logging::LogFormat::Text,
+            cli::LogFormatArg::Json => ferry_daemon::logging::LogFormat::Json,
+        }),
+    };
     match command {
-        Command::Ticker => daemon::run_ticker(&config, options.daemon, verbosity),
-        Command::Replay => daemon::run_replay(&config, options.daemon, verbosity),
+        Command::Ticker => daemon::run_ticker(&config, run_options),
+        Command::Replay => daemon::run_replay(&config, run_options),
         Command::Provider(command) => replication_admin::provider(&config, command),
         Command::Subscriber(command) => replication_admin::subscriber(&config, command),
         Command::Install => queue_admin::install(&config),

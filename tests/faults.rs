@@ -82,7 +82,7 @@ async fn a_refused_row_holds_its_batch_until_the_cause_is_fixed() {
         )
         .await;
     assert!(line.contains("WARN"), "{line}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    pair.wait_replay_rounds_after_writes().await;
     assert_not_applied(&subscriber, "later", 1).await;
     assert_not_applied(&subscriber, "guarded", 1).await;
     subscriber
@@ -117,6 +117,7 @@ async fn a_refused_row_holds_its_batch_until_the_cause_is_fixed() {
         limit,
     )
     .await;
+    pair.wait_replay_rounds_after_writes().await;
     assert_not_applied(&subscriber, "later", 2).await;
     subscriber
         .batch_execute("drop trigger no_thirteen on guarded")
@@ -149,6 +150,7 @@ async fn a_refused_row_holds_its_batch_until_the_cause_is_fixed() {
         limit,
     )
     .await;
+    pair.wait_replay_rounds_after_writes().await;
     assert_not_applied(&subscriber, "later", 3).await;
     subscriber
         .batch_execute("alter table typed alter column v type text")
@@ -168,6 +170,7 @@ async fn a_refused_row_holds_its_batch_until_the_cause_is_fixed() {
         limit,
     )
     .await;
+    pair.wait_replay_rounds_after_writes().await;
     assert_not_applied(&subscriber, "later", 4).await;
     subscriber
         .batch_execute("alter table later add column extra int")
@@ -580,6 +583,10 @@ async fn the_subscribers_position_wins_over_the_queues() {
         Duration::from_secs(30),
     )
     .await;
+    assert!(
+        consumer_tick(&provider).await >= late,
+        "the queue's record of the consumer moved on"
+    );
     provider
         .batch_execute("insert into items values (21, 'c')")
         .await
@@ -613,7 +620,7 @@ async fn the_subscribers_position_wins_over_the_queues() {
         .batch_execute("insert into items values (22, 'd')")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    pair.wait_replay_rounds_after_writes().await;
     assert_not_applied(&subscriber, "items", 22).await;
     run(&londiste, &["subscriber", "resync", "items"]);
     wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());

@@ -147,6 +147,56 @@ impl Pair {
         std::fs::read_to_string(self.dir.path().join("test-londiste.log")).unwrap_or_default()
     }
 
+    /// The positive barrier before a negative check ("not applied"): ticks the queue, then
+    /// waits until the default subscriber's replay has begun two rounds since: asked the queue
+    /// for a batch twice (`ferry.subscription.sub_active`), or, when it is held before asking
+    /// (a refused position), connected to the provider twice (`pg_stat_activity`). So at least
+    /// one whole round ran after everything written before this call was ticked: whatever
+    /// replay would apply of it, it has applied or tried to. Returns the tick.
+    #[allow(dead_code)]
+    pub async fn wait_replay_rounds_after_writes(&self) -> i64 {
+        let provider = ferry_testkit::connect(&self.provider.conninfo).await;
+        let tick = ferry_queue::tick(&provider, "test-queue").await.unwrap();
+        let since: std::time::SystemTime = provider
+            .query_one("select clock_timestamp()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let (mut asks, mut connects) = (Vec::new(), Vec::new());
+        let start = Instant::now();
+        while asks.len() < 2 && connects.len() < 2 {
+            let row = provider
+                .query_one(
+                    r#"select (select s."sub_active" from "ferry"."subscription" s
+                                 join "ferry"."queue" q on q."queue_id" = s."sub_queue"
+                                where q."queue_name" = 'test-queue'
+                                  and s."sub_consumer" = 'test-londiste'),
+                              array(select backend_start from pg_stat_activity
+                                     where application_name = 'ferry replay test-londiste')"#,
+                    &[],
+                )
+                .await
+                .unwrap();
+            let asked: std::time::SystemTime = row.get(0);
+            let backends: Vec<std::time::SystemTime> = row.get(1);
+            if asked > since && !asks.contains(&asked) {
+                asks.push(asked);
+            }
+            for started in backends {
+                if started > since && !connects.contains(&started) {
+                    connects.push(started);
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "replay did not begin two rounds after tick {tick}:\n{}",
+                self.replay_log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tick
+    }
+
     /// Waits until the replay log has a line containing every one of `needles`; returns that
     /// line. Panics with the log after `limit`.
     pub async fn wait_for_replay_line(&self, needles: &[&str], limit: Duration) -> String {

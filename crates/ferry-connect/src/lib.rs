@@ -17,6 +17,7 @@ use tokio_postgres::config::{ChannelBinding, SslMode};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Notification};
 
 pub use conninfo::ConnInfo;
+pub use tls::TlsSetupError;
 
 /// Whether `error` means the connection is gone (closed, terminated by the server, server
 /// shutting down or not accepting connections): reconnecting is the remedy.
@@ -51,12 +52,13 @@ pub enum ConnectError {
     Invalid(String),
     /// The connection string's TLS settings cannot be used (a missing or unreadable
     /// certificate file, say).
-    #[error("{target}: {message}")]
+    #[error("{target}: {source}")]
     Tls {
         /// Where the connection was going (no password).
         target: String,
         /// What is wrong and what to do.
-        message: String,
+        #[source]
+        source: tls::TlsSetupError,
     },
     /// The server could not be reached or refused the connection. Displays the driver's
     /// reason with its causes and then, for the common reasons, what to check (so that the
@@ -228,9 +230,9 @@ pub async fn connect(conninfo: &ConnInfo, application_name: &str) -> Result<Sess
         Some(settings) => {
             let tls_config = settings
                 .client_config()
-                .map_err(|message| ConnectError::Tls {
+                .map_err(|source| ConnectError::Tls {
                     target: target.clone(),
-                    message,
+                    source,
                 })?;
             config
                 .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls_config))
@@ -453,9 +455,9 @@ fn build_config(
         get("sslkey"),
         home.as_deref(),
     )
-    .map_err(|message| ConnectError::Tls {
+    .map_err(|source| ConnectError::Tls {
         target: resolved.describe(),
-        message,
+        source,
     })?;
     Ok((config, Some(settings)))
 }

@@ -24,6 +24,37 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 
+/// TLS settings that cannot be used: what is wrong (naming the file and the key that named
+/// it), with the library's error behind it as the `source()` when there is one.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct TlsSetupError {
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl TlsSetupError {
+    /// A problem said in one sentence.
+    fn new(message: impl Into<String>) -> TlsSetupError {
+        TlsSetupError {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A problem with the error that showed it.
+    fn caused_by(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> TlsSetupError {
+        TlsSetupError {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+}
+
 /// How much of the server's certificate is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verify {
@@ -55,7 +86,7 @@ impl TlsSettings {
         sslcert: Option<&str>,
         sslkey: Option<&str>,
         home: Option<&Path>,
-    ) -> Result<TlsSettings, String> {
+    ) -> Result<TlsSettings, TlsSetupError> {
         let default = |name: &str| home.map(|h| h.join(".postgresql").join(name));
         let root_given = sslrootcert.map(PathBuf::from);
         let root = root_given.clone().or_else(|| default("root.crt"));
@@ -72,15 +103,15 @@ impl TlsSettings {
             _ => match root {
                 Some(path) if path.exists() => Some(path),
                 Some(path) => {
-                    return Err(format!(
+                    return Err(TlsSetupError::new(format!(
                         "sslmode={mode} checks the server's certificate, but the root certificate file \"{}\" does not exist: give the CA's certificate with sslrootcert=FILE, or use sslmode=require to encrypt without checking",
                         path.display()
-                    ))
+                    )))
                 }
                 None => {
-                    return Err(format!(
+                    return Err(TlsSetupError::new(format!(
                         "sslmode={mode} checks the server's certificate: give the CA's certificate with sslrootcert=FILE"
-                    ))
+                    )))
                 }
             },
         };
@@ -93,16 +124,16 @@ impl TlsSettings {
         let client_cert = match (cert, key) {
             (Some(cert), Some(key)) if cert.exists() && key.exists() => Some((cert, key)),
             (Some(cert), _) if sslcert.is_some() && !cert.exists() => {
-                return Err(format!(
+                return Err(TlsSetupError::new(format!(
                     "the client certificate file \"{}\" (sslcert) does not exist",
                     cert.display()
-                ))
+                )))
             }
             (Some(_), Some(key)) if sslcert.is_some() => {
-                return Err(format!(
+                return Err(TlsSetupError::new(format!(
                     "the client certificate's key file \"{}\" (sslkey) does not exist",
                     key.display()
-                ))
+                )))
             }
             _ => None,
         };
@@ -114,18 +145,23 @@ impl TlsSettings {
     }
 
     /// The rustls client configuration these settings make.
-    pub(crate) fn client_config(&self) -> Result<ClientConfig, String> {
+    pub(crate) fn client_config(&self) -> Result<ClientConfig, TlsSetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?;
+            .map_err(|e| TlsSetupError::caused_by("TLS setup", e))?;
         let algorithms = provider.signature_verification_algorithms;
         let verifier: Arc<dyn ServerCertVerifier> = match (&self.root_cert, self.verify) {
             (Some(root), Verify::Chain | Verify::ChainAndName) => {
                 let roots = read_roots(root)?;
                 let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                     .build()
-                    .map_err(|e| format!("root certificate file \"{}\": {e}", root.display()))?;
+                    .map_err(|e| {
+                        TlsSetupError::caused_by(
+                            format!("root certificate file \"{}\"", root.display()),
+                            e,
+                        )
+                    })?;
                 if self.verify == Verify::Chain {
                     Arc::new(AnyName { inner: webpki })
                 } else {
@@ -142,29 +178,40 @@ impl TlsSettings {
             Some((cert, key)) => {
                 let chain = CertificateDer::pem_file_iter(cert)
                     .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| format!("client certificate file \"{}\": {e}", cert.display()))?;
-                let key_der = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| format!("client key file \"{}\": {e}", key.display()))?;
-                builder
-                    .with_client_auth_cert(chain, key_der)
-                    .map_err(|e| format!("client certificate \"{}\": {e}", cert.display()))
+                    .map_err(|e| {
+                        TlsSetupError::caused_by(
+                            format!("client certificate file \"{}\"", cert.display()),
+                            e,
+                        )
+                    })?;
+                let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                    TlsSetupError::caused_by(format!("client key file \"{}\"", key.display()), e)
+                })?;
+                builder.with_client_auth_cert(chain, key_der).map_err(|e| {
+                    TlsSetupError::caused_by(
+                        format!("client certificate \"{}\"", cert.display()),
+                        e,
+                    )
+                })
             }
         }
     }
 }
 
 /// Every certificate of a PEM file, as trust anchors.
-fn read_roots(path: &Path) -> Result<RootCertStore, String> {
+fn read_roots(path: &Path) -> Result<RootCertStore, TlsSetupError> {
     let mut roots = RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("root certificate file \"{}\": {e}", path.display()))?;
+        .map_err(|e| {
+            TlsSetupError::caused_by(format!("root certificate file \"{}\"", path.display()), e)
+        })?;
     let (added, _ignored) = roots.add_parsable_certificates(certs);
     if added == 0 {
-        return Err(format!(
+        return Err(TlsSetupError::new(format!(
             "root certificate file \"{}\" holds no usable certificate",
             path.display()
-        ));
+        )));
     }
     Ok(roots)
 }
@@ -274,12 +321,14 @@ mod tests {
         let s = |mode, root| TlsSettings::new(mode, root, None, None, Some(home));
         assert_eq!(s("prefer", None).unwrap().verify, Verify::Nothing);
         assert_eq!(s("require", None).unwrap().verify, Verify::Nothing);
-        let err = s("verify-full", None).unwrap_err();
+        let err = s("verify-full", None).unwrap_err().to_string();
         assert!(
             err.contains("root.crt") && err.contains("sslrootcert"),
             "{err}"
         );
-        let err = s("verify-ca", Some("/nonexistent/ca.pem")).unwrap_err();
+        let err = s("verify-ca", Some("/nonexistent/ca.pem"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
 
         // a root file in ~/.postgresql turns require into verify-ca, as in libpq
@@ -297,7 +346,8 @@ mod tests {
             None,
             Some(home),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("sslcert"), "{err}");
     }
 
@@ -314,7 +364,7 @@ mod tests {
             None,
         )
         .unwrap();
-        let err = settings.client_config().unwrap_err();
+        let err = settings.client_config().unwrap_err().to_string();
         assert!(err.contains("no usable certificate"), "{err}");
     }
 }

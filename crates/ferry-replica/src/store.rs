@@ -240,15 +240,8 @@ pub async fn remove_table(
     queue: &str,
     table: &RelName,
 ) -> Result<bool, ReplicaError> {
-    let removed: i32 = client
-        .query_one(
-            r#"select "ferry"."subscriber_remove_table"($1, $2, $3)"#,
-            &[&queue, &table.schema, &table.name],
-        )
-        .await
-        .with_context(|| format!("removing {table} on the subscriber"))?
-        .get(0);
-    Ok(removed == 1)
+    let what = format!("removing {table} on the subscriber");
+    call_table_function(client, "subscriber_remove_table", queue, table, &what).await
 }
 
 /// Any state → `InCopy` for one table: replay copies it again. `true` when it is added here.
@@ -257,13 +250,26 @@ pub async fn resync_table(
     queue: &str,
     table: &RelName,
 ) -> Result<bool, ReplicaError> {
+    let what = format!("resyncing {table}");
+    call_table_function(client, "subscriber_resync_table", queue, table, &what).await
+}
+
+/// Calls `ferry.<function>(queue, schema, name)`, which returns 1 when it changed the table's
+/// registration and 0 when the table is not added here.
+async fn call_table_function(
+    client: &impl GenericClient,
+    function: &str,
+    queue: &str,
+    table: &RelName,
+    what: &str,
+) -> Result<bool, ReplicaError> {
     let done: i32 = client
         .query_one(
-            r#"select "ferry"."subscriber_resync_table"($1, $2, $3)"#,
+            &format!(r#"select "ferry"."{function}"($1, $2, $3)"#),
             &[&queue, &table.schema, &table.name],
         )
         .await
-        .with_context(|| format!("resyncing {table}"))?
+        .context(what)?
         .get(0);
     Ok(done == 1)
 }

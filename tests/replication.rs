@@ -16,9 +16,14 @@ use rand::Rng;
 
 /// `pg_dump -s PROVIDER | psql SUBSCRIBER`, as the seed restores the schema on the slave.
 fn restore_schema(pair: &Pair) {
+    dump_schema_into(&pair.provider.conninfo, &pair.subscriber.conninfo);
+}
+
+/// `pg_dump -s FROM | psql INTO`.
+fn dump_schema_into(from: &str, into: &str) {
     let bindir = Cluster::shared().bindir();
     let dump = Command::new(bindir.join("pg_dump"))
-        .args(["-s", "-d", &pair.provider.conninfo])
+        .args(["-s", "-d", from])
         .output()
         .expect("pg_dump runs");
     assert!(
@@ -27,13 +32,7 @@ fn restore_schema(pair: &Pair) {
         String::from_utf8_lossy(&dump.stderr)
     );
     let mut psql = Command::new(bindir.join("psql"))
-        .args([
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=0",
-            "-d",
-            &pair.subscriber.conninfo,
-        ])
+        .args(["-q", "-v", "ON_ERROR_STOP=0", "-d", into])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -174,16 +173,13 @@ async fn replay_killed_at_random_moments() {
 }
 
 /// A second subscriber with its own job_name joins the queue under load, while the first
-/// keeps replicating: both end identical to the provider.
+/// keeps replicating, its schema dumped from the provider after setup (`pg_dump -s` brings
+/// schema `ferry` and the capture triggers along): both end identical to the provider, and a
+/// table no longer replicated on the second is writable there, no copied trigger in the way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_subscriber_added_under_load() {
     let pair = Pair::new("second", &format!("{SCHEMA}{SEED_DATA}"), Some(SCHEMA)).await;
     let second = Cluster::shared().database("second_s2").await;
-    ferry_testkit::connect(&second.conninfo)
-        .await
-        .batch_execute(SCHEMA)
-        .await
-        .unwrap();
     let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
     let londiste2 = pair.dir.path().join("londiste2.ini");
     pair.write_londiste_ini(&londiste2, "test-londiste-2", &second);
@@ -199,8 +195,19 @@ async fn second_subscriber_added_under_load() {
     run(&londiste, &["subscriber", "add", "--all"]);
     wait_all_ok(&londiste, Duration::from_secs(120), || pair.replay_log());
 
-    // the second one arrives later, with everything running
-    run(&londiste2, &["subscriber", "install"]);
+    // the second one arrives later, with everything running, its schema dumped from the
+    // provider as it is now (schema `ferry` and the capture triggers included, as the seed
+    // adds the next slave)
+    dump_schema_into(&pair.provider.conninfo, &second.conninfo);
+    let installed = run(&londiste2, &["subscriber", "install"]);
+    for table in TABLES {
+        assert!(
+            installed.contains(&format!(
+                "dropped capture trigger \"ferry_capture_test-queue\" on public.{table},"
+            )),
+            "{installed}"
+        );
+    }
     run(&londiste2, &["replay", "-d"]);
     run(&londiste2, &["subscriber", "add", "--all"]);
     let log2 =
@@ -220,6 +227,12 @@ async fn second_subscriber_added_under_load() {
     }
     let status = run(&ticker, &["status"]);
     assert!(status.contains("test-londiste-2"), "{status}");
+    run(&londiste2, &["subscriber", "remove", "table4"]);
+    ferry_testkit::connect(&second.conninfo)
+        .await
+        .batch_execute("truncate table4; insert into table4 values ('local', 1)")
+        .await
+        .unwrap();
 }
 
 /// What must be refused, with a message saying what to do: a table without primary key on
@@ -855,6 +868,132 @@ async fn dependent_tables_apply_in_event_order() {
         pair.replay_log().contains("again in event order"),
         "the swap did not go through the event-order retry:\n{}",
         pair.replay_log()
+    );
+}
+
+/// Replicated changes are applied as native logical replication applies them
+/// (`session_replication_role = replica`): the subscriber's ordinary triggers (a BEFORE UPDATE
+/// trigger setting `last_update`, as `pg_dump -s` brings it) and its foreign-key actions (ON
+/// UPDATE / ON DELETE CASCADE) leave replicated rows alone, so the provider's own cascaded
+/// events find their rows; triggers marked ENABLE ALWAYS or ENABLE REPLICA fire; the write
+/// guard still refuses everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_triggers_and_cascades_leave_replicated_rows_alone() {
+    let schema = "create table item (id int primary key, v text,
+                      last_update timestamptz not null default now());
+         create function touch() returns trigger language plpgsql as $$
+             begin new.last_update := clock_timestamp(); return new; end $$;
+         create trigger touch before update on item for each row execute function touch();
+         create table parent (id int primary key, name text);
+         create table child (id int primary key,
+             parent_id int not null references parent on update cascade on delete cascade);";
+    let subscriber_extra = "create table audit (item_id int references item, op text, via text);
+         create function audit_always() returns trigger language plpgsql as $$
+             begin insert into audit values (new.id, tg_op, 'always'); return new; end $$;
+         create trigger audit_always after insert or update on item
+             for each row execute function audit_always();
+         alter table item enable always trigger audit_always;
+         create function audit_replica() returns trigger language plpgsql as $$
+             begin insert into audit values (new.id, tg_op, 'replica'); return new; end $$;
+         create trigger audit_replica after insert on item
+             for each row execute function audit_replica();
+         alter table item enable replica trigger audit_replica;";
+    let pair = Pair::new(
+        "replica_role",
+        &format!(
+            "{schema}
+             insert into item (id, v) select i, 'v' || i from generate_series(1, 20) i;
+             insert into parent select i, 'p' || i from generate_series(1, 10) i;
+             insert into child select i, i % 10 + 1 from generate_series(1, 30) i;"
+        ),
+        Some(&format!("{schema} {subscriber_extra}")),
+    )
+    .await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    pair.install_and_start_ticker();
+    pair.add_everything();
+    run(&londiste, &["replay", "-d"]);
+    wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
+    let tables = ["item", "parent", "child"];
+    let identical = || {
+        wait_identical(
+            &pair.provider.conninfo,
+            &pair.subscriber.conninfo,
+            &tables,
+            Duration::from_secs(30),
+            || pair.replay_log(),
+        )
+    };
+    identical().await;
+
+    let provider = ferry_testkit::connect(&pair.provider.conninfo).await;
+    provider
+        .batch_execute(
+            "update item set v = v || '!' where id <= 10;
+             insert into item (id, v) values (21, 'new');
+             update parent set id = id + 100 where id <= 5;
+             delete from parent where id = 9;
+             update child set parent_id = 105 where id = 1;",
+        )
+        .await
+        .unwrap();
+    // the provider's last_update values (set by its trigger) and its cascaded child rows
+    // arrive as they are: identical, nothing refused
+    identical().await;
+    assert!(!pair.replay_log().contains("WARN"), "{}", pair.replay_log());
+
+    // ENABLE ALWAYS fired for the copied rows, the replicated insert and the updates, ENABLE
+    // REPLICA for the copied rows and the insert; the ordinary `touch` fired for none
+    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    let audit: Vec<(String, String, i64)> = subscriber
+        .query(
+            "select via, op, count(*) from audit group by 1, 2 order by 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        audit,
+        [
+            ("always".to_string(), "INSERT".to_string(), 21),
+            ("always".to_string(), "UPDATE".to_string(), 10),
+            ("replica".to_string(), "INSERT".to_string(), 21),
+        ],
+        "copied rows go through COPY (20 each), the new row and the updates through events"
+    );
+
+    // `subscriber check` says which triggers act on replicated rows and which keys reach
+    // tables not replicated here, and finds no problem in them
+    let report: serde_json::Value =
+        serde_json::from_str(&run(&londiste, &["subscriber", "check", "--json"])).unwrap();
+    assert_eq!(report["problems"], serde_json::json!([]), "{report}");
+    let notes = report["notes"].to_string();
+    for note in [
+        r#"trigger \"audit_always\" on public.item fires for replicated changes (ENABLE ALWAYS)"#,
+        r#"trigger \"audit_replica\" on public.item fires for replicated changes (ENABLE REPLICA)"#,
+        r#"trigger \"touch\" on public.item does not fire for replicated changes"#,
+        r#"foreign key \"audit_item_id_fkey\" of public.audit (not replicated here) refers to public.item"#,
+    ] {
+        assert!(notes.contains(note), "{note} missing from {notes}");
+    }
+
+    // everyone else still may not write here
+    let refused = subscriber
+        .batch_execute("update item set v = 'x' where id = 1")
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .as_db_error()
+            .is_some_and(|db| db.message().contains("only ferry replay may change it")),
+        "{refused:?}"
     );
 }
 

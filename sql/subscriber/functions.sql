@@ -76,3 +76,72 @@ returns integer language sql as $$
 $$;
 comment on function "ferry"."subscriber_resync_table"(text, text, text) is
     'ferry: copy a replicated table again (1 done, 0 not registered)';
+
+-- Puts the calling session in session_replication_role = replica, as native logical
+-- replication applies changes: ordinary and foreign-key triggers (and rules) do not fire for
+-- replay's writes; triggers marked ENABLE REPLICA or ENABLE ALWAYS do. Replay sets the
+-- parameter itself where its role may (a superuser, or PostgreSQL 15+ with GRANT SET ON
+-- PARAMETER session_replication_role); on PostgreSQL 12 to 14 a superuser can instead take
+-- ownership of this security-definer function and grant EXECUTE on it to the subscriber role
+-- (README, "Privileges"). It is created once and never replaced, so that a superuser's
+-- ownership survives every later `subscriber install`; EXECUTE is not public.
+do $replica$
+begin
+    if to_regprocedure('"ferry"."replica_session"()') is null then
+        execute $create$
+            create function "ferry"."replica_session"() returns void
+            language plpgsql security definer set search_path = pg_catalog, pg_temp as $body$
+            begin
+                -- session-wide (not local): it outlives the function and its SET clause
+                perform pg_catalog.set_config('session_replication_role', 'replica', false);
+            end $body$
+        $create$;
+        revoke all on function "ferry"."replica_session"() from public;
+        comment on function "ferry"."replica_session"() is
+            'ferry: session_replication_role = replica for the calling session (replay); owned by a superuser on PostgreSQL 12 to 14';
+    end if;
+end $replica$;
+
+-- Drops ferry's capture triggers that a schema dump of a provider brought along (`pg_dump -s`
+-- of a database where ferry runs, as the seed adds a subscriber): triggers calling ferry's
+-- capture functions on tables no queue here captures (no row in "ferry"."provider_table").
+-- Replay's replica mode keeps them from firing, but once a table stops being replicated here
+-- they would make every write to it fail for want of their queue. Returns each such trigger,
+-- and whether it was dropped: dropping needs the table's owner, which the subscriber role may
+-- not be; the caller then says what to run.
+create or replace function "ferry"."subscriber_drop_copied_capture_triggers"(
+    out table_schema text, out table_name text, out trigger_name text, out dropped boolean)
+returns setof record
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    v_registered boolean;
+begin
+    for table_schema, table_name, trigger_name in
+        select n.nspname::text, c.relname::text, g.tgname::text
+          from pg_trigger g
+          join pg_class c on c.oid = g.tgrelid
+          join pg_namespace n on n.oid = c.relnamespace
+          join pg_proc p on p.oid = g.tgfoid
+          join pg_namespace pn on pn.oid = p.pronamespace
+         where not g.tgisinternal and pn.nspname = 'ferry'
+           and (p.proname = 'capture_truncate' or p.proname ~ '^capture_[0-9]+_[0-9]+$')
+         order by 1, 2, 3
+    loop
+        v_registered := false;
+        if to_regclass('"ferry"."provider_table"') is not null then
+            execute 'select exists (select 1 from "ferry"."provider_table"
+                                     where "table_schema" = $1 and "table_name" = $2)'
+               into v_registered using table_schema, table_name;
+        end if;
+        continue when v_registered;
+        begin
+            execute format('drop trigger %I on %I.%I', trigger_name, table_schema, table_name);
+            dropped := true;
+        exception when insufficient_privilege then
+            dropped := false;
+        end;
+        return next;
+    end loop;
+end $$;
+comment on function "ferry"."subscriber_drop_copied_capture_triggers"() is
+    'ferry: drop capture triggers a provider''s schema dump brought to tables nothing captures here';

@@ -258,6 +258,37 @@ pub fn wait_all_ok(config: &Path, limit: Duration, log: impl Fn() -> String) {
     }
 }
 
+/// Polls `subscriber tables --json` until `table` (as listed, `public.t`) is in `state`.
+#[allow(dead_code)]
+pub fn wait_table_state(
+    config: &Path,
+    table: &str,
+    state: &str,
+    limit: Duration,
+    log: impl Fn() -> String,
+) {
+    let start = Instant::now();
+    loop {
+        let listed = run(config, &["subscriber", "tables", "--json"]);
+        let rows: serde_json::Value = serde_json::from_str(&listed).expect("a json listing");
+        let found = rows
+            .as_array()
+            .expect("an array")
+            .iter()
+            .any(|row| row["table"] == table && row["state"] == state);
+        if found {
+            return;
+        }
+        if start.elapsed() > limit {
+            panic!(
+                "{table} not {state} after {limit:?}:\n{listed}\nreplay log:\n{}",
+                log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Polls `subscriber tables` until every table's state (the line's last word: names may
 /// hold spaces, which the seed's awk check cannot take) is `ok`.
 pub fn wait_tables_ok(config: &Path, limit: Duration, log: impl Fn() -> String) {

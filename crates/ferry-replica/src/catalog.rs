@@ -40,9 +40,11 @@ pub struct TableShape {
     pub table: RelName,
     /// Its columns (dropped ones left out).
     pub columns: Vec<Column>,
-    /// Nothing else depends on the order its rows change in: no foreign key from or to it, no
-    /// unique or exclusion constraint but the primary key, no enabled user trigger (ferry's
-    /// write guard aside) and no rule. Replay applies such a table's changes set-wise.
+    /// Nothing else depends on the order its rows change in while replay writes it (in
+    /// `session_replication_role = replica`, where foreign keys, ordinary triggers and rules
+    /// do not act): no unique or exclusion constraint but the primary key, no trigger or rule
+    /// marked `ENABLE REPLICA` or `ENABLE ALWAYS`. Replay applies such a table's changes
+    /// set-wise.
     pub independent: bool,
 }
 
@@ -106,13 +108,14 @@ pub async fn table_shape(
     let independent: bool = client
         .query_one(
             r#"select not exists (select 1 from pg_constraint c
-                                   where (c.conrelid = t.oid or c.confrelid = t.oid) and c.contype in ('f', 'x'))
+                                   where c.conrelid = t.oid and c.contype = 'x')
                   and not exists (select 1 from pg_index i
                                    where i.indrelid = t.oid and i.indisunique and not i.indisprimary)
                   and not exists (select 1 from pg_trigger g
-                                   where g.tgrelid = t.oid and not g.tgisinternal and g.tgenabled <> 'D'
-                                     and g.tgname <> 'ferry_protect')
-                  and not exists (select 1 from pg_rewrite r where r.ev_class = t.oid)
+                                   where g.tgrelid = t.oid and not g.tgisinternal
+                                     and g.tgenabled in ('A', 'R'))
+                  and not exists (select 1 from pg_rewrite r
+                                   where r.ev_class = t.oid and r.ev_enabled in ('A', 'R'))
                  from (select to_regclass($1) as oid) t"#,
             &[&table.quoted()],
         )

@@ -4,7 +4,6 @@
 use bytes::BytesMut;
 use ferry_daemon::failpoint::{self, failpoint};
 use futures_util::{pin_mut, SinkExt, TryStreamExt};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, IsolationLevel};
 
 use crate::catalog::table_shape;
@@ -64,11 +63,22 @@ pub async fn copy_table(
     let Some(skip_truncate) = store::claim_for_copy(&stx, queue, table).await? else {
         return Ok(None);
     };
-    if !skip_truncate {
+    // A table other tables refer to by foreign key cannot be truncated (not even in replica
+    // mode) without truncating them too, which would empty tables already copied: it is
+    // emptied with DELETE instead, which in replay's replica mode cascades to nothing.
+    let truncated = if skip_truncate {
+        false
+    } else if referenced_by_other_tables(&stx, table).await? {
+        stx.batch_execute(&format!("delete from {}", table.quoted()))
+            .await
+            .map_err(|e| refused_by_subscriber(table, CopyStep::Emptying, e))?;
+        false
+    } else {
         stx.batch_execute(&format!("truncate {}", table.quoted()))
             .await
             .map_err(|e| refused_by_subscriber(table, CopyStep::Emptying, e))?;
-    }
+        true
+    };
 
     let ptx = provider
         .build_transaction()
@@ -117,7 +127,7 @@ pub async fn copy_table(
         .await
         .with_context(|| format!("looking at {table}"))?
         .get(0);
-    let freeze = if plain && !skip_truncate {
+    let freeze = if plain && truncated {
         " with (freeze)"
     } else {
         ""
@@ -166,14 +176,31 @@ pub async fn copy_table(
     Ok(Some(CopyDone { rows, snapshot }))
 }
 
+/// Whether a foreign key of another table refers to `table` here.
+async fn referenced_by_other_tables(
+    stx: &tokio_postgres::Transaction<'_>,
+    table: &RelName,
+) -> Result<bool, ReplicaError> {
+    Ok(stx
+        .query_one(
+            "select exists (select 1 from pg_constraint
+                             where confrelid = to_regclass($1) and contype = 'f'
+                               and conrelid <> confrelid)",
+            &[&table.quoted()],
+        )
+        .await
+        .with_context(|| format!("looking for foreign keys referring to {table}"))?
+        .get(0))
+}
+
 /// A step of the copy on the subscriber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CopyStep {
-    /// TRUNCATE before the rows come.
+    /// TRUNCATE (or DELETE) before the rows come.
     Emptying,
     /// COPY FROM STDIN, while the rows come.
     Writing,
-    /// The end of COPY, where deferred checks (foreign keys) run.
+    /// The end of COPY, where deferred checks run.
     Finishing,
 }
 
@@ -188,24 +215,15 @@ impl std::fmt::Display for CopyStep {
 }
 
 /// The error of `step` of the copy of `table` on the subscriber. A constraint there refusing
-/// the provider's rows, or a foreign key that forbids emptying the table, is a refusal about
-/// this table alone (it stays in-copy and the other tables go on) that says what to do;
-/// anything else is a database error.
+/// the provider's rows (a check, a unique index only the subscriber has; foreign keys do not
+/// act in replay's replica mode) is a refusal about this table alone (it stays in-copy and the
+/// other tables go on) that says what to do; anything else is a database error.
 fn refused_by_subscriber(
     table: &RelName,
     step: CopyStep,
     error: tokio_postgres::Error,
 ) -> ReplicaError {
-    const FOREIGN_KEY_ADVICE: &str = "foreign keys between replicated tables on the subscriber must wait until both tables are ok: drop them and create them again afterwards (README, \"Known limits\")";
     let refusal = match error.code() {
-        Some(code) if *code == SqlState::FEATURE_NOT_SUPPORTED && step == CopyStep::Emptying => {
-            Some(format!(
-                "{table} cannot be emptied for its copy: a foreign key on the subscriber refers to it; {FOREIGN_KEY_ADVICE}"
-            ))
-        }
-        Some(code) if *code == SqlState::FOREIGN_KEY_VIOLATION => Some(format!(
-            "the subscriber refused the copy of {table}: a foreign key there refers to rows not copied yet; {FOREIGN_KEY_ADVICE}"
-        )),
         Some(code) if code.code().starts_with("23") => Some(format!(
             "the subscriber refused the copy of {table}: its rows break a constraint there (one the provider does not have, or rows kept there by --skip-truncate); fix that, and the copy is tried again"
         )),

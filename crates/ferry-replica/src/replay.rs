@@ -332,6 +332,7 @@ async fn open_link(
 async fn prepare(link: &mut Link, settings: &ReplaySettings) -> Result<(), ReplicaError> {
     crate::provider::require_installed(link.provider.client()).await?;
     subscriber::require_installed(link.subscriber.client(), &settings.queue).await?;
+    crate::session::enter_replica_mode(link.subscriber.client()).await?;
     let registered = ferry_queue::consumer_info(link.provider.client(), Some(&settings.queue))
         .await?
         .iter()

@@ -29,3 +29,63 @@ pub async fn open_session(
         .with_context(|| format!("setting up the {side} session"))?;
     Ok(session)
 }
+
+/// Puts replay's subscriber session in `session_replication_role = replica`, as native
+/// logical replication applies changes: the subscriber's ordinary triggers, rules and
+/// foreign-key actions and checks leave replicated rows alone; triggers marked `ENABLE
+/// REPLICA` or `ENABLE ALWAYS` fire. Sets the parameter directly where the role may (a
+/// superuser; PostgreSQL 15+ after `GRANT SET ON PARAMETER`), else through
+/// `ferry.replica_session()` when a superuser owns it (PostgreSQL 12 to 14). Without either,
+/// a [`NeedsSetup`](crate::ErrorKind::NeedsSetup) error says exactly what to grant.
+pub async fn enter_replica_mode(client: &tokio_postgres::Client) -> Result<(), ReplicaError> {
+    use tokio_postgres::error::SqlState;
+    let refused = |e: &tokio_postgres::Error| {
+        e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE)
+            || e.code() == Some(&SqlState::UNDEFINED_FUNCTION)
+    };
+    match client
+        .batch_execute("set session_replication_role = replica")
+        .await
+    {
+        Ok(()) => return Ok(()),
+        Err(e) if refused(&e) => {}
+        Err(e) => {
+            return Err(ReplicaError::db(
+                "setting session_replication_role".into(),
+                e,
+            ))
+        }
+    }
+    match client
+        .batch_execute(r#"select "ferry"."replica_session"()"#)
+        .await
+    {
+        Ok(()) => return Ok(()),
+        Err(e) if refused(&e) => {}
+        Err(e) => {
+            return Err(ReplicaError::db(
+                "calling ferry.replica_session()".into(),
+                e,
+            ))
+        }
+    }
+    let row = client
+        .query_one(
+            "select current_user::text, current_setting('server_version_num')::int",
+            &[],
+        )
+        .await
+        .context("reading the subscriber role")?;
+    let (user, version): (String, i32) = (row.get(0), row.get(1));
+    let role = crate::names::quote_ident(&user);
+    let grant = if version >= 150000 {
+        format!("GRANT SET ON PARAMETER session_replication_role TO {role}")
+    } else {
+        format!(
+            "ALTER FUNCTION ferry.replica_session() OWNER TO postgres; GRANT EXECUTE ON FUNCTION ferry.replica_session() TO {role}"
+        )
+    };
+    Err(ReplicaError::needs_setup(format!(
+        "the subscriber role {role} may not set session_replication_role, which replay needs so that the subscriber's own triggers and foreign-key actions leave replicated rows alone: as a superuser, run {grant} (README, \"Privileges\")"
+    )))
+}

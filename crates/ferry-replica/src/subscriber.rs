@@ -33,6 +33,11 @@ pub struct SubscriberInstall {
     pub subscriber: InstallReport,
     /// Whether the consumer was registered on the provider's queue now (`false`: it was).
     pub consumer_registered: bool,
+    /// Capture triggers a schema dump of the provider brought here, dropped.
+    pub copied_triggers_dropped: Vec<String>,
+    /// Such triggers the subscriber role could not drop (it does not own their tables):
+    /// the statements their owner should run.
+    pub copied_triggers_left: Vec<String>,
 }
 
 /// Installs (or upgrades) the subscriber catalog, records `queue` here and registers
@@ -47,10 +52,34 @@ pub async fn install(
     let report = ferry_queue::install_component(subscriber, &SUBSCRIBER).await?;
     store::record_queue(&*subscriber, queue, consumer).await?;
     let consumer_registered = ferry_queue::register_consumer(provider, queue, consumer).await?;
-    Ok(SubscriberInstall {
+    let mut install = SubscriberInstall {
         subscriber: report,
         consumer_registered,
-    })
+        copied_triggers_dropped: Vec::new(),
+        copied_triggers_left: Vec::new(),
+    };
+    for row in subscriber
+        .query(
+            r#"select table_schema, table_name, trigger_name, dropped
+                 from "ferry"."subscriber_drop_copied_capture_triggers"()"#,
+            &[],
+        )
+        .await
+        .context("dropping capture triggers copied from the provider")?
+    {
+        let table = RelName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        let trigger = quote_ident(row.get(2));
+        if row.get(3) {
+            install
+                .copied_triggers_dropped
+                .push(format!("{trigger} on {table}"));
+        } else {
+            install
+                .copied_triggers_left
+                .push(format!("DROP TRIGGER {trigger} ON {};", table.quoted()));
+        }
+    }
+    Ok(install)
 }
 
 /// Fails with a clear message unless the subscriber is installed for `queue`.
@@ -349,32 +378,118 @@ pub async fn missing(
     Ok((tables, seqs))
 }
 
-/// Every problem that would stop replay of this subscriber's tables: tables gone on either
-/// side, tables no longer registered on the provider, missing columns, differing types.
+/// What `subscriber check` found: problems that stop replay, and notes on what acts (or does
+/// not act) on replicated rows here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CheckReport {
+    /// Each would stop replay: tables gone on either side, tables no longer registered on the
+    /// provider, missing columns, differing types, no primary key.
+    pub problems: Vec<String>,
+    /// Worth knowing, stops nothing: triggers that fire (or do not) for replicated changes,
+    /// foreign keys to or from tables not replicated here.
+    pub notes: Vec<String>,
+}
+
+/// Checks this subscriber's tables of `queue` against the provider and looks at the
+/// subscriber's own triggers and foreign keys on them.
 pub async fn check(
     subscriber: &Client,
     provider: &Client,
     queue: &str,
-) -> Result<Vec<String>, ReplicaError> {
+) -> Result<CheckReport, ReplicaError> {
     let registered = provider::tables(provider, queue).await?;
-    let mut problems = Vec::new();
-    for t in store::tables(subscriber, queue).await? {
-        let name = &t.table;
+    let mut report = CheckReport::default();
+    let tables: Vec<RelName> = store::tables(subscriber, queue)
+        .await?
+        .into_iter()
+        .map(|t| t.table)
+        .collect();
+    for name in &tables {
         if !registered.contains(name) {
-            problems.push(format!(
+            report.problems.push(format!(
                 "table {name} is not registered on the provider for queue \"{queue}\""
             ));
             continue;
         }
         let Some(source) = table_shape(provider, name).await? else {
-            problems.push(format!("table {name} does not exist on the provider"));
+            report
+                .problems
+                .push(format!("table {name} does not exist on the provider"));
             continue;
         };
         let Some(target) = table_shape(subscriber, name).await? else {
-            problems.push(format!("table {name} does not exist on the subscriber"));
+            report
+                .problems
+                .push(format!("table {name} does not exist on the subscriber"));
             continue;
         };
-        problems.extend(column_problems(&source, &target));
+        report.problems.extend(column_problems(&source, &target));
     }
-    Ok(problems)
+    report.notes = replica_mode_notes(subscriber, &tables).await?;
+    Ok(report)
+}
+
+/// What replay's replica mode means for `tables` here: which of their triggers fire for
+/// replicated changes and which do not, and foreign keys that reach tables not replicated here
+/// (replay neither checks nor cascades them).
+async fn replica_mode_notes(
+    subscriber: &Client,
+    tables: &[RelName],
+) -> Result<Vec<String>, ReplicaError> {
+    let schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    let rows = subscriber
+        .query(
+            r#"with rel as (
+                   select t.schema, t.name, c.oid
+                     from unnest($1::text[], $2::text[]) as t(schema, name)
+                     join pg_namespace n on n.nspname = t.schema
+                     join pg_class c on c.relnamespace = n.oid and c.relname = t.name)
+               select 'trigger', r.schema, r.name, g.tgname::text, g.tgenabled::text, null, null
+                 from rel r join pg_trigger g on g.tgrelid = r.oid
+                where not g.tgisinternal and g.tgname <> 'ferry_protect' and g.tgenabled <> 'D'
+               union all
+               select 'refers', r.schema, r.name, c.conname::text, null, fn.nspname::text, f.relname::text
+                 from rel r join pg_constraint c on c.conrelid = r.oid and c.contype = 'f'
+                 join pg_class f on f.oid = c.confrelid
+                 join pg_namespace fn on fn.oid = f.relnamespace
+                where c.confrelid not in (select oid from rel)
+               union all
+               select 'referred', r.schema, r.name, c.conname::text, null, fn.nspname::text, f.relname::text
+                 from rel r join pg_constraint c on c.confrelid = r.oid and c.contype = 'f'
+                 join pg_class f on f.oid = c.conrelid
+                 join pg_namespace fn on fn.oid = f.relnamespace
+                where c.conrelid not in (select oid from rel)
+               order by 2, 3, 1, 4"#,
+            &[&schemas, &names],
+        )
+        .await
+        .context("reading the subscriber's triggers and foreign keys")?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let table = RelName::new(r.get::<_, String>(1), r.get::<_, String>(2));
+            let object = quote_ident(r.get(3));
+            let other = || RelName::new(r.get::<_, String>(5), r.get::<_, String>(6));
+            match (r.get::<_, &str>(0), r.get::<_, Option<&str>>(4)) {
+                ("trigger", Some("A")) => format!(
+                    "trigger {object} on {table} fires for replicated changes (ENABLE ALWAYS)"
+                ),
+                ("trigger", Some("R")) => format!(
+                    "trigger {object} on {table} fires for replicated changes (ENABLE REPLICA)"
+                ),
+                ("trigger", _) => format!(
+                    "trigger {object} on {table} does not fire for replicated changes (ALTER TABLE ... ENABLE ALWAYS TRIGGER makes it fire)"
+                ),
+                ("refers", _) => format!(
+                    "foreign key {object} of {table} refers to {}, which is not replicated here: replay does not check it",
+                    other()
+                ),
+                _ => format!(
+                    "foreign key {object} of {} (not replicated here) refers to {table}: replay's changes to {table} do not cascade to it, and a copy of {table} removes rows it refers to",
+                    other()
+                ),
+            }
+        })
+        .collect())
 }

@@ -225,6 +225,14 @@ pub fn subscriber(config: &Path, command: SubscriberCommand) -> Result<(), Failu
                     "was registered already"
                 }
             );
+            for trigger in &done.copied_triggers_dropped {
+                println!("dropped capture trigger {trigger}, copied from the provider's schema");
+            }
+            for statement in &done.copied_triggers_left {
+                eprintln!(
+                    "ferry: warning: a capture trigger copied from the provider's schema is left (the subscriber role does not own its table; replay is not affected, but writes there fail once the table is no longer replicated); as its owner run: {statement}"
+                );
+            }
             Ok(())
         }
         SubscriberCommand::Add { .. } | SubscriberCommand::AddSeq(_) => {
@@ -375,7 +383,7 @@ pub fn subscriber(config: &Path, command: SubscriberCommand) -> Result<(), Failu
             Ok(())
         }
         SubscriberCommand::Check(output) => {
-            let problems = with_sides(config, true, |s| async move {
+            let report = with_sides(config, true, |s| async move {
                 let (sub, prov, queue) = (
                     s.subscriber().client(),
                     s.provider.client(),
@@ -387,21 +395,25 @@ pub fn subscriber(config: &Path, command: SubscriberCommand) -> Result<(), Failu
             if output.json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&problems).expect("strings")
+                    serde_json::to_string_pretty(&report).expect("strings")
                 );
-            } else if problems.is_empty() {
-                println!("ok: every replicated table matches the provider");
             } else {
-                for p in &problems {
+                if report.problems.is_empty() {
+                    println!("ok: every replicated table matches the provider");
+                }
+                for p in &report.problems {
                     println!("{p}");
                 }
+                for n in &report.notes {
+                    println!("note: {n}");
+                }
             }
-            if problems.is_empty() {
+            if report.problems.is_empty() {
                 Ok(())
             } else {
                 Err(Failure::Runtime(format!(
                     "{} problem(s) found",
-                    problems.len()
+                    report.problems.len()
                 )))
             }
         }

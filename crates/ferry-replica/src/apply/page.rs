@@ -11,7 +11,7 @@ use super::pipeline::{run_set_statements, SetOp, SetStatement};
 use super::{sql, Applier, BatchTables, Mode};
 use crate::catalog::Column;
 use crate::columns::{column_arrays, ColumnSpec};
-use crate::error::{ErrorKind, ReplicaError};
+use crate::error::{ErrorKind, ReplicaError, ResultExt};
 use crate::event::{RowChange, TableEvent};
 use crate::names::RelName;
 use crate::reduce::{Pushed, TableChanges};
@@ -31,29 +31,60 @@ impl Applier {
         let mut applied = 0;
         let mut skipped = 0;
         let mut gathered: HashMap<&RelName, TableChanges<'_>> = HashMap::new();
-        for event in page {
-            let event = TableEvent::decode(event)?;
-            let Some((table, _)) = tables
+        let events = page
+            .iter()
+            .map(TableEvent::decode)
+            .collect::<Result<Vec<_>, _>>()?;
+        let target = |event: &TableEvent<'_>| {
+            tables
                 .get(event.table)
                 .filter(|(_, state)| state.applies(event.txid))
-            else {
+                .map(|(table, _)| table)
+        };
+        let mut at = 0;
+        while at < events.len() {
+            let event = &events[at];
+            at += 1;
+            let Some(table) = target(event) else {
                 skipped += 1;
                 continue;
             };
             applied += 1;
-            if mode == Mode::EventOrder {
-                self.apply_event(stx, table, &event).await?;
+            if matches!(event.change, RowChange::Truncate) {
+                // one TRUNCATE of the provider (of several tables, or cascaded) is one event
+                // per table, in a row: truncated together, as foreign keys between them need
+                let mut group = vec![table];
+                while let Some(next) = events.get(at).filter(|next| {
+                    matches!(next.change, RowChange::Truncate) && next.txid == event.txid
+                }) {
+                    at += 1;
+                    match target(next) {
+                        Some(table) => {
+                            applied += 1;
+                            group.push(table);
+                        }
+                        None => skipped += 1,
+                    }
+                }
+                for table in &group {
+                    if let Some(changes) = gathered.get_mut(*table) {
+                        self.apply_set_wise(stx, table, changes).await?;
+                    }
+                }
+                truncate_tables(stx, &group).await?;
                 continue;
             }
-            if matches!(event.change, RowChange::Truncate)
-                || !self.is_independent(stx, table).await?
-            {
-                // a truncate, or a table others depend on: in event order (after what was
-                // gathered for the table, so its own order holds)
+            if mode == Mode::EventOrder {
+                self.apply_event(stx, table, event).await?;
+                continue;
+            }
+            if !self.is_independent(stx, table).await? {
+                // a table others depend on: in event order (after what was gathered for the
+                // table, so its own order holds)
                 if let Some(changes) = gathered.get_mut(table) {
                     self.apply_set_wise(stx, table, changes).await?;
                 }
-                self.apply_event(stx, table, &event).await?;
+                self.apply_event(stx, table, event).await?;
                 continue;
             }
             let changes = match gathered.entry(table) {
@@ -71,7 +102,7 @@ impl Applier {
                 Pushed::Reduced => {}
                 Pushed::KeyMoved => {
                     self.apply_set_wise(stx, table, changes).await?;
-                    self.apply_event(stx, table, &event).await?;
+                    self.apply_event(stx, table, event).await?;
                 }
             }
         }
@@ -172,17 +203,7 @@ impl Applier {
     ) -> Result<(), ReplicaError> {
         let t = table.quoted();
         let (text, params, expect_one): (String, Vec<&str>, bool) = match event.change {
-            RowChange::Truncate => {
-                stx.batch_execute(&sql::truncate(&t)).await.map_err(|e| {
-                    ReplicaError::with_cause(
-                        ErrorKind::RowRefused,
-                        format!("the subscriber refused to truncate {table}"),
-                        e,
-                    )
-                    .about(table)
-                })?;
-                return Ok(());
-            }
+            RowChange::Truncate => return truncate_tables(stx, &[table]).await,
             RowChange::Insert { row } => {
                 let columns = self.cache.set_columns(stx, table, row).await?;
                 (sql::event_insert(&t, &columns), vec![row], false)
@@ -260,6 +281,39 @@ impl Applier {
             .collect();
         serde_json::Value::Object(key).to_string()
     }
+}
+
+/// Empties `tables` together, as one TRUNCATE of the provider did. A table that a foreign key
+/// of a table outside them refers to cannot be truncated (not even in replica mode): then
+/// each is emptied with DELETE, which in replay's replica mode cascades to nothing.
+async fn truncate_tables(stx: &Transaction<'_>, tables: &[&RelName]) -> Result<(), ReplicaError> {
+    let names: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
+    let referenced: bool = stx
+        .query_one(
+            "select exists (select 1 from pg_constraint c
+                             where c.contype = 'f' and c.confrelid = any ($1::text[]::regclass[])
+                               and not c.conrelid = any ($1::text[]::regclass[]))",
+            &[&names],
+        )
+        .await
+        .context("looking for foreign keys referring to truncated tables")?
+        .get(0);
+    let text = if referenced {
+        names
+            .iter()
+            .map(|t| format!("delete from {t};"))
+            .collect::<String>()
+    } else {
+        sql::truncate(&names)
+    };
+    stx.batch_execute(&text).await.map_err(|e| {
+        ReplicaError::with_cause(
+            ErrorKind::RowRefused,
+            format!("the subscriber refused to truncate {}", names.join(", ")),
+            e,
+        )
+        .about(tables[0])
+    })
 }
 
 /// The column specs `column_arrays` needs for `columns`.

@@ -133,9 +133,9 @@ pub(crate) fn event_delete(t: &str, keys: &[&str]) -> String {
     )
 }
 
-/// Empties the table.
-pub(crate) fn truncate(t: &str) -> String {
-    format!("truncate {t}")
+/// Empties the tables (quoted names) together, cascading to no other table.
+pub(crate) fn truncate(tables: &[String]) -> String {
+    format!("truncate {} restrict", tables.join(", "))
 }
 
 /// `"a", "b"`.
@@ -240,7 +240,10 @@ mod tests {
             event_delete(T, &["id"]),
             r#"delete from "app"."Order" as t using json_populate_record(null::"app"."Order", $1::text::json) k where t."id" = k."id""#
         );
-        assert_eq!(truncate(T), r#"truncate "app"."Order""#);
+        assert_eq!(
+            truncate(&[T.to_string(), r#""app"."line""#.to_string()]),
+            r#"truncate "app"."Order", "app"."line" restrict"#
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::fidelity;
 use common::replication::{
     assert_sequences_caught_up, run, wait_all_ok, wait_identical, Pair, WriteLoad, SCHEMA,
     SEED_DATA, TABLES,
@@ -308,297 +309,19 @@ async fn refusals_say_what_to_do() {
         .contains("column \"extra\" of table public.keyed is missing"));
 }
 
-/// Columns of the fidelity table: one of every built-in type family, and values that break
-/// naive encodings (special floats, json spacing and duplicate keys, quotes in arrays,
-/// infinities, time zones, a multi-megabyte TOASTed value).
-const FIDELITY_COLUMNS: &[(&str, &str, &str, &str)] = &[
-    // name, type, value A, value B
-    (
-        "n",
-        "numeric",
-        "'NaN'",
-        "'123456789012345678901234567890.123456789012345'",
-    ),
-    ("n_inf", "numeric", "'Infinity'", "'-Infinity'"),
-    ("f8", "float8", "'-0'", "'1.7976931348623157e308'"),
-    ("f8b", "float8", "'NaN'", "'0.1'"),
-    ("f4", "real", "'-Infinity'", "'1.4e-45'"),
-    ("i2", "smallint", "-32768", "32767"),
-    (
-        "i8",
-        "bigint",
-        "-9223372036854775808",
-        "9223372036854775807",
-    ),
-    ("m", "money", "'12.34'", "'-0.01'"),
-    ("t", "text", "E'tab\\there \"quoted\" \\\\ back, 😀'", "''"),
-    ("vc", "varchar(10)", "'short'", "'ten chars!'"),
-    ("ch", "char(5)", "'ab'", "'abcde'"),
-    ("b", "bytea", "'\\x00ff10'", "'\\x'"),
-    ("bo", "boolean", "true", "false"),
-    ("d", "date", "'infinity'", "'4713-01-01 BC'"),
-    ("d2", "date", "'-infinity'", "'2024-02-29'"),
-    (
-        "ts",
-        "timestamp",
-        "'infinity'",
-        "'1999-12-31 23:59:59.999999'",
-    ),
-    (
-        "tstz",
-        "timestamptz",
-        "'2024-03-31 02:30:00+05:45'",
-        "'-infinity'",
-    ),
-    ("tm", "time", "'24:00:00'", "'00:00:00.000001'"),
-    ("tmtz", "timetz", "'12:34:56+14'", "'00:00:00-12'"),
-    (
-        "iv",
-        "interval",
-        "'-1 year 2 months -3 days 04:05:06.789'",
-        "'1 day -00:00:01'",
-    ),
-    // (whitespace around a whole json value is not kept by events: see README, known limits)
-    (
-        "j",
-        "json",
-        "'{\"a\" : 1,   \"a\":2, \"b\": [1, 2 ,3]}'",
-        "'[ \"just\",\"a string\" ]'",
-    ),
-    (
-        "jb",
-        "jsonb",
-        "'{\"x\": {\"y\": [null, true, 1.50]}}'",
-        "'[]'",
-    ),
-    ("x", "xml", "'<a x=\"1\">text &amp; more</a>'", "'<empty/>'"),
-    (
-        "u",
-        "uuid",
-        "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'",
-        "'00000000-0000-0000-0000-000000000000'",
-    ),
-    ("ia", "int[]", "'{1,NULL,3}'", "'{{1,2},{3,4}}'"),
-    (
-        "ta",
-        "text[]",
-        "ARRAY[NULL, 'a\"b', 'c,d', 'NULL', '{}', ' ']",
-        "'{}'",
-    ),
-    ("r", "int4range", "'[1,5)'", "'empty'"),
-    (
-        "tr",
-        "tstzrange",
-        "'[2024-01-01 00:00+00,infinity)'",
-        "'(,)'",
-    ),
-    ("nr", "numrange", "'(1.5,2.25]'", "'[-Infinity,0]'"),
-    ("ip", "inet", "'192.168.0.1/24'", "'::ffff:1.2.3.4'"),
-    ("cidr_", "cidr", "'10.0.0.0/8'", "'2001:db8::/32'"),
-    (
-        "mac",
-        "macaddr",
-        "'08:00:2b:01:02:03'",
-        "'ff:ff:ff:ff:ff:ff'",
-    ),
-    ("pt", "point", "'(1.5,-2)'", "'(0,-0)'"),
-    ("bx", "box", "'(1,1),(0,0)'", "'(2,3),(-1,-1)'"),
-    ("pg", "polygon", "'((0,0),(1,1),(1,0))'", "'((0,0))'"),
-    ("ci", "circle", "'<(0,0),1.5>'", "'<(1,1),0>'"),
-    ("ln", "line", "'{1,-1,0}'", "'{0,1,2}'"),
-    ("ls", "lseg", "'[(0,0),(1,1)]'", "'[(1,2),(3,4)]'"),
-    ("pa", "path", "'[(0,0),(1,1),(2,0)]'", "'((0,0),(1,1))'"),
-    ("e", "mood", "'happy'", "'sad'"),
-    ("dm", "posint", "1", "2147483647"),
-    (
-        "cp",
-        "pair",
-        "ROW(1, 'a \"quoted\", label')::pair",
-        "ROW(NULL, NULL)::pair",
-    ),
-    ("bits", "bit varying(16)", "B'1010'", "B''"),
-    ("bit4", "bit(4)", "B'1010'", "B'0001'"),
-    ("tsv", "tsvector", "'a fat:2 cat'", "''"),
-    (
-        "big",
-        "text",
-        "(select string_agg(md5(i::text), '') from generate_series(1, 100000) i)",
-        "repeat('y', 3000000)",
-    ),
-];
-
-fn fidelity_schema(reverse: bool) -> String {
-    let mut columns: Vec<String> = FIDELITY_COLUMNS
-        .iter()
-        .map(|(name, ty, _, _)| format!("{name} {ty}"))
-        .collect();
-    if reverse {
-        columns.reverse();
-    }
-    format!(
-        "create type mood as enum ('sad', 'ok', 'happy');
-         create domain posint as int check (value > 0);
-         create type pair as (x int, label text);
-         create table fidelity ({}, id int primary key);",
-        columns.join(", ")
-    )
-}
-
-/// `insert into fidelity (id, cols...) values (id, values...)` with value set A or B.
-fn fidelity_insert(id: i32, second: bool) -> String {
-    let names: Vec<&str> = FIDELITY_COLUMNS.iter().map(|c| c.0).collect();
-    let values: Vec<&str> = FIDELITY_COLUMNS
-        .iter()
-        .map(|c| if second { c.3 } else { c.2 })
-        .collect();
-    format!(
-        "insert into fidelity (id, {}) values ({id}, {})",
-        names.join(", "),
-        values.join(", ")
-    )
-}
-
-/// Each column of each row as text, from one side.
-async fn fidelity_rows(conninfo: &str) -> Vec<(i32, String, Option<String>)> {
-    let client = ferry_testkit::connect(conninfo).await;
-    client
-        .batch_execute("set extra_float_digits = 3; set timezone = 'UTC'; set datestyle = 'ISO, YMD'; set intervalstyle = 'postgres'")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    for (name, _, _, _) in FIDELITY_COLUMNS {
-        for row in client
-            .query(
-                &format!("select id, {name}::text from fidelity order by id"),
-                &[],
-            )
-            .await
-            .unwrap()
-        {
-            out.push((row.get(0), name.to_string(), row.get(1)));
-        }
-    }
-    out
-}
-
 /// Every built-in type family round-trips exactly, through the copy and through events
 /// (insert, update of every column, primary-key update, delete), whatever the writer's session
-/// settings, with the subscriber's columns in another order.
+/// settings, with the subscriber's columns in another order (see `common/fidelity.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_round_trip_exactly() {
+    let version = fidelity::server_major(&Cluster::shared().conninfo("postgres")).await;
     let pair = Pair::new(
         "fidelity",
-        &fidelity_schema(false),
-        Some(&fidelity_schema(true)),
+        &fidelity::fidelity_schema(false, version),
+        Some(&fidelity::fidelity_schema(true, version)),
     )
     .await;
-    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
-    let _stop = [
-        KillDaemonOnDrop(ticker.clone()),
-        KillDaemonOnDrop(londiste.clone()),
-    ];
-    let writer = ferry_testkit::connect(&pair.provider.conninfo).await;
-    // settings that change how values are written out
-    writer
-        .batch_execute(
-            "set datestyle = 'SQL, DMY'; set intervalstyle = 'sql_standard'; \
-             set extra_float_digits = -15; set bytea_output = 'escape'; \
-             set timezone = 'Asia/Kathmandu'",
-        )
-        .await
-        .unwrap();
-    // through the copy
-    writer
-        .batch_execute(&fidelity_insert(1, false))
-        .await
-        .unwrap();
-    writer
-        .batch_execute(&fidelity_insert(2, true))
-        .await
-        .unwrap();
-    writer
-        .batch_execute("insert into fidelity (id) values (3)")
-        .await
-        .unwrap();
-    pair.install_and_start_ticker();
-    run(&londiste, &["replay", "-d"]);
-    run(&londiste, &["provider", "add", "fidelity"]);
-    run(&londiste, &["subscriber", "add", "fidelity"]);
-    wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
-
-    // through events
-    writer
-        .batch_execute(&fidelity_insert(11, false))
-        .await
-        .unwrap();
-    writer
-        .batch_execute(&fidelity_insert(12, true))
-        .await
-        .unwrap();
-    writer
-        .batch_execute("insert into fidelity (id) values (13)")
-        .await
-        .unwrap();
-    writer
-        .batch_execute(&fidelity_insert(14, false))
-        .await
-        .unwrap();
-    let all: Vec<&str> = FIDELITY_COLUMNS.iter().map(|c| c.0).collect();
-    let set_from = |target: i32, source: i32| {
-        format!(
-            "update fidelity set ({cols}) = (select {cols} from fidelity where id = {source}) where id = {target}",
-            cols = all.join(", ")
-        )
-    };
-    writer.batch_execute(&set_from(11, 2)).await.unwrap(); // every column changes
-    writer.batch_execute(&set_from(13, 1)).await.unwrap(); // from NULLs to values
-    writer.batch_execute(&set_from(2, 3)).await.unwrap(); // from values to NULLs
-    writer
-        .batch_execute("update fidelity set id = 20 where id = 12")
-        .await
-        .unwrap();
-    writer
-        .batch_execute("update fidelity set id = 21, t = 'moved' where id = 14")
-        .await
-        .unwrap();
-    writer
-        .batch_execute("delete from fidelity where id = 1")
-        .await
-        .unwrap();
-
-    let expected = fidelity_rows(&pair.provider.conninfo).await;
-    let start = std::time::Instant::now();
-    loop {
-        let got = fidelity_rows(&pair.subscriber.conninfo).await;
-        if got == expected {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            let diff: Vec<String> = expected
-                .iter()
-                .filter(|e| !got.contains(e))
-                .map(|(id, col, v)| {
-                    let shown = v.as_deref().map(|v| v.chars().take(80).collect::<String>());
-                    format!("row {id} column {col}: provider {shown:?}")
-                })
-                .collect();
-            panic!(
-                "values differ:\n{}\nreplay log:\n{}",
-                diff.join("\n"),
-                pair.replay_log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let ids: Vec<i32> = expected.iter().map(|r| r.0).collect();
-    assert!(ids.contains(&20) && ids.contains(&21) && !ids.contains(&1) && !ids.contains(&12));
-    // every value went through set-wise apply (text arrays, json for arrays and composites),
-    // not through the event-order retry
-    assert!(
-        !pair.replay_log().contains("again in event order"),
-        "set-wise apply failed:\n{}",
-        pair.replay_log()
-    );
+    fidelity::round_trip(&pair, version).await;
 }
 
 /// TRUNCATE on the provider replicates (with the rows written after it in the same
@@ -987,6 +710,135 @@ async fn subscriber_triggers_and_cascades_leave_replicated_rows_alone() {
     // everyone else still may not write here
     let refused = subscriber
         .batch_execute("update item set v = 'x' where id = 1")
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .as_db_error()
+            .is_some_and(|db| db.message().contains("only ferry replay may change it")),
+        "{refused:?}"
+    );
+}
+
+/// A partitioned table replicates as one unit, its root: `provider add --all` adds the root
+/// and says it leaves the partitions out and why; the subscriber partitions it differently
+/// (by hash); rows moving between partitions, a partition created after `add`, a TRUNCATE of
+/// one partition alone and of the root all replicate; the write guard covers the subscriber's
+/// partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_tables_replicate_as_one_unit() {
+    let provider_schema = "create table payments (id int, paid date not null, amount numeric,
+                               primary key (id, paid)) partition by range (paid);
+         create table payments_2024 partition of payments
+             for values from ('2024-01-01') to ('2025-01-01');
+         create table payments_2025 partition of payments
+             for values from ('2025-01-01') to ('2026-01-01');
+         insert into payments select i, date '2024-01-01' + (i % 700), i / 3.0
+           from generate_series(1, 2000) i;";
+    let subscriber_schema = "create table payments (id int, paid date not null, amount numeric,
+                                 primary key (id, paid)) partition by hash (id);
+         create table payments_h0 partition of payments for values with (modulus 2, remainder 0);
+         create table payments_h1 partition of payments for values with (modulus 2, remainder 1);";
+    let pair = Pair::new("partitions", provider_schema, Some(subscriber_schema)).await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    pair.install_and_start_ticker();
+    let added = run(&londiste, &["provider", "add", "--all"]);
+    assert!(added.contains("public.payments: added"), "{added}");
+    for part in ["payments_2024", "payments_2025"] {
+        assert!(
+            added.contains(&format!(
+                "public.{part}: skipped (a partition of public.payments, which carries its rows)"
+            )),
+            "{added}"
+        );
+    }
+    run(&londiste, &["subscriber", "add", "--all"]);
+    run(&londiste, &["replay", "-d"]);
+    wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
+    let identical = || {
+        wait_identical(
+            &pair.provider.conninfo,
+            &pair.subscriber.conninfo,
+            &["payments"],
+            Duration::from_secs(30),
+            || pair.replay_log(),
+        )
+    };
+    identical().await;
+
+    let provider = ferry_testkit::connect(&pair.provider.conninfo).await;
+    // rows move between partitions (a delete and an insert of the root), rows change in place
+    provider
+        .batch_execute(
+            "update payments set paid = paid + 365 where id % 5 = 0 and paid < '2024-12-01';
+             update payments set amount = amount + 1 where id % 7 = 0;
+             delete from payments where id % 11 = 0;
+             insert into payments select i, date '2025-06-01', 1 from generate_series(3001, 3100) i;",
+        )
+        .await
+        .unwrap();
+    identical().await;
+
+    // a partition created after `add`: its rows replicate without a command
+    provider
+        .batch_execute(
+            "create table payments_2026 partition of payments
+                 for values from ('2026-01-01') to ('2027-01-01');
+             insert into payments select i, date '2026-03-01', 2 from generate_series(4001, 4050) i;",
+        )
+        .await
+        .unwrap();
+    identical().await;
+    let report: serde_json::Value =
+        serde_json::from_str(&run(&londiste, &["subscriber", "check", "--json"])).unwrap();
+    assert!(
+        report["notes"]
+            .to_string()
+            .contains("partition public.payments_2026 of public.payments was created after"),
+        "{report}"
+    );
+
+    // one partition truncated alone: exactly its rows go, wherever they are here
+    provider
+        .batch_execute("truncate payments_2024")
+        .await
+        .unwrap();
+    identical().await;
+    // added again, the root covers the new partition's TRUNCATE too
+    run(&londiste, &["provider", "add", "payments"]);
+    provider
+        .batch_execute("begin; insert into payments values (5000, '2026-05-05', 5); truncate payments_2026; commit;")
+        .await
+        .unwrap();
+    identical().await;
+    // the root truncated: one event, everything goes; a partition truncated later in the
+    // same transaction speaks for itself again
+    provider.batch_execute("truncate payments").await.unwrap();
+    identical().await;
+    provider
+        .batch_execute(
+            "begin; truncate payments;
+             insert into payments values (7, '2025-03-03', 1), (8, '2024-03-03', 1);
+             truncate payments_2025; commit;",
+        )
+        .await
+        .unwrap();
+    identical().await;
+    provider
+        .batch_execute("insert into payments values (1, '2025-02-02', 1)")
+        .await
+        .unwrap();
+    identical().await;
+    assert!(!pair.replay_log().contains("WARN"), "{}", pair.replay_log());
+
+    // the subscriber's partitions are guarded too
+    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    let refused = subscriber
+        .batch_execute("insert into payments_h0 values (2, '2025-01-01', 1)")
         .await
         .unwrap_err();
     assert!(

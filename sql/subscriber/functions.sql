@@ -17,6 +17,32 @@ end $$;
 comment on function "ferry"."protect_replica"() is
     'ferry: statement trigger that makes a replicated table read-only for all but replay';
 
+-- Puts the write guard ("ferry_protect") on table i_table and, when it is partitioned, on
+-- each of its partitions (statement triggers are not cloned, and a partition can be written
+-- directly), or, with i_queue_name null, takes it off them all.
+create or replace function "ferry"."subscriber_protect"(i_table oid, i_queue_name text)
+returns void language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    v_rel record;
+begin
+    for v_rel in
+        select n.nspname, c.relname
+          from pg_class c join pg_namespace n on n.oid = c.relnamespace
+         where c.oid = i_table
+            or ((select relkind from pg_class where oid = i_table) = 'p'
+                and c.oid in (select t.relid from pg_partition_tree(i_table) t))
+    loop
+        execute format('drop trigger if exists "ferry_protect" on %I.%I', v_rel.nspname, v_rel.relname);
+        if i_queue_name is not null then
+            execute format('create trigger "ferry_protect" before insert or update or delete or truncate on %I.%I '
+                           'for each statement execute procedure "ferry"."protect_replica"(%L)',
+                           v_rel.nspname, v_rel.relname, i_queue_name);
+        end if;
+    end loop;
+end $$;
+comment on function "ferry"."subscriber_protect"(oid, text) is
+    'ferry: put the write guard on a replicated table and its partitions (or take it off)';
+
 -- Registers a subscriber table for a queue (state in-copy) and protects it. Returns 1 when
 -- new, 0 when registered already.
 create or replace function "ferry"."subscriber_add_table"(i_queue_name text, i_schema text, i_name text,
@@ -35,9 +61,7 @@ begin
         raise exception 'ferry: queue "%" is not set up on this subscriber', i_queue_name
             using errcode = 'undefined_object', hint = 'run "ferry CONF subscriber install" first';
     end if;
-    execute format('drop trigger if exists "ferry_protect" on %I.%I', i_schema, i_name);
-    execute format('create trigger "ferry_protect" before insert or update or delete or truncate on %I.%I '
-                   'for each statement execute procedure "ferry"."protect_replica"(%L)', i_schema, i_name, i_queue_name);
+    perform "ferry"."subscriber_protect"(v_oid, i_queue_name);
     insert into "ferry"."subscriber_table" ("queue_name", "table_schema", "table_name", "skip_truncate")
     values (i_queue_name, i_schema, i_name, i_skip_truncate)
     on conflict do nothing;
@@ -57,7 +81,7 @@ begin
      where "queue_name" = i_queue_name and "table_schema" = i_schema and "table_name" = i_name;
     get diagnostics v_gone = row_count;
     if to_regclass(format('%I.%I', i_schema, i_name)) is not null then
-        execute format('drop trigger if exists "ferry_protect" on %I.%I', i_schema, i_name);
+        perform "ferry"."subscriber_protect"(to_regclass(format('%I.%I', i_schema, i_name)), null);
     end if;
     return v_gone;
 end $$;

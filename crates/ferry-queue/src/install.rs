@@ -39,9 +39,10 @@ pub const QUEUE: Component = Component {
 /// The component name the queue's versions are recorded under.
 pub const COMPONENT: &str = "queue";
 
-/// The oldest server the queue schema supports (declarative partitioning with partitioned
-/// indexes, `pg_sequence_last_value`).
-pub const MIN_SERVER_VERSION_NUM: i32 = 110000;
+/// The oldest server ferry supports: 12 (declarative partitioning with partitioned indexes,
+/// `pg_sequence_last_value`, and, for replicating partitioned tables, `pg_partition_tree` and
+/// `pg_partition_ancestors`). `tests/versions.rs` runs 12 to 18.
+pub const MIN_SERVER_VERSION_NUM: i32 = 120000;
 
 /// What an install did.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

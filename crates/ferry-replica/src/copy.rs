@@ -108,8 +108,10 @@ pub async fn copy_table(
     let copy_out = if source_plain {
         format!("copy {} ({column_list}) to stdout", table.quoted())
     } else {
+        // a partitioned table is one unit: every partition's rows (not ONLY, which would
+        // read the root's own, empty, storage)
         format!(
-            "copy (select {column_list} from only {}) to stdout",
+            "copy (select {column_list} from {}) to stdout",
             table.quoted()
         )
     };

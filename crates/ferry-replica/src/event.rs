@@ -3,13 +3,15 @@
 //! The format is the one the provider's capture functions write (`sql/provider/functions.sql`,
 //! "Row capture", and `ferry.capture_truncate`); change both together:
 //!
-//! | `ev_type` | `ev_data`                 | `ev_extra1`           | `ev_extra2`               |
-//! |-----------|---------------------------|-----------------------|---------------------------|
-//! | `I`       | the new row as json       | `"schema"."name"`     | -                         |
-//! | `U`       | the new row as json       | `"schema"."name"`     | the old primary key, json |
-//! | `D`       | the old primary key, json | `"schema"."name"`     | (the same key)            |
-//! | `T`       | -                         | `"schema"."name"`     | -                         |
+//! | `ev_type` | `ev_data`                 | `ev_extra1`       | `ev_extra2`               |
+//! |-----------|---------------------------|-------------------|---------------------------|
+//! | `I`       | the new row as json       | `"schema"."name"` | -                         |
+//! | `U`       | the new row as json       | `"schema"."name"` | the old primary key, json |
+//! | `D`       | the old primary key, json | `"schema"."name"` | -                         |
+//! | `T`       | -                         | `"schema"."name"` | -                         |
 //!
+//! For `I` and `U`, `ev_extra3` names the json and jsonb columns that hold the JSON value
+//! `null` (a json array, `["doc"]`): the row's json renders that as it renders SQL NULL.
 //! Anything else is corrupt: ferry wrote it, so no user action can fix it.
 
 use ferry_queue::Event;
@@ -65,7 +67,7 @@ impl RowChange<'_> {
 }
 
 /// One event of a replicated table, decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableEvent<'a> {
     /// The event's id in its queue.
     pub id: i64,
@@ -75,6 +77,9 @@ pub struct TableEvent<'a> {
     pub table: &'a str,
     /// What happened to it.
     pub change: RowChange<'a>,
+    /// The columns of the row holding the JSON value `null` (not SQL NULL), for inserts and
+    /// updates that have any.
+    pub json_nulls: Vec<String>,
 }
 
 impl<'a> TableEvent<'a> {
@@ -102,11 +107,19 @@ impl<'a> TableEvent<'a> {
             Some("T") => RowChange::Truncate,
             other => return Err(corrupt(&format!("has unknown type {other:?}"))),
         };
+        let json_nulls = match (&change, event.extra[2].as_deref()) {
+            (RowChange::Insert { .. } | RowChange::Update { .. }, Some(names)) => {
+                serde_json::from_str(names)
+                    .map_err(|e| corrupt(&format!("names its JSON nulls as {names:?}: {e}")))?
+            }
+            _ => Vec::new(),
+        };
         Ok(TableEvent {
             id: event.id,
             txid: event.txid,
             table,
             change,
+            json_nulls,
         })
     }
 }
@@ -119,6 +132,15 @@ mod tests {
     use crate::error::ErrorKind;
 
     fn event(ev_type: &str, data: Option<&str>, extra2: Option<&str>) -> Event {
+        event_with_nulls(ev_type, data, extra2, None)
+    }
+
+    fn event_with_nulls(
+        ev_type: &str,
+        data: Option<&str>,
+        extra2: Option<&str>,
+        extra3: Option<&str>,
+    ) -> Event {
         Event {
             id: 7,
             time: SystemTime::UNIX_EPOCH,
@@ -129,7 +151,7 @@ mod tests {
             extra: [
                 Some(r#""public"."t""#.to_string()),
                 extra2.map(str::to_string),
-                None,
+                extra3.map(str::to_string),
                 None,
             ],
         }
@@ -157,6 +179,20 @@ mod tests {
             assert_eq!(decoded.table, r#""public"."t""#);
             assert_eq!((decoded.id, decoded.txid), (7, 99));
         }
+    }
+
+    #[test]
+    fn json_nulls_are_named_in_extra3() {
+        let row = r#"{"id":1,"doc":null,"other":null}"#;
+        let insert = event_with_nulls("I", Some(row), None, Some(r#"["doc"]"#));
+        assert_eq!(TableEvent::decode(&insert).unwrap().json_nulls, ["doc"]);
+        let plain = event("U", Some(row), Some(r#"{"id":1}"#));
+        assert!(TableEvent::decode(&plain).unwrap().json_nulls.is_empty());
+        let bad = event_with_nulls("I", Some(row), None, Some("doc"));
+        assert_eq!(
+            TableEvent::decode(&bad).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
     }
 
     #[test]

@@ -74,6 +74,53 @@ pub async fn candidates(
         .collect())
 }
 
+/// What `provider add --all` leaves out, with the reason: partitions (their partitioned
+/// table carries their rows), foreign tables, tables of extensions.
+pub async fn skipped(client: &impl GenericClient) -> Result<Vec<(RelName, String)>, ReplicaError> {
+    let rows = client
+        .query(
+            r#"select table_schema, table_name, reason from "ferry"."provider_skipped"()"#,
+            &[],
+        )
+        .await
+        .context("listing the tables --all leaves out")?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                RelName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                r.get(2),
+            )
+        })
+        .collect())
+}
+
+/// Partitions of the queue's partitioned tables created after their `provider add`: their
+/// rows are captured, a TRUNCATE of one alone is not until the root is added again. Each as
+/// (root, partition).
+pub async fn uncovered_partitions(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Vec<(RelName, RelName)>, ReplicaError> {
+    let rows = client
+        .query(
+            r#"select root_schema, root_name, part_schema, part_name
+                 from "ferry"."provider_uncovered_partitions"($1)"#,
+            &[&queue],
+        )
+        .await
+        .context("looking for partitions created since their table was added")?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                RelName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                RelName::new(r.get::<_, String>(2), r.get::<_, String>(3)),
+            )
+        })
+        .collect())
+}
+
 /// Registers a table with `queue` and creates its capture triggers. Returns its name and
 /// whether it is new. A table without a primary key is refused, saying what to do.
 pub async fn add_table(

@@ -426,6 +426,11 @@ pub async fn check(
         report.problems.extend(column_problems(&source, &target));
     }
     report.notes = replica_mode_notes(subscriber, &tables).await?;
+    for (root, partition) in provider::uncovered_partitions(provider, queue).await? {
+        report.notes.push(format!(
+            "partition {partition} of {root} was created after {root} was added: its rows replicate, a TRUNCATE of it alone does not until `ferry CONFIG provider add {root}` runs again"
+        ));
+    }
     Ok(report)
 }
 

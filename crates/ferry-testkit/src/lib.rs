@@ -67,8 +67,29 @@ impl Cluster {
     /// Starts a new cluster for the caller alone. It is stopped and removed on drop (and, at
     /// the latest, when the test process ends).
     pub fn start() -> Result<Cluster, String> {
+        Cluster::start_with(find_bindir()?)
+    }
+
+    /// Starts a new cluster of PostgreSQL `major` (12 to 18), from the binaries
+    /// `tests/pg-versions/install` puts in `FERRY_PG_VERSIONS_DIR` (default
+    /// `/var/tmp/ferry-pg`), for the caller alone.
+    pub fn start_version(major: u32) -> Result<Cluster, String> {
+        let dir = std::env::var_os("FERRY_PG_VERSIONS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/tmp/ferry-pg"));
+        let bindir = dir.join(major.to_string()).join("bin");
+        if !(bindir.join("initdb").is_file() && bindir.join("pg_ctl").is_file()) {
+            return Err(format!(
+                "no PostgreSQL {major} server binaries in {}: run tests/pg-versions/install",
+                bindir.display()
+            ));
+        }
+        Cluster::start_with(bindir)
+    }
+
+    /// Starts a new cluster from the server binaries in `bindir`, for the caller alone.
+    pub fn start_with(bindir: PathBuf) -> Result<Cluster, String> {
         let _serialized = START_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let bindir = find_bindir()?;
         let owner = server_owner()?;
         let root = std::env::temp_dir().join(format!(
             "ferry-test-{}-{}",

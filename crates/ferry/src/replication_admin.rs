@@ -151,6 +151,15 @@ pub fn provider(config: &Path, command: ProviderCommand) -> Result<(), Failure> 
                         }),
                     ));
                 }
+                // --all never leaves a table out silently
+                if all && !sequences {
+                    for (table, reason) in provider::skipped(client).await? {
+                        results.push((
+                            table.to_string(),
+                            Ok(format!("{table}: skipped ({reason})")),
+                        ));
+                    }
+                }
                 Ok(results)
             })?;
             report_each(results)

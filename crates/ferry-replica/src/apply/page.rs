@@ -78,9 +78,10 @@ impl Applier {
                 self.apply_event(stx, table, event).await?;
                 continue;
             }
-            if !self.is_independent(stx, table).await? {
-                // a table others depend on: in event order (after what was gathered for the
-                // table, so its own order holds)
+            if !event.json_nulls.is_empty() || !self.is_independent(stx, table).await? {
+                // a row holding a JSON null (rare: its statement is its own), or a table others
+                // depend on: in event order (after what was gathered for the table, so its own
+                // order holds)
                 if let Some(changes) = gathered.get_mut(table) {
                     self.apply_set_wise(stx, table, changes).await?;
                 }
@@ -206,14 +207,18 @@ impl Applier {
             RowChange::Truncate => return truncate_tables(stx, &[table]).await,
             RowChange::Insert { row } => {
                 let columns = self.cache.set_columns(stx, table, row).await?;
-                (sql::event_insert(&t, &columns), vec![row], false)
+                (
+                    sql::event_insert(&t, &columns, &event.json_nulls),
+                    vec![row],
+                    false,
+                )
             }
             RowChange::Update { row, old_key } => {
                 let columns = self.cache.set_columns(stx, table, row).await?;
                 let keys = self.cache.key_columns(stx, table, old_key).await?;
                 let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
                 (
-                    sql::event_update(&t, &columns, &keys),
+                    sql::event_update(&t, &columns, &keys, &event.json_nulls),
                     vec![row, old_key],
                     true,
                 )

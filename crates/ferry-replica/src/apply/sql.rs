@@ -104,19 +104,37 @@ pub(crate) fn set_wise_insert(t: &str, columns: &[Column]) -> String {
     )
 }
 
-/// Inserts the row `$1` (json) holds, setting `columns`.
-pub(crate) fn event_insert(t: &str, columns: &[Column]) -> String {
-    let list = column_list(columns);
+/// Inserts the row `$1` (json) holds, setting `columns`; those named in `json_nulls` hold the
+/// JSON value null (which the row's json cannot tell from SQL NULL).
+pub(crate) fn event_insert(t: &str, columns: &[Column], json_nulls: &[String]) -> String {
+    let values = columns
+        .iter()
+        .map(|c| event_value(c, "", json_nulls))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
-        "insert into {t} ({list}) overriding system value select {list} from json_populate_record(null::{t}, $1::text::json)"
+        "insert into {t} ({list}) overriding system value select {values} from json_populate_record(null::{t}, $1::text::json)",
+        list = column_list(columns)
     )
 }
 
-/// Sets `columns` of the row whose primary key (`keys`) `$2` holds to the row `$1` holds.
-pub(crate) fn event_update(t: &str, columns: &[Column], keys: &[&str]) -> String {
+/// Sets `columns` of the row whose primary key (`keys`) `$2` holds to the row `$1` holds
+/// (`json_nulls` as for [`event_insert`]).
+pub(crate) fn event_update(
+    t: &str,
+    columns: &[Column],
+    keys: &[&str],
+    json_nulls: &[String],
+) -> String {
     let set = columns
         .iter()
-        .map(|c| format!("{c} = r.{c}", c = quote_ident(&c.name)))
+        .map(|c| {
+            format!(
+                "{} = {}",
+                quote_ident(&c.name),
+                event_value(c, "r.", json_nulls)
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ");
     format!(
@@ -136,6 +154,16 @@ pub(crate) fn event_delete(t: &str, keys: &[&str]) -> String {
 /// Empties the tables (quoted names) together, cascading to no other table.
 pub(crate) fn truncate(tables: &[String]) -> String {
     format!("truncate {} restrict", tables.join(", "))
+}
+
+/// The value of column `c` from the row source `prefix` (`r.`, or nothing), or the JSON null
+/// of its type when `json_nulls` names it.
+fn event_value(c: &Column, prefix: &str, json_nulls: &[String]) -> String {
+    if json_nulls.contains(&c.name) {
+        format!("'null'::{}", c.cast_type)
+    } else {
+        format!("{prefix}{}", quote_ident(&c.name))
+    }
 }
 
 /// `"a", "b"`.
@@ -229,11 +257,11 @@ mod tests {
     fn event_order_statements_read_the_events_json() {
         let columns = columns();
         assert_eq!(
-            event_insert(T, &columns),
+            event_insert(T, &columns, &[]),
             r#"insert into "app"."Order" ("id", "note", "doc") overriding system value select "id", "note", "doc" from json_populate_record(null::"app"."Order", $1::text::json)"#
         );
         assert_eq!(
-            event_update(T, &columns, &["id"]),
+            event_update(T, &columns, &["id"], &[]),
             r#"update "app"."Order" as t set "id" = r."id", "note" = r."note", "doc" = r."doc" from json_populate_record(null::"app"."Order", $1::text::json) r, json_populate_record(null::"app"."Order", $2::text::json) k where t."id" = k."id""#
         );
         assert_eq!(
@@ -247,6 +275,19 @@ mod tests {
     }
 
     #[test]
+    fn json_nulls_are_written_as_the_json_value_null() {
+        let columns = columns();
+        let nulls = ["doc".to_string()];
+        assert_eq!(
+            event_insert(T, &columns, &nulls),
+            r#"insert into "app"."Order" ("id", "note", "doc") overriding system value select "id", "note", 'null'::pg_catalog.jsonb from json_populate_record(null::"app"."Order", $1::text::json)"#
+        );
+        assert!(event_update(T, &columns, &["id"], &nulls).contains(
+            r#"set "id" = r."id", "note" = r."note", "doc" = 'null'::pg_catalog.jsonb from"#
+        ));
+    }
+
+    #[test]
     fn awkward_column_names_are_quoted() {
         let columns = vec![
             column("id", "pg_catalog.int4", ValueForm::Text, true),
@@ -257,7 +298,7 @@ mod tests {
                 false,
             ),
         ];
-        let sql = event_insert(T, &columns);
+        let sql = event_insert(T, &columns, &[]);
         assert!(sql.contains(r#""x""; drop table y; --""#), "{sql}");
         let sql = set_wise_update(T, &columns);
         assert!(sql.contains(r#""x""; drop table y; --" = r.c2"#), "{sql}");

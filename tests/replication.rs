@@ -723,12 +723,14 @@ async fn subscriber_triggers_and_cascades_leave_replicated_rows_alone() {
 /// A partitioned table replicates as one unit, its root: `provider add --all` adds the root
 /// and says it leaves the partitions out and why; the subscriber partitions it differently
 /// (by hash); rows moving between partitions, a partition created after `add`, a TRUNCATE of
-/// one partition alone and of the root all replicate; the write guard covers the subscriber's
+/// one partition alone and of the root all replicate; without the event trigger `subscriber
+/// check` says what is not captured, with it a table attached (columns in another order), a
+/// partition detached and one created replicate too; the write guard covers the subscriber's
 /// partitions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_tables_replicate_as_one_unit() {
     let provider_schema = "create table payments (id int, paid date not null, amount numeric,
-                               primary key (id, paid)) partition by range (paid);
+                               meta jsonb, primary key (id, paid)) partition by range (paid);
          create table payments_2024 partition of payments
              for values from ('2024-01-01') to ('2025-01-01');
          create table payments_2025 partition of payments
@@ -736,7 +738,7 @@ async fn partitioned_tables_replicate_as_one_unit() {
          insert into payments select i, date '2024-01-01' + (i % 700), i / 3.0
            from generate_series(1, 2000) i;";
     let subscriber_schema = "create table payments (id int, paid date not null, amount numeric,
-                                 primary key (id, paid)) partition by hash (id);
+                                 meta jsonb, primary key (id, paid)) partition by hash (id);
          create table payments_h0 partition of payments for values with (modulus 2, remainder 0);
          create table payments_h1 partition of payments for values with (modulus 2, remainder 1);";
     let pair = Pair::new("partitions", provider_schema, Some(subscriber_schema)).await;
@@ -746,6 +748,13 @@ async fn partitioned_tables_replicate_as_one_unit() {
         KillDaemonOnDrop(londiste.clone()),
     ];
     pair.install_and_start_ticker();
+    // provider install made the event trigger capturing ATTACH and DETACH (the test role is a
+    // superuser); first without it, as on a server where no superuser made it
+    let provider_admin = ferry_testkit::connect(&pair.provider.conninfo).await;
+    provider_admin
+        .batch_execute("drop event trigger ferry_partition_ddl")
+        .await
+        .unwrap();
     let added = run(&londiste, &["provider", "add", "--all"]);
     assert!(added.contains("public.payments: added"), "{added}");
     for part in ["payments_2024", "payments_2025"] {
@@ -795,10 +804,13 @@ async fn partitioned_tables_replicate_as_one_unit() {
     identical().await;
     let report: serde_json::Value =
         serde_json::from_str(&run(&londiste, &["subscriber", "check", "--json"])).unwrap();
+    let notes = report["notes"].to_string();
     assert!(
-        report["notes"]
-            .to_string()
-            .contains("partition public.payments_2026 of public.payments was created after"),
+        notes.contains("partition public.payments_2026 of public.payments was created after"),
+        "{report}"
+    );
+    assert!(
+        notes.contains("ATTACH and DETACH PARTITION on public.payments are not captured"),
         "{report}"
     );
 
@@ -808,10 +820,50 @@ async fn partitioned_tables_replicate_as_one_unit() {
         .await
         .unwrap();
     identical().await;
-    // added again, the root covers the new partition's TRUNCATE too
-    run(&londiste, &["provider", "add", "payments"]);
+    // with the event trigger (which covers the partitions created meanwhile), a partition's
+    // TRUNCATE is captured, and so are partitions attached, detached and created
+    provider_admin
+        .batch_execute("select ferry.provider_enable_partition_ddl_capture()")
+        .await
+        .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&run(&londiste, &["subscriber", "check", "--json"])).unwrap();
+    assert_eq!(report["notes"], serde_json::json!([]), "{report}");
     provider
         .batch_execute("begin; insert into payments values (5000, '2026-05-05', 5); truncate payments_2026; commit;")
+        .await
+        .unwrap();
+    identical().await;
+    // a table attached brings its rows (its columns in another order), one detached takes
+    // its rows away, one created is covered at once
+    provider
+        .batch_execute(
+            "create table payments_2023 (meta jsonb, amount numeric, paid date not null, id int,
+                                         primary key (id, paid));
+             insert into payments_2023
+             select case i % 3 when 0 then 'null'::jsonb when 1 then '{\"a\": 1}' end,
+                    i / 2.0, date '2023-03-01' + i % 300, i
+               from generate_series(1, 300) i;
+             alter table payments attach partition payments_2023
+                 for values from ('2023-01-01') to ('2024-01-01');",
+        )
+        .await
+        .unwrap();
+    identical().await;
+    provider
+        .batch_execute(
+            "update payments set amount = 0 where paid < '2024-01-01' and id % 3 = 0;
+             alter table payments detach partition payments_2025;
+             insert into payments_2025 values (9999, '2025-09-09', 9);
+             create table payments_2027 partition of payments
+                 for values from ('2027-01-01') to ('2028-01-01');
+             insert into payments values (7001, '2027-01-01', 1), (7002, '2027-02-02', 2);",
+        )
+        .await
+        .unwrap();
+    identical().await;
+    provider
+        .batch_execute("truncate payments_2027")
         .await
         .unwrap();
     identical().await;
@@ -822,14 +874,14 @@ async fn partitioned_tables_replicate_as_one_unit() {
     provider
         .batch_execute(
             "begin; truncate payments;
-             insert into payments values (7, '2025-03-03', 1), (8, '2024-03-03', 1);
-             truncate payments_2025; commit;",
+             insert into payments values (7, '2023-03-03', 1), (8, '2024-03-03', 1);
+             truncate payments_2023; commit;",
         )
         .await
         .unwrap();
     identical().await;
     provider
-        .batch_execute("insert into payments values (1, '2025-02-02', 1)")
+        .batch_execute("insert into payments values (1, '2026-02-02', 1)")
         .await
         .unwrap();
     identical().await;

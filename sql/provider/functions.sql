@@ -351,6 +351,220 @@ end $$;
 comment on function "ferry"."drop_truncate_triggers"(text, oid) is
     'ferry: drop a queue''s truncate capture from a table and its partitions';
 
+-- Creates the truncate capture on the partitions of partitioned root i_root that lack it
+-- (created or attached since), leaving the others alone. Returns how many it covered.
+create or replace function "ferry"."cover_new_partitions"(i_queue_name text, i_root oid)
+returns integer language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    v_trg record := "ferry"."capture_trigger_names"(i_queue_name);
+    v_end text := "ferry"."capture_truncate_end_trigger_name"(i_queue_name);
+    v_label text;
+    v_pk text[];
+    v_part record;
+    v_count integer := 0;
+begin
+    select '"' || replace(n.nspname, '"', '""') || '"."' || replace(c.relname, '"', '""') || '"'
+      into v_label
+      from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = i_root;
+    select array_agg(a.attname::text order by k.ord) into v_pk
+      from pg_index i
+      cross join lateral unnest(i.indkey) with ordinality k(attnum, ord)
+      join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
+     where i.indrelid = i_root and i.indisprimary;
+    for v_part in
+        select n.nspname, c.relname, c.relkind
+          from pg_partition_tree(i_root) t
+          join pg_class c on c.oid = t.relid
+          join pg_namespace n on n.oid = c.relnamespace
+         where t.level > 0
+           and not exists (select 1 from pg_trigger g
+                            where g.tgrelid = t.relid and g.tgname = v_trg.truncate_trigger)
+    loop
+        execute format('create trigger %I before truncate on %I.%I for each statement execute procedure "ferry"."capture_truncate_partition"(%L, %L, %L)',
+                       v_trg.truncate_trigger, v_part.nspname, v_part.relname, i_queue_name, v_label, v_pk::text);
+        if v_part.relkind = 'p' then
+            execute format('create trigger %I after truncate on %I.%I for each statement execute procedure "ferry"."capture_truncate_end"()',
+                           v_end, v_part.nspname, v_part.relname);
+        end if;
+        v_count := v_count + 1;
+    end loop;
+    return v_count;
+end $$;
+comment on function "ferry"."cover_new_partitions"(text, oid) is
+    'ferry: truncate capture on the partitions of a root that lack it';
+
+-- Writes every row of table i_rel as an event of partitioned root i_root in queue i_queue_name:
+-- with i_type 'I' an insert of the row (as the row capture renders it, JSON nulls named), with
+-- 'D' a delete of its primary key. For rows that enter or leave the root without any row
+-- trigger firing: a partition attached or detached. Security definer: the role running the
+-- DDL need not write the queue.
+create or replace function "ferry"."capture_partition_rows"(i_queue_name text, i_root oid, i_rel oid, i_type text)
+returns bigint language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    v_queue record;
+    v_label text;
+    v_pk text[];
+    v_nulls text;
+    v_count bigint;
+begin
+    select q."queue_id", q."queue_cur_table", q."queue_event_seq" into v_queue
+      from "ferry"."queue" q where q."queue_name" = i_queue_name;
+    select '"' || replace(n.nspname, '"', '""') || '"."' || replace(c.relname, '"', '""') || '"'
+      into v_label
+      from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = i_root;
+    select array_agg(a.attname::text order by k.ord) into v_pk
+      from pg_index i
+      cross join lateral unnest(i.indkey) with ordinality k(attnum, ord)
+      join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
+     where i.indrelid = i_root and i.indisprimary;
+    if i_type = 'I' then
+        -- the json and jsonb columns holding the JSON value null, as the row capture names them
+        select string_agg(format(
+                   'case when t.%1$I is not null and pg_catalog.%2$s(t.%1$I::pg_catalog.%3$s) operator(pg_catalog.=) ''null'' then %4$L end',
+                   a.attname,
+                   case when coalesce(nullif(ty.typbasetype, 0), ty.oid) = 'pg_catalog.jsonb'::regtype
+                        then 'jsonb_typeof' else 'json_typeof' end,
+                   case when coalesce(nullif(ty.typbasetype, 0), ty.oid) = 'pg_catalog.jsonb'::regtype
+                        then 'jsonb' else 'json' end,
+                   a.attname::text), ', ' order by a.attnum)
+          into v_nulls
+          from pg_attribute a join pg_type ty on ty.oid = a.atttypid
+         where a.attrelid = i_root and a.attnum > 0 and not a.attisdropped
+           and coalesce(nullif(ty.typbasetype, 0), ty.oid) in ('pg_catalog.json'::regtype, 'pg_catalog.jsonb'::regtype);
+        v_nulls := case when v_nulls is null then 'null' else format(
+            'pg_catalog.array_to_json(nullif(pg_catalog.array_remove(array[%s]::pg_catalog.text[], null), ''{}''))::pg_catalog.text',
+            v_nulls) end;
+        execute format(
+            'insert into "ferry"."event" ("ev_queue", "ev_part", "ev_id", "ev_time", "ev_txid", "ev_type", "ev_data", "ev_extra1", "ev_extra2", "ev_extra3")
+             select $1, $2, pg_catalog.nextval($3::pg_catalog.regclass), pg_catalog.now(), pg_catalog.txid_current(), ''I'', "ferry"."capture_row_json"(t), $4, null, %s
+               from %s t',
+            v_nulls, i_rel::regclass)
+        using v_queue."queue_id", v_queue."queue_cur_table", v_queue."queue_event_seq", v_label;
+    else
+        execute format(
+            'insert into "ferry"."event" ("ev_queue", "ev_part", "ev_id", "ev_time", "ev_txid", "ev_type", "ev_data", "ev_extra1")
+             select $1, $2, pg_catalog.nextval($3::pg_catalog.regclass), pg_catalog.now(), pg_catalog.txid_current(), ''D'', "ferry"."capture_key_json"(t, $5::pg_catalog.text[]), $4
+               from %s t',
+            i_rel::regclass)
+        using v_queue."queue_id", v_queue."queue_cur_table", v_queue."queue_event_seq", v_label, v_pk;
+    end if;
+    get diagnostics v_count = row_count;
+    return v_count;
+end $$;
+comment on function "ferry"."capture_partition_rows"(text, oid, oid, text) is
+    'ferry: every row of a table as inserts or deletes of a partitioned root (attach, detach)';
+
+-- Event trigger function (ddl_command_end of CREATE TABLE and ALTER TABLE), installed by a
+-- superuser (`ferry.provider_enable_partition_ddl_capture()`): keeps the capture of
+-- partitioned roots complete when partitions come and go. A partition created (CREATE TABLE
+-- ... PARTITION OF) gets its truncate capture at once; a table attached (ALTER TABLE ROOT
+-- ATTACH PARTITION) brings its rows as inserts of the root, a partition detached takes its
+-- rows away as deletes, in the same transaction as the DDL, so subscribers see exactly what
+-- the root holds. Attached leaves are told from the others by their lacking the truncate
+-- capture, which every partition has from `provider add` on while this trigger runs.
+-- Security definer (the provider role): the role running the DDL needs no rights on ferry;
+-- rows of an attached table the provider role cannot read make the ATTACH fail, rather than
+-- let it pass uncaptured.
+create or replace function "ferry"."capture_partition_ddl"() returns event_trigger
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    v_cmd record;
+    v_root record;
+    v_trg record;
+    v_end text;
+    v_label text;
+    v_rel record;
+begin
+    if to_regclass('"ferry"."provider_table"') is null then
+        return;
+    end if;
+    for v_cmd in
+        select distinct c.objid, c.command_tag from pg_event_trigger_ddl_commands() c
+         where c.object_type = 'table' and c.command_tag in ('CREATE TABLE', 'ALTER TABLE')
+    loop
+        for v_root in
+            select p."queue_name", r.oid
+              from "ferry"."provider_table" p
+             cross join lateral (select to_regclass(format('%I.%I', p."table_schema", p."table_name")) as oid) r
+             where r.oid is not null
+               and (select c.relkind from pg_class c where c.oid = r.oid) = 'p'
+               and r.oid in (select a.relid from pg_partition_ancestors(v_cmd.objid) a)
+        loop
+            v_trg := "ferry"."capture_trigger_names"(v_root."queue_name");
+            v_end := "ferry"."capture_truncate_end_trigger_name"(v_root."queue_name");
+            select '"' || replace(n.nspname, '"', '""') || '"."' || replace(c.relname, '"', '""') || '"'
+              into v_label
+              from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = v_root.oid;
+            if v_cmd.command_tag = 'ALTER TABLE' then
+                -- attached: leaves in the tree without the truncate capture
+                for v_rel in
+                    select t.relid from pg_partition_tree(v_root.oid) t
+                     where t.isleaf and t.level > 0
+                       and not exists (select 1 from pg_trigger g
+                                        where g.tgrelid = t.relid and g.tgname = v_trg.truncate_trigger)
+                loop
+                    perform "ferry"."capture_partition_rows"(v_root."queue_name", v_root.oid, v_rel.relid, 'I');
+                end loop;
+                -- detached: tables with this root's truncate capture, out of its tree
+                for v_rel in
+                    select g.tgrelid, c.relkind, n.nspname, c.relname
+                      from pg_trigger g
+                      join pg_class c on c.oid = g.tgrelid
+                      join pg_namespace n on n.oid = c.relnamespace
+                     where g.tgname = v_trg.truncate_trigger
+                       and g.tgfoid = '"ferry"."capture_truncate_partition"'::regproc
+                       and split_part(encode(g.tgargs, 'escape'), '\000', 2) = v_label
+                       and g.tgrelid not in (select t.relid from pg_partition_tree(v_root.oid) t)
+                loop
+                    if v_rel.relkind = 'r' then
+                        perform "ferry"."capture_partition_rows"(v_root."queue_name", v_root.oid, v_rel.tgrelid, 'D');
+                    end if;
+                    execute format('drop trigger %I on %I.%I', v_trg.truncate_trigger, v_rel.nspname, v_rel.relname);
+                    execute format('drop trigger if exists %I on %I.%I', v_end, v_rel.nspname, v_rel.relname);
+                end loop;
+            end if;
+            -- a role without TRIGGER on a new partition must not make the application's DDL
+            -- fail: its truncate capture is left out, and `subscriber check` says so
+            begin
+                perform "ferry"."cover_new_partitions"(v_root."queue_name", v_root.oid);
+            exception when insufficient_privilege then
+                raise warning 'ferry: the truncate capture of a new partition of % is missing: %', v_label, sqlerrm
+                    using hint = 'grant TRIGGER on the partition to the provider role and run "ferry CONF provider add" on the table';
+            end;
+        end loop;
+    end loop;
+end $$;
+comment on function "ferry"."capture_partition_ddl"() is
+    'ferry: event trigger keeping partitioned roots'' capture complete (create, attach, detach)';
+
+-- Run by a superuser (or by `provider install` when its role is one): covers every partition of
+-- every captured partitioned root, then creates the event trigger "ferry_partition_ddl" on
+-- "ferry"."capture_partition_ddl". Running it again changes nothing. Returns whether the event
+-- trigger was created now.
+create or replace function "ferry"."provider_enable_partition_ddl_capture"()
+returns boolean language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    v_root record;
+begin
+    for v_root in
+        select p."queue_name", to_regclass(format('%I.%I', p."table_schema", p."table_name")) as oid
+          from "ferry"."provider_table" p
+    loop
+        if v_root.oid is not null and (select relkind from pg_class where oid = v_root.oid) = 'p' then
+            perform "ferry"."cover_new_partitions"(v_root."queue_name", v_root.oid);
+        end if;
+    end loop;
+    if exists (select 1 from pg_event_trigger where evtname = 'ferry_partition_ddl') then
+        return false;
+    end if;
+    create event trigger "ferry_partition_ddl" on ddl_command_end
+        when tag in ('CREATE TABLE', 'ALTER TABLE')
+        execute procedure "ferry"."capture_partition_ddl"();
+    return true;
+end $$;
+comment on function "ferry"."provider_enable_partition_ddl_capture"() is
+    'ferry: (superuser) capture partitions created, attached and detached, with an event trigger';
+
 -- Partitions of the queue's partitioned tables created after their `provider add`: their rows
 -- are captured (row triggers are cloned), a TRUNCATE of them alone is not until `provider add
 -- ROOT` runs again. Returns each as (root, partition).

@@ -27,19 +27,78 @@ pub struct ProviderInstall {
     pub provider: InstallReport,
     /// Whether the queue was created now (`false`: it existed).
     pub queue_created: bool,
+    /// Whether partitions attached, detached and created are captured (the event trigger
+    /// `ferry_partition_ddl` exists; `provider install` creates it when its role is a
+    /// superuser).
+    pub partition_ddl_capture: bool,
 }
 
-/// Installs (or upgrades) the queue and the provider catalog and creates `queue`. Running it
+/// Installs (or upgrades) the queue and the provider catalog and creates `queue`; as a
+/// superuser, also the event trigger capturing partitions attached and detached. Running it
 /// again changes nothing.
 pub async fn install(client: &mut Client, queue: &str) -> Result<ProviderInstall, ReplicaError> {
     let queue_report = ferry_queue::install(client).await?;
     let provider = ferry_queue::install_component(client, &PROVIDER).await?;
     let queue_created = ferry_queue::create_queue(client, queue).await?;
+    let superuser: bool = client
+        .query_one(
+            "select rolsuper from pg_roles where rolname = current_user",
+            &[],
+        )
+        .await
+        .context("looking at the provider role")?
+        .get(0);
+    if superuser {
+        client
+            .execute(
+                r#"select "ferry"."provider_enable_partition_ddl_capture"()"#,
+                &[],
+            )
+            .await
+            .context("creating the partition DDL capture")?;
+    }
     Ok(ProviderInstall {
         queue: queue_report,
         provider,
         queue_created,
+        partition_ddl_capture: partition_ddl_capture(client).await?,
     })
+}
+
+/// Whether partitions attached, detached and created are captured: the event trigger
+/// `ferry_partition_ddl` exists and is enabled.
+pub async fn partition_ddl_capture(client: &impl GenericClient) -> Result<bool, ReplicaError> {
+    Ok(client
+        .query_one(
+            "select exists (select 1 from pg_event_trigger
+                             where evtname = 'ferry_partition_ddl' and evtenabled <> 'D')",
+            &[],
+        )
+        .await
+        .context("looking for the partition DDL capture")?
+        .get(0))
+}
+
+/// The partitioned tables `queue` captures.
+pub async fn partitioned_tables(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Vec<RelName>, ReplicaError> {
+    let rows = client
+        .query(
+            r#"select p."table_schema", p."table_name" from "ferry"."provider_table" p
+                where p."queue_name" = $1
+                  and (select relkind from pg_class
+                        where oid = to_regclass(format('%I.%I', p."table_schema", p."table_name"))) = 'p'
+                order by 1, 2"#,
+            &[&queue],
+        )
+        .await
+        .context("listing the queue's partitioned tables")?;
+    Ok(rows
+        .iter()
+        .map(|r| RelName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
 }
 
 /// Fails with a clear message unless the provider catalog is installed.

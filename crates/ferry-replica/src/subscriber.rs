@@ -426,6 +426,14 @@ pub async fn check(
         report.problems.extend(column_problems(&source, &target));
     }
     report.notes = replica_mode_notes(subscriber, &tables).await?;
+    let partitioned = provider::partitioned_tables(provider, queue).await?;
+    if !partitioned.is_empty() && !provider::partition_ddl_capture(provider).await? {
+        let names: Vec<String> = partitioned.iter().map(ToString::to_string).collect();
+        report.notes.push(format!(
+            "ATTACH and DETACH PARTITION on {} are not captured (no event trigger on the provider): as a superuser there, run select ferry.provider_enable_partition_ddl_capture(); until then, after one run `ferry CONFIG subscriber resync TABLE`",
+            names.join(", ")
+        ));
+    }
     for (root, partition) in provider::uncovered_partitions(provider, queue).await? {
         report.notes.push(format!(
             "partition {partition} of {root} was created after {root} was added: its rows replicate, a TRUNCATE of it alone does not until `ferry CONFIG provider add {root}` runs again"

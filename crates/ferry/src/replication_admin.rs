@@ -116,6 +116,11 @@ pub fn provider(config: &Path, command: ProviderCommand) -> Result<(), Failure> 
                     "exists already"
                 }
             );
+            if done.partition_ddl_capture {
+                println!("partitions attached, detached and created are captured (event trigger ferry_partition_ddl)");
+            } else {
+                println!("partitions attached or detached are not captured: as a superuser, run select ferry.provider_enable_partition_ddl_capture(); (README, \"Partitioned tables\")");
+            }
             Ok(())
         }
         ProviderCommand::Add(ref selection) | ProviderCommand::AddSeq(ref selection) => {

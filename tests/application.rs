@@ -1,22 +1,22 @@
 //! A real application's schema (`tests/sql/rental.sql`, modelled on the pagila sample: foreign
 //! keys with ON UPDATE CASCADE everywhere, BEFORE UPDATE triggers keeping `last_update`, a
-//! tsvector kept by a trigger, an enum, a domain, arrays, jsonb, a partitioned table), set up
-//! as the seed does it (`pg_dump -s` of the provider onto the subscriber, so the subscriber has
-//! the same triggers and keys), replicated under a write load from before `add` until after
-//! every table is `ok`: key updates on cascading parents, rows moving between partitions, a
+//! tsvector kept by a trigger, an enum, a domain, arrays, jsonb, a partitioned table), its
+//! subscriber's schema dumped from the running provider (`pg_dump -s`, so the subscriber has the
+//! same triggers and keys, and ferry's capture triggers, which `subscriber install` drops),
+//! replicated under a write load from before `add` until after every table is `ok`: key updates on cascading parents, rows moving between partitions, a
 //! partition truncated alone, deletes cascading to children. Both sides end identical, nothing
 //! stuck, nothing refused.
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::replication::{assert_sequences_caught_up, run, wait_all_ok, wait_identical, Pair};
+use common::replication::{
+    assert_sequences_caught_up, dump_schema_into, run, wait_all_ok, wait_identical, Pair,
+};
 use common::KillDaemonOnDrop;
-use ferry_testkit::Cluster;
 use rand::Rng;
 
 const SCHEMA: &str = include_str!("sql/rental.sql");
@@ -33,33 +33,6 @@ const TABLES: &[&str] = &[
     "rental",
     "payment",
 ];
-
-/// `pg_dump -s FROM | psql INTO`, as the seed restores the schema on the subscriber.
-fn dump_schema_into(from: &str, into: &str) {
-    let bindir = Cluster::shared().bindir();
-    let dump = Command::new(bindir.join("pg_dump"))
-        .args(["-s", "-d", from])
-        .output()
-        .expect("pg_dump runs");
-    assert!(
-        dump.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    let mut psql = Command::new(bindir.join("psql"))
-        .args(["-q", "-v", "ON_ERROR_STOP=1", "-d", into])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("psql runs");
-    use std::io::Write;
-    psql.stdin
-        .take()
-        .unwrap()
-        .write_all(&dump.stdout)
-        .expect("feed psql");
-    assert!(psql.wait().unwrap().success());
-}
 
 /// One transaction of the application, picked at random; `true` when it committed.
 async fn one_transaction(client: &mut tokio_postgres::Client) -> bool {
@@ -121,16 +94,14 @@ async fn one_transaction(client: &mut tokio_postgres::Client) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rental_application_replicates_under_load() {
     let pair = Pair::new("rental", SCHEMA, None).await;
-    dump_schema_into(&pair.provider.conninfo, &pair.subscriber.conninfo);
     let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
     let _stop = [
         KillDaemonOnDrop(ticker.clone()),
         KillDaemonOnDrop(londiste.clone()),
     ];
-    pair.install_and_start_ticker();
+    run(&ticker, &["install"]);
+    run(&ticker, &["ticker", "-d"]);
     run(&londiste, &["provider", "install"]);
-    run(&londiste, &["subscriber", "install"]);
-    run(&londiste, &["replay", "-d"]);
 
     // the application writes from before `add` until after every table is ok
     let stop = Arc::new(AtomicBool::new(false));
@@ -151,8 +122,24 @@ async fn a_rental_application_replicates_under_load() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let added = run(&londiste, &["provider", "add", "--all"]);
     assert!(added.contains("public.payment: added"), "{added}");
-    run(&londiste, &["subscriber", "add", "--all"]);
     run(&londiste, &["provider", "add-seq", "--all"]);
+    // the subscriber's schema dumped from the provider now, capture triggers and all (the
+    // seed's way of adding a subscriber to a running provider)
+    dump_schema_into(&pair.provider.conninfo, &pair.subscriber.conninfo);
+    let installed = run(&londiste, &["subscriber", "install"]);
+    for trigger in [
+        "\"ferry_capture_test-queue\" on public.film,",
+        "\"ferry_truncate_test-queue\" on public.payment,",
+        "\"ferry_truncate_test-queue\" on public.payment_2024,",
+        "\"ferry_truncated_test-queue\" on public.payment,",
+    ] {
+        assert!(
+            installed.contains(trigger),
+            "{trigger} not dropped: {installed}"
+        );
+    }
+    run(&londiste, &["replay", "-d"]);
+    run(&londiste, &["subscriber", "add", "--all"]);
     run(&londiste, &["subscriber", "add-seq", "--all"]);
     wait_all_ok(&londiste, Duration::from_secs(180), || pair.replay_log());
     // while everything replicates: a partition truncated alone, under load

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::fidelity;
 use common::replication::{
-    assert_sequences_caught_up, run, wait_all_ok, wait_identical, Pair, WriteLoad, SCHEMA,
-    SEED_DATA, TABLES,
+    assert_sequences_caught_up, assert_write_refused, dump_schema_into, run, wait_all_ok,
+    wait_identical, Pair, WriteLoad, SCHEMA, SEED_DATA, TABLES,
 };
 use common::{ferry, ferry_bin, ChildProcess, KillDaemonOnDrop};
 use ferry_testkit::Cluster;
@@ -18,34 +18,6 @@ use rand::Rng;
 /// `pg_dump -s PROVIDER | psql SUBSCRIBER`, as the seed restores the schema on the slave.
 fn restore_schema(pair: &Pair) {
     dump_schema_into(&pair.provider.conninfo, &pair.subscriber.conninfo);
-}
-
-/// `pg_dump -s FROM | psql INTO`.
-fn dump_schema_into(from: &str, into: &str) {
-    let bindir = Cluster::shared().bindir();
-    let dump = Command::new(bindir.join("pg_dump"))
-        .args(["-s", "-d", from])
-        .output()
-        .expect("pg_dump runs");
-    assert!(
-        dump.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    let mut psql = Command::new(bindir.join("psql"))
-        .args(["-q", "-v", "ON_ERROR_STOP=0", "-d", into])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("psql runs");
-    use std::io::Write;
-    psql.stdin
-        .take()
-        .unwrap()
-        .write_all(&dump.stdout)
-        .expect("feed psql");
-    assert!(psql.wait().unwrap().success());
 }
 
 /// The walk-through of seeds/004, with `ferry` for pgqadm.py and londiste.py, while an
@@ -708,16 +680,7 @@ async fn subscriber_triggers_and_cascades_leave_replicated_rows_alone() {
     }
 
     // everyone else still may not write here
-    let refused = subscriber
-        .batch_execute("update item set v = 'x' where id = 1")
-        .await
-        .unwrap_err();
-    assert!(
-        refused
-            .as_db_error()
-            .is_some_and(|db| db.message().contains("only ferry replay may change it")),
-        "{refused:?}"
-    );
+    assert_write_refused(&subscriber, "update item set v = 'x' where id = 1").await;
 }
 
 /// A partitioned table replicates as one unit, its root: `provider add --all` adds the root
@@ -889,16 +852,11 @@ async fn partitioned_tables_replicate_as_one_unit() {
 
     // the subscriber's partitions are guarded too
     let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
-    let refused = subscriber
-        .batch_execute("insert into payments_h0 values (2, '2025-01-01', 1)")
-        .await
-        .unwrap_err();
-    assert!(
-        refused
-            .as_db_error()
-            .is_some_and(|db| db.message().contains("only ferry replay may change it")),
-        "{refused:?}"
-    );
+    assert_write_refused(
+        &subscriber,
+        "insert into payments_h0 values (2, '2025-01-01', 1)",
+    )
+    .await;
 }
 
 /// A backlog of many chunks on one independent table, applied set-wise: rows inserted in one

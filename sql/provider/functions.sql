@@ -56,6 +56,28 @@ $$;
 comment on function "ferry"."capture_key_json"(anyelement, text[]) is
     'ferry: the named columns of a row as a json object, the same text whatever the caller''s settings';
 
+-- A table as events name it: "schema"."name", both parts always quoted (the same text on
+-- every server version, unlike quote_ident, whose keyword list grows).
+create or replace function "ferry"."table_label"(i_table oid) returns text
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select '"' || replace(n.nspname, '"', '""') || '"."' || replace(c.relname, '"', '""') || '"'
+      from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = i_table
+$$;
+comment on function "ferry"."table_label"(oid) is
+    'ferry: a table as events name it, "schema"."name"';
+
+-- The primary key columns of a table, in key order (null when it has none).
+create or replace function "ferry"."primary_key_columns"(i_table oid) returns text[]
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select array_agg(a.attname::text order by k.ord)
+      from pg_index i
+      cross join lateral unnest(i.indkey) with ordinality k(attnum, ord)
+      join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
+     where i.indrelid = i_table and i.indisprimary
+$$;
+comment on function "ferry"."primary_key_columns"(oid) is
+    'ferry: a table''s primary key columns, in key order';
+
 -- The qualified name of the capture function of table i_table for queue i_queue_name.
 create or replace function "ferry"."capture_function_name"(i_queue_name text, i_table oid)
 returns text language sql stable as $$
@@ -82,9 +104,7 @@ declare
 begin
     select "queue_id", "queue_ntables", "queue_event_seq" into v_queue
       from "ferry"."queue" where "queue_name" = i_queue_name;
-    select '"' || replace(n.nspname, '"', '""') || '"."' || replace(c.relname, '"', '""') || '"'
-      into v_label
-      from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = i_table;
+    v_label := "ferry"."table_label"(i_table);
     -- json_build_object('a', OLD."a", ...): the old primary key
     select string_agg(format('%L, OLD.%I', k, k), ', ') into v_key from unnest(i_pk) k;
     -- does the table hold money anywhere (directly, in a domain, an array)?
@@ -299,9 +319,7 @@ declare
     v_part record;
     v_count integer := 0;
 begin
-    select '"' || replace(n.nspname, '"', '""') || '"."' || replace(c.relname, '"', '""') || '"'
-      into v_label
-      from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = i_root;
+    v_label := "ferry"."table_label"(i_root);
     for v_part in
         select t.relid, n.nspname, c.relname, c.relkind
           from pg_partition_tree(i_root) t
@@ -363,14 +381,8 @@ declare
     v_part record;
     v_count integer := 0;
 begin
-    select '"' || replace(n.nspname, '"', '""') || '"."' || replace(c.relname, '"', '""') || '"'
-      into v_label
-      from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = i_root;
-    select array_agg(a.attname::text order by k.ord) into v_pk
-      from pg_index i
-      cross join lateral unnest(i.indkey) with ordinality k(attnum, ord)
-      join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
-     where i.indrelid = i_root and i.indisprimary;
+    v_label := "ferry"."table_label"(i_root);
+    v_pk := "ferry"."primary_key_columns"(i_root);
     for v_part in
         select n.nspname, c.relname, c.relkind
           from pg_partition_tree(i_root) t
@@ -409,14 +421,8 @@ declare
 begin
     select q."queue_id", q."queue_cur_table", q."queue_event_seq" into v_queue
       from "ferry"."queue" q where q."queue_name" = i_queue_name;
-    select '"' || replace(n.nspname, '"', '""') || '"."' || replace(c.relname, '"', '""') || '"'
-      into v_label
-      from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = i_root;
-    select array_agg(a.attname::text order by k.ord) into v_pk
-      from pg_index i
-      cross join lateral unnest(i.indkey) with ordinality k(attnum, ord)
-      join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
-     where i.indrelid = i_root and i.indisprimary;
+    v_label := "ferry"."table_label"(i_root);
+    v_pk := "ferry"."primary_key_columns"(i_root);
     if i_type = 'I' then
         -- the json and jsonb columns holding the JSON value null, as the row capture names them
         select string_agg(format(
@@ -492,9 +498,7 @@ begin
         loop
             v_trg := "ferry"."capture_trigger_names"(v_root."queue_name");
             v_end := "ferry"."capture_truncate_end_trigger_name"(v_root."queue_name");
-            select '"' || replace(n.nspname, '"', '""') || '"."' || replace(c.relname, '"', '""') || '"'
-              into v_label
-              from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = v_root.oid;
+            v_label := "ferry"."table_label"(v_root.oid);
             if v_cmd.command_tag = 'ALTER TABLE' then
                 -- attached: leaves in the tree without the truncate capture
                 for v_rel in
@@ -623,11 +627,7 @@ begin
             using errcode = 'wrong_object_type',
                   hint = 'add the partitioned table itself: it carries the rows of all its partitions, also those created later';
     end if;
-    select array_agg(a.attname::text order by k.ord) into v_pk
-      from pg_index i
-      cross join lateral unnest(i.indkey) with ordinality k(attnum, ord)
-      join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
-     where i.indrelid = v_oid and i.indisprimary;
+    v_pk := "ferry"."primary_key_columns"(v_oid);
     if v_pk is null then
         raise exception 'ferry: table %.% has no primary key', quote_ident(v_schema), quote_ident(v_name)
             using errcode = 'object_not_in_prerequisite_state',
@@ -807,11 +807,7 @@ begin
     loop
         continue when v_table.oid is null
             or to_regprocedure("ferry"."capture_function_name"(v_table."queue_name", v_table.oid) || '()') is null;
-        select array_agg(a.attname::text order by k.ord) into v_pk
-          from pg_index i
-          cross join lateral unnest(i.indkey) with ordinality k(attnum, ord)
-          join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
-         where i.indrelid = v_table.oid and i.indisprimary;
+        v_pk := "ferry"."primary_key_columns"(v_table.oid);
         continue when v_pk is null;
         perform "ferry"."create_capture_function"(v_table."queue_name", v_table.oid, v_pk);
         v_count := v_count + 1;

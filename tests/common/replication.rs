@@ -474,3 +474,45 @@ pub async fn assert_sequences_caught_up(provider: &str, subscriber: &str, seqs: 
         assert!(sv >= pv, "sequence {seq}: subscriber {sv} < provider {pv}");
     }
 }
+
+/// `pg_dump -s FROM | psql INTO`, as the seed restores the schema on a subscriber (with the
+/// shared cluster's client tools). Errors in the restore are ignored, as `psql` without
+/// ON_ERROR_STOP does: a dump of a database ferry runs in may hold what exists already.
+pub fn dump_schema_into(from: &str, into: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let bindir = Cluster::shared().bindir();
+    let dump = Command::new(bindir.join("pg_dump"))
+        .args(["-s", "-d", from])
+        .output()
+        .expect("pg_dump runs");
+    assert!(
+        dump.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let mut psql = Command::new(bindir.join("psql"))
+        .args(["-q", "-v", "ON_ERROR_STOP=0", "-d", into])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("psql runs");
+    psql.stdin
+        .take()
+        .unwrap()
+        .write_all(&dump.stdout)
+        .expect("feed psql");
+    assert!(psql.wait().unwrap().success());
+}
+
+/// Asserts that `sql` run on the subscriber by anyone but replay is refused by the write guard.
+pub async fn assert_write_refused(subscriber: &tokio_postgres::Client, sql: &str) {
+    let refused = subscriber.batch_execute(sql).await.unwrap_err();
+    assert!(
+        refused
+            .as_db_error()
+            .is_some_and(|db| db.message().contains("only ferry replay may change it")),
+        "{sql}: {refused:?}"
+    );
+}

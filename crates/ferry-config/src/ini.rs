@@ -252,8 +252,8 @@ impl<'a> SectionRef<'a> {
             })
     }
 
-    /// The interpolated value of `key`, or `None` when neither this section nor `[DEFAULT]`
-    /// sets it.
+    /// The interpolated value of `key`, or `None` when neither this section, nor `[DEFAULT]`,
+    /// nor SkyTools' built-in defaults set it.
     pub fn get(&self, key: &str) -> Result<Option<String>, ConfigError> {
         match self.raw(key) {
             None => Ok(None),

@@ -485,11 +485,9 @@ async fn replica_mode_notes(
             let object = quote_ident(r.get(3));
             let other = || RelName::new(r.get::<_, String>(5), r.get::<_, String>(6));
             match (r.get::<_, &str>(0), r.get::<_, Option<&str>>(4)) {
-                ("trigger", Some("A")) => format!(
-                    "trigger {object} on {table} fires for replicated changes (ENABLE ALWAYS)"
-                ),
-                ("trigger", Some("R")) => format!(
-                    "trigger {object} on {table} fires for replicated changes (ENABLE REPLICA)"
+                ("trigger", Some(mode @ ("A" | "R"))) => format!(
+                    "trigger {object} on {table} fires for replicated changes (ENABLE {})",
+                    if mode == "A" { "ALWAYS" } else { "REPLICA" }
                 ),
                 ("trigger", _) => format!(
                     "trigger {object} on {table} does not fire for replicated changes (ALTER TABLE ... ENABLE ALWAYS TRIGGER makes it fire)"

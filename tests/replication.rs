@@ -859,6 +859,117 @@ async fn partitioned_tables_replicate_as_one_unit() {
     .await;
 }
 
+/// `wait-sync` (and `call ferry.wait_applied(...)` on the provider) return only once the
+/// subscriber has every transaction committed before: a row written before is there the moment
+/// they return, every time; with replay paused, not running, or tables not ok yet they time out
+/// saying how far behind the subscriber is; `pause` holds replay where it is, `resume` lets it
+/// go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_sync_returns_once_the_subscriber_has_everything() {
+    let schema = "create table t (id int primary key, v text)";
+    let pair = Pair::new("waitsync", schema, Some(schema)).await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    pair.install_and_start_ticker();
+    pair.add_everything();
+    let config = londiste.to_str().unwrap();
+    // replay not started: the table waits for its copy
+    let out = ferry(&[config, "wait-sync", "--timeout", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("not in sync after 1 s") && stderr.contains("not ok: public.t in-copy"),
+        "{stderr}"
+    );
+    run(&londiste, &["replay", "-d"]);
+    let synced = run(&londiste, &["wait-sync", "--timeout", "60"]);
+    assert!(synced.starts_with("in sync: every table ok"), "{synced}");
+
+    let provider = ferry_testkit::connect(&pair.provider.conninfo).await;
+    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    let there = |id: i32| {
+        let subscriber = &subscriber;
+        async move {
+            subscriber
+                .query_opt("select 1 from t where id = $1", &[&id])
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    for id in 1..=5 {
+        provider
+            .execute("insert into t values ($1, 'cli')", &[&id])
+            .await
+            .unwrap();
+        run(&londiste, &["wait-sync", "--timeout", "30"]);
+        assert!(there(id).await, "row {id} missing right after wait-sync");
+    }
+    for id in 6..=10 {
+        provider
+            .execute("insert into t values ($1, 'sql')", &[&id])
+            .await
+            .unwrap();
+        provider
+            .batch_execute("call ferry.wait_applied('test-queue', 1, '30 s')")
+            .await
+            .unwrap();
+        assert!(there(id).await, "row {id} missing right after wait_applied");
+    }
+
+    // paused: replay applies nothing (and says so once), wait-sync times out; resumed, the
+    // row comes
+    let paused = run(&londiste, &["pause"]);
+    assert!(paused.starts_with("replay paused"), "{paused}");
+    provider
+        .execute("insert into t values (11, 'paused')", &[])
+        .await
+        .unwrap();
+    pair.wait_for_replay_line(&["replay paused"], Duration::from_secs(10))
+        .await;
+    let out = ferry(&[config, "wait-sync", "--timeout", "1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!there(11).await, "applied while paused");
+    run(&londiste, &["resume"]);
+    run(&londiste, &["wait-sync", "--timeout", "30"]);
+    assert!(there(11).await, "row 11 missing after resume");
+    pair.wait_for_replay_line(&["replay resumed"], Duration::from_secs(10))
+        .await;
+
+    // replay stopped: both wait, then say so
+    run(&londiste, &["-s"]);
+    provider
+        .execute("insert into t values (12, 'late')", &[])
+        .await
+        .unwrap();
+    let out = ferry(&[config, "wait-sync", "--timeout", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("not in sync after 1 s: it has applied tick"),
+        "{stderr}"
+    );
+    let error = provider
+        .batch_execute("call ferry.wait_applied('test-queue', 1, '1 s')")
+        .await
+        .unwrap_err();
+    let db = error.as_db_error().expect("a database error");
+    assert!(
+        db.message()
+            .contains("0 of 1 consumer(s) of queue \"test-queue\""),
+        "{db:?}"
+    );
+    assert!(!there(12).await);
+}
+
 /// A backlog of many chunks on one independent table, applied set-wise: rows inserted in one
 /// chunk are updated, moved to another key (event order, mid-chunk) and deleted in later
 /// ones. Replay reduces a chunk while the statements of the chunk before still run, so any

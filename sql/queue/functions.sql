@@ -710,3 +710,54 @@ returns integer language sql stable as $$
     select max("version") from "ferry"."schema_migration" where "component" = i_component;
 $$;
 comment on function "ferry"."schema_version"(text) is 'ferry: installed schema version of a component';
+
+-- Whether every transaction visible in snapshot i_earlier is visible in snapshot i_later: then
+-- a consumer whose position is a tick with snapshot i_later has every change committed before
+-- i_earlier was taken.
+create or replace function "ferry"."snapshot_covers"(i_later txid_snapshot, i_earlier txid_snapshot)
+returns boolean language sql immutable set search_path = pg_catalog, pg_temp as $$
+    select pg_catalog.txid_snapshot_xmax(i_earlier) <= pg_catalog.txid_snapshot_xmax(i_later)
+       and not exists (select 1 from pg_catalog.txid_snapshot_xip(i_later) x
+                        where x < pg_catalog.txid_snapshot_xmax(i_earlier)
+                          and pg_catalog.txid_visible_in_snapshot(x, i_earlier))
+$$;
+comment on function "ferry"."snapshot_covers"(txid_snapshot, txid_snapshot) is
+    'ferry: whether a later snapshot sees every transaction an earlier one saw';
+
+-- Waits until at least i_consumers consumers of queue i_queue_name have finished a batch that
+-- holds every transaction committed before the call (their position's tick sees all the
+-- call's snapshot saw): for an application that must not answer before a replica has its
+-- write. CALL it after the write's COMMIT. Replay finishes a batch on the provider only after
+-- the subscriber committed it, so a finished batch is on the subscriber. Raises
+-- query_canceled after i_timeout, saying how many consumers got there.
+create or replace procedure "ferry"."wait_applied"(i_queue_name text, i_consumers integer default 1,
+    i_timeout interval default '1 minute')
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    v_snapshot txid_snapshot := pg_catalog.txid_current_snapshot();
+    v_deadline timestamptz := pg_catalog.clock_timestamp() + i_timeout;
+    v_done integer;
+begin
+    if not exists (select 1 from "ferry"."queue" where "queue_name" = i_queue_name) then
+        raise exception 'ferry: queue "%" does not exist', i_queue_name using errcode = 'undefined_object';
+    end if;
+    loop
+        -- each statement reads the latest committed positions (READ COMMITTED)
+        select count(*) into v_done
+          from "ferry"."subscription" s
+          join "ferry"."queue" q on q."queue_id" = s."sub_queue"
+          join "ferry"."tick" t on t."tick_queue" = s."sub_queue" and t."tick_id" = s."sub_last_tick"
+         where q."queue_name" = i_queue_name
+           and "ferry"."snapshot_covers"(t."tick_snapshot", v_snapshot);
+        exit when v_done >= i_consumers;
+        if pg_catalog.clock_timestamp() > v_deadline then
+            raise exception 'ferry: % of % consumer(s) of queue "%" applied the transactions committed before the call within %',
+                            v_done, i_consumers, i_queue_name, i_timeout
+                using errcode = 'query_canceled',
+                      hint = 'is replay running? ("ferry CONF status" shows each consumer''s lag)';
+        end if;
+        perform pg_catalog.pg_sleep(0.02);
+    end loop;
+end $$;
+comment on procedure "ferry"."wait_applied"(text, integer, interval) is
+    'ferry: wait until consumers have applied everything committed before the call';

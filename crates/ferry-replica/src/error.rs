@@ -42,6 +42,8 @@ pub enum ErrorKind {
     Corrupt,
     /// The connection settings are unusable.
     Configuration,
+    /// A wait (`wait-sync`) ran out of time.
+    TimedOut,
     /// Any other database error.
     Db,
 }
@@ -218,6 +220,7 @@ impl ReplicaError {
             | ErrorKind::InvalidInput
             | ErrorKind::RowRefused
             | ErrorKind::SchemaMismatch
+            | ErrorKind::TimedOut
             | ErrorKind::Db => Remedy::RetryLater,
         }
     }
@@ -298,6 +301,7 @@ mod tests {
             ErrorKind::InvalidInput,
             ErrorKind::RowRefused,
             ErrorKind::SchemaMismatch,
+            ErrorKind::TimedOut,
             ErrorKind::Db,
         ] {
             assert_eq!(remedy(kind), Remedy::RetryLater, "{kind:?}");

@@ -20,6 +20,7 @@ pub mod session;
 pub mod snapshot;
 pub mod store;
 pub mod subscriber;
+pub mod sync;
 
 pub use apply::{Applier, BatchOutcome};
 pub use copy::{copy_table, CopyDone};

@@ -86,6 +86,8 @@ struct Link {
 enum Round {
     /// Nothing left to do: wait for a wake-up.
     Idle,
+    /// Paused (`ferry CONFIG pause`): nothing done; wait as when idle.
+    Paused,
     /// Stopped because a stop was requested.
     Stopped,
 }
@@ -100,6 +102,8 @@ pub async fn run(
 ) -> Result<(), ReplayError> {
     let mut health = Health::default();
     let mut ticker_silent = false;
+    // whether the last round found replay paused (said once per pause)
+    let mut paused = false;
     tracing::info!(
         job = %settings.job_name,
         queue = %settings.queue,
@@ -143,7 +147,18 @@ pub async fn run(
             };
             match round {
                 Ok(Round::Stopped) => break 'connect,
+                Ok(Round::Paused) => {
+                    health.ok();
+                    if !paused {
+                        paused = true;
+                        tracing::info!(queue = %settings.queue, "replay paused: nothing is applied until `ferry CONFIG resume`");
+                    }
+                }
                 Ok(Round::Idle) => {
+                    if paused {
+                        paused = false;
+                        tracing::info!(queue = %settings.queue, "replay resumed");
+                    }
                     health.ok();
                     problem_retry = PROBLEM_RETRY_MIN;
                     explained.clear();
@@ -429,6 +444,9 @@ async fn work(
     shutdown: &Shutdown,
 ) -> Result<Round, ReplicaError> {
     let queue = settings.queue.as_str();
+    if store::is_paused(link.subscriber.client(), queue).await? {
+        return Ok(Round::Paused);
+    }
     let now = Instant::now();
     let waiting: Vec<_> = store::tables(link.subscriber.client(), queue)
         .await?

@@ -423,6 +423,35 @@ pub async fn forget_position(client: &impl GenericClient, queue: &str) -> Result
     Ok(())
 }
 
+/// Pauses (or resumes) replay of `queue` here: while paused it applies and copies nothing and
+/// keeps its position. `false` when the queue is not set up here.
+pub async fn set_paused(
+    client: &impl GenericClient,
+    queue: &str,
+    paused: bool,
+) -> Result<bool, ReplicaError> {
+    let changed = client
+        .execute(
+            r#"update "ferry"."subscriber_position" set "paused" = $2 where "queue_name" = $1"#,
+            &[&queue, &paused],
+        )
+        .await
+        .context("recording the pause")?;
+    Ok(changed == 1)
+}
+
+/// Whether replay of `queue` is paused here.
+pub async fn is_paused(client: &impl GenericClient, queue: &str) -> Result<bool, ReplicaError> {
+    Ok(client
+        .query_opt(
+            r#"select "paused" from "ferry"."subscriber_position" where "queue_name" = $1"#,
+            &[&queue],
+        )
+        .await
+        .context("reading the pause")?
+        .is_some_and(|row| row.get(0)))
+}
+
 /// What to do with a batch from tick `prev` to tick `cur`, given the subscriber's position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchStep {

@@ -16,10 +16,16 @@ use crate::store;
 /// The subscriber's catalog: position, table states, sequences, write protection.
 pub const SUBSCRIBER: Component = Component {
     name: "subscriber",
-    migrations: &[Migration {
-        version: 1,
-        sql: include_str!("../../../sql/subscriber/0001_schema.sql"),
-    }],
+    migrations: &[
+        Migration {
+            version: 1,
+            sql: include_str!("../../../sql/subscriber/0001_schema.sql"),
+        },
+        Migration {
+            version: 2,
+            sql: include_str!("../../../sql/subscriber/0002_pause.sql"),
+        },
+    ],
     functions: include_str!("../../../sql/subscriber/functions.sql"),
 };
 

@@ -135,6 +135,17 @@ pub enum Command {
     },
     /// Run replication of [londiste]: copy new tables, apply batches (-d detaches).
     Replay,
+    /// Pause replay of [londiste]: it applies and copies nothing, and keeps its position.
+    Pause,
+    /// Resume a paused replay.
+    Resume,
+    /// Wait until every table of [londiste] is ok and the subscriber has applied everything
+    /// committed on the provider before the command started; exit 1 on timeout.
+    WaitSync {
+        /// Give up after this many seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+        timeout: f64,
+    },
     /// The provider's side of [londiste]: what the queue carries.
     #[command(subcommand)]
     Provider(ProviderCommand),

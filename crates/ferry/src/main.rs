@@ -141,6 +141,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match command {
         Command::Ticker => daemon::run_ticker(&config, run_options),
         Command::Replay => daemon::run_replay(&config, run_options),
+        Command::WaitSync { timeout } => replication_admin::wait_sync(&config, timeout),
+        Command::Pause => replication_admin::pause(&config, true),
+        Command::Resume => replication_admin::pause(&config, false),
         Command::Provider(command) => replication_admin::provider(&config, command),
         Command::Subscriber(command) => replication_admin::subscriber(&config, command),
         Command::Install => queue_admin::install(&config),
@@ -202,7 +205,12 @@ fn print_all(text: &[u8]) -> Result<(), Failure> {
 /// The config section whose daemon `-s`, `-k` or `-r` with `command` means.
 fn section_of(command: &Command) -> &'static str {
     match command {
-        Command::Replay | Command::Provider(_) | Command::Subscriber(_) => REPLICATION_SECTION,
+        Command::Replay
+        | Command::WaitSync { .. }
+        | Command::Pause
+        | Command::Resume
+        | Command::Provider(_)
+        | Command::Subscriber(_) => REPLICATION_SECTION,
         _ => TICKER_SECTION,
     }
 }

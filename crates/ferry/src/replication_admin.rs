@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::time::Duration;
 
 use ferry_connect::Session;
 use ferry_replica::subscriber::AddOptions;
@@ -97,6 +98,51 @@ fn report_each(results: Vec<(String, Result<String, ReplicaError>)>) -> Result<(
     } else {
         Ok(())
     }
+}
+
+/// `ferry CONFIG wait-sync [--timeout SECONDS]`.
+pub fn wait_sync(config: &Path, timeout: f64) -> Result<(), Failure> {
+    if !(timeout.is_finite() && timeout >= 0.0) {
+        return Err(Failure::Usage(format!(
+            "--timeout {timeout}: give a number of seconds"
+        )));
+    }
+    let state = with_sides(config, true, |s| async move {
+        let (sub, prov, queue) = (
+            s.subscriber().client(),
+            s.provider.client(),
+            &s.settings.queue,
+        );
+        provider::require_installed(prov).await?;
+        subscriber::require_installed(sub, queue).await?;
+        ferry_replica::sync::wait_sync(prov, sub, queue, Duration::from_secs_f64(timeout)).await
+    })?;
+    println!(
+        "in sync: every table ok, tick {} applied (everything committed before the wait is in tick {})",
+        state.applied_tick.unwrap_or_default(),
+        state.target_tick
+    );
+    Ok(())
+}
+
+/// `ferry CONFIG pause` (`paused`) / `ferry CONFIG resume`: replay of the queue on this
+/// subscriber stops (or goes on) applying, keeping its position; a running replay notices
+/// within its `loop_delay`.
+pub fn pause(config: &Path, paused: bool) -> Result<(), Failure> {
+    with_sides(config, true, |s| async move {
+        let (sub, queue) = (s.subscriber().client(), &s.settings.queue);
+        subscriber::require_installed(sub, queue).await?;
+        ferry_replica::store::set_paused(sub, queue, paused).await
+    })?;
+    println!(
+        "replay {}",
+        if paused {
+            "paused: nothing is applied until `resume` (the position is kept)"
+        } else {
+            "resumed"
+        }
+    );
+    Ok(())
 }
 
 /// `ferry CONFIG provider COMMAND ARGS`.

@@ -970,6 +970,126 @@ async fn wait_sync_returns_once_the_subscriber_has_everything() {
     assert!(!there(12).await);
 }
 
+/// `status` with a `[londiste]` config, and the views `ferry.stat_replication` (provider) and
+/// `ferry.stat_subscription` (subscriber), say what replay is doing: copying before it runs,
+/// streaming with its lag and last batch, paused, stopped on an error (the refused row named,
+/// as replay recorded it) and streaming again, the error cleared, once the cause is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_what_replay_is_doing() {
+    let pair = Pair::new(
+        "status",
+        "create table guarded (id int primary key, v int)",
+        Some("create table guarded (id int primary key, v int constraint small check (v < 100))"),
+    )
+    .await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    pair.install_and_start_ticker();
+    pair.add_everything();
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&run(&londiste, &["status", "--json"])).expect("json status")
+    };
+    let before = status();
+    assert_eq!(before["state"], "copying", "{before}");
+    assert_eq!(before["tables"][0]["state"], "in-copy", "{before}");
+
+    run(&londiste, &["replay", "-d"]);
+    run(&londiste, &["wait-sync", "--timeout", "60"]);
+    let streaming = status();
+    assert_eq!(streaming["state"], "streaming", "{streaming}");
+    assert!(streaming["lag_secs"].is_number(), "{streaming}");
+    assert!(streaming["applied_tick"].is_number(), "{streaming}");
+    assert_eq!(
+        streaming["last_error"],
+        serde_json::Value::Null,
+        "{streaming}"
+    );
+    assert_eq!(streaming["tables"][0]["state"], "ok", "{streaming}");
+    let text = run(&londiste, &["status"]);
+    assert!(
+        text.starts_with("queue test-queue, consumer test-londiste: streaming"),
+        "{text}"
+    );
+
+    run(&londiste, &["pause"]);
+    assert_eq!(status()["state"], "paused");
+    run(&londiste, &["resume"]);
+
+    // a row the subscriber refuses: replay records why it waits
+    let provider = ferry_testkit::connect(&pair.provider.conninfo).await;
+    provider
+        .batch_execute("insert into guarded values (1, 500)")
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let stopped = loop {
+        let now = status();
+        if now["state"] == "stopped-on-error" {
+            break now;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not stopped on the error: {now}\n{}",
+            pair.replay_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let error = stopped["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("public.guarded") && error.contains("\"small\""),
+        "{stopped}"
+    );
+    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    let row = subscriber
+        .query_one(
+            "select paused, last_error is not null, tables, tables_ok from ferry.stat_subscription
+              where queue_name = 'test-queue'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, bool>(0),
+            row.get::<_, bool>(1),
+            row.get::<_, i64>(2),
+            row.get::<_, i64>(3)
+        ),
+        (false, true, 1, 1)
+    );
+    let pending: i64 = provider
+        .query_one(
+            "select pending_events from ferry.stat_replication where consumer_name = 'test-londiste'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        pending >= 1,
+        "the refused row's event is pending: {pending}"
+    );
+
+    // fixed: streaming again, the error cleared
+    subscriber
+        .batch_execute("alter table guarded drop constraint small")
+        .await
+        .unwrap();
+    run(&londiste, &["wait-sync", "--timeout", "60"]);
+    let start = std::time::Instant::now();
+    loop {
+        let now = status();
+        if now["state"] == "streaming" && now["last_error"].is_null() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{now}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A backlog of many chunks on one independent table, applied set-wise: rows inserted in one
 /// chunk are updated, moved to another key (event order, mid-chunk) and deleted in later
 /// ones. Replay reduces a chunk while the statements of the chunk before still run, so any

@@ -761,3 +761,13 @@ begin
 end $$;
 comment on procedure "ferry"."wait_applied"(text, integer, interval) is
     'ferry: wait until consumers have applied everything committed before the call';
+
+-- Every consumer of every queue, for any monitoring tool (shaped like pg_stat_replication):
+-- how old its position is (lag), how long since it asked for a batch, its open batch, and
+-- the events ticked past its position.
+create or replace view "ferry"."stat_replication" as
+select c."queue_name", c."consumer_name", c."lag", c."last_seen", c."last_tick",
+       c."current_batch", c."next_tick", c."pending_events"
+  from "ferry"."get_consumer_info"() c;
+comment on view "ferry"."stat_replication" is
+    'ferry: each consumer''s lag, last contact, open batch and pending events';

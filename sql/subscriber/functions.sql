@@ -172,3 +172,17 @@ begin
 end $$;
 comment on function "ferry"."subscriber_drop_copied_capture_triggers"() is
     'ferry: drop capture triggers a provider''s schema dump brought to tables nothing captures here';
+
+-- Replay on this subscriber, per queue, for any monitoring tool (shaped like
+-- pg_stat_subscription): paused or not, the last tick applied and when, the error holding it up
+-- (null while work goes on), and how many of its tables are ok.
+create or replace view "ferry"."stat_subscription" as
+select p."queue_name", p."consumer", p."paused", p."last_tick_id", p."updated" as "last_applied",
+       p."last_error", p."last_error_at",
+       count(t."table_name") as "tables",
+       count(t."table_name") filter (where t."state" = 'ok') as "tables_ok"
+  from "ferry"."subscriber_position" p
+  left join "ferry"."subscriber_table" t on t."queue_name" = p."queue_name"
+ group by p."queue_name";
+comment on view "ferry"."stat_subscription" is
+    'ferry: replay on this subscriber per queue (paused, last tick applied, last error, tables ok)';

@@ -18,6 +18,7 @@ mod reduce;
 pub mod replay;
 pub mod session;
 pub mod snapshot;
+pub mod status;
 pub mod store;
 pub mod subscriber;
 pub mod sync;

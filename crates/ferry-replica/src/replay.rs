@@ -104,6 +104,10 @@ pub async fn run(
     let mut ticker_silent = false;
     // whether the last round found replay paused (said once per pause)
     let mut paused = false;
+    // what the subscriber records as the error holding replay up, for `status`: Some(error
+    // or none) as last written; None while unknown (at start, or after a failed write), so the
+    // next round writes it, clearing whatever an earlier run left
+    let mut recorded_error: Option<Option<String>> = None;
     tracing::info!(
         job = %settings.job_name,
         queue = %settings.queue,
@@ -132,6 +136,7 @@ pub async fn run(
             if error.remedy() == Remedy::Stop {
                 return Err(ReplayError::stopping(error));
             }
+            record_error(&link, &settings.queue, Some(&error), &mut recorded_error).await;
             if wait_or_stop(&mut shutdown, problem_retry).await {
                 break 'connect;
             }
@@ -149,6 +154,7 @@ pub async fn run(
                 Ok(Round::Stopped) => break 'connect,
                 Ok(Round::Paused) => {
                     health.ok();
+                    record_error(&link, &settings.queue, None, &mut recorded_error).await;
                     if !paused {
                         paused = true;
                         tracing::info!(queue = %settings.queue, "replay paused: nothing is applied until `ferry CONFIG resume`");
@@ -160,6 +166,7 @@ pub async fn run(
                         tracing::info!(queue = %settings.queue, "replay resumed");
                     }
                     health.ok();
+                    record_error(&link, &settings.queue, None, &mut recorded_error).await;
                     problem_retry = PROBLEM_RETRY_MIN;
                     explained.clear();
                     if ticker_checked.elapsed() >= TICKER_CHECK_EVERY {
@@ -174,6 +181,7 @@ pub async fn run(
                         Remedy::Stop => return Err(ReplayError::stopping(error)),
                         Remedy::RetryLater => {}
                     }
+                    record_error(&link, &settings.queue, Some(&error), &mut recorded_error).await;
                     if let Some(table) = error.table() {
                         let problems = table_problems(&link, table).await;
                         if problems != explained {
@@ -225,6 +233,28 @@ pub async fn run(
     }
     tracing::info!(job = %settings.job_name, "replay stopped");
     Ok(())
+}
+
+/// Records on the subscriber the error holding replay up (`None`: work goes on), unless
+/// `recorded` says it is recorded already. Best effort: a failure to record is logged at debug
+/// level and tried again with the next round.
+async fn record_error(
+    link: &Link,
+    queue: &str,
+    error: Option<&ReplicaError>,
+    recorded: &mut Option<Option<String>>,
+) {
+    let text = error.map(|e| report(e));
+    if recorded.as_ref() == Some(&text) {
+        return;
+    }
+    match store::record_error(link.subscriber.client(), queue, text.as_deref()).await {
+        Ok(()) => *recorded = Some(text),
+        Err(e) => {
+            tracing::debug!(error = %report(&e), "could not record replay's last error");
+            *recorded = None;
+        }
+    }
 }
 
 /// Says once when the queue's newest tick is older than twice its idle period plus 10 s (a

@@ -452,6 +452,88 @@ pub async fn is_paused(client: &impl GenericClient, queue: &str) -> Result<bool,
         .is_some_and(|row| row.get(0)))
 }
 
+/// Records the error holding replay of `queue` up (`None`: clears it, work goes on), for
+/// `status` and `ferry.stat_subscription`.
+pub async fn record_error(
+    client: &impl GenericClient,
+    queue: &str,
+    error: Option<&str>,
+) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            r#"update "ferry"."subscriber_position"
+                  set "last_error" = $2::text,
+                      "last_error_at" = case when $2::text is null then null else now() end
+                where "queue_name" = $1"#,
+            &[&queue, &error],
+        )
+        .await
+        .context("recording replay's last error")?;
+    Ok(())
+}
+
+/// The subscriber's record of replay of one queue: position, pause, last error.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ReplayRecord {
+    /// The tick of the last batch applied.
+    pub applied_tick: Option<i64>,
+    /// Seconds since that batch was applied.
+    pub applied_secs_ago: f64,
+    /// Whether replay is paused.
+    pub paused: bool,
+    /// The error holding replay up now.
+    pub last_error: Option<String>,
+    /// Seconds since that error was recorded.
+    pub last_error_secs_ago: Option<f64>,
+}
+
+/// The subscriber's record of replay of `queue`; `None` when the queue is not set up here.
+pub async fn replay_record(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Option<ReplayRecord>, ReplicaError> {
+    Ok(client
+        .query_opt(
+            r#"select "last_tick_id", extract(epoch from now() - "updated")::float8, "paused",
+                      "last_error", extract(epoch from now() - "last_error_at")::float8
+                 from "ferry"."subscriber_position" where "queue_name" = $1"#,
+            &[&queue],
+        )
+        .await
+        .context("reading replay's record")?
+        .map(|r| ReplayRecord {
+            applied_tick: r.get(0),
+            applied_secs_ago: r.get(1),
+            paused: r.get(2),
+            last_error: r.get(3),
+            last_error_secs_ago: r.get(4),
+        }))
+}
+
+/// Seconds since each table of `queue` here entered its state, by table.
+pub async fn state_ages(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Vec<(RelName, f64)>, ReplicaError> {
+    let rows = client
+        .query(
+            r#"select "table_schema", "table_name", extract(epoch from now() - "state_changed")::float8
+                 from "ferry"."subscriber_table" where "queue_name" = $1 order by 1, 2"#,
+            &[&queue],
+        )
+        .await
+        .context("reading the tables' state times")?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                RelName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                r.get(2),
+            )
+        })
+        .collect())
+}
+
 /// What to do with a batch from tick `prev` to tick `cur`, given the subscriber's position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchStep {

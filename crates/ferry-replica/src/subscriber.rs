@@ -23,7 +23,7 @@ pub const SUBSCRIBER: Component = Component {
         },
         Migration {
             version: 2,
-            sql: include_str!("../../../sql/subscriber/0002_pause.sql"),
+            sql: include_str!("../../../sql/subscriber/0002_operations.sql"),
         },
     ],
     functions: include_str!("../../../sql/subscriber/functions.sql"),

@@ -96,7 +96,8 @@ pub enum Command {
     Install,
     /// Run the ticker of [pgqadm] (foreground, or detached with -d).
     Ticker,
-    /// Every queue (last tick, events not yet ticked, rotation) and consumer (lag, pending).
+    /// With [pgqadm]: every queue and consumer (lag, pending). With [londiste]: what replay
+    /// is doing, its lag, the error holding it up, each table's state and since when.
     Status(JsonOption),
     /// Create a queue.
     Create {

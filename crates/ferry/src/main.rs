@@ -147,7 +147,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Provider(command) => replication_admin::provider(&config, command),
         Command::Subscriber(command) => replication_admin::subscriber(&config, command),
         Command::Install => queue_admin::install(&config),
-        Command::Status(output) => queue_admin::status(&config, output.json),
+        Command::Status(output) => {
+            // replication's status with a [londiste] config, the queues' with [pgqadm] alone
+            if settings::load_ini(&config)?.has_section(REPLICATION_SECTION) {
+                replication_admin::status(&config, output.json)
+            } else {
+                queue_admin::status(&config, output.json)
+            }
+        }
         Command::Create { queue } => queue_admin::create(&config, &queue),
         Command::Drop { queue, force } => queue_admin::drop(&config, &queue, force),
         Command::Register { queue, consumer } => queue_admin::register(&config, &queue, &consumer),

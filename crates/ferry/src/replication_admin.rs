@@ -100,6 +100,59 @@ fn report_each(results: Vec<(String, Result<String, ReplicaError>)>) -> Result<(
     }
 }
 
+/// `ferry CONFIG status [--json]` with a `[londiste]` config: what replay is doing, its lag,
+/// the error holding it up, each table's state and since when.
+pub fn status(config: &Path, json: bool) -> Result<(), Failure> {
+    let status = with_sides(config, true, |s| async move {
+        ferry_replica::status::status(
+            s.provider.client(),
+            s.subscriber().client(),
+            &s.settings.queue,
+            &s.settings.job_name,
+        )
+        .await
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).expect("plain data")
+        );
+        return Ok(());
+    }
+    let secs = |s: Option<f64>| s.map_or_else(|| "-".to_string(), |s| format!("{s:.1} s"));
+    println!(
+        "queue {}, consumer {}: {}",
+        status.queue, status.consumer, status.state
+    );
+    println!(
+        "  lag {}, {} events pending, last asked for a batch {} ago",
+        secs(status.lag_secs),
+        status
+            .pending_events
+            .map_or_else(|| "-".to_string(), |n| n.to_string()),
+        secs(status.last_seen_secs)
+    );
+    println!(
+        "  applied {}, {} ago",
+        status
+            .applied_tick
+            .map_or_else(|| "nothing yet".to_string(), |t| format!("tick {t}")),
+        secs(Some(status.applied_secs_ago))
+    );
+    match &status.last_error {
+        Some(error) => println!(
+            "  last error ({} ago): {error}",
+            secs(status.last_error_secs_ago)
+        ),
+        None => println!("  last error: none"),
+    }
+    println!("Table State Since");
+    for t in &status.tables {
+        println!("{} {} {}", t.table, t.state, secs(Some(t.since_secs)));
+    }
+    Ok(())
+}
+
 /// `ferry CONFIG wait-sync [--timeout SECONDS]`.
 pub fn wait_sync(config: &Path, timeout: f64) -> Result<(), Failure> {
     if !(timeout.is_finite() && timeout >= 0.0) {

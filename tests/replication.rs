@@ -920,6 +920,36 @@ async fn wait_sync_returns_once_the_subscriber_has_everything() {
         assert!(there(id).await, "row {id} missing right after wait_applied");
     }
 
+    // a table added with --wait-sync is copied, ok and up to date when the command returns
+    provider
+        .batch_execute(
+            "create table t2 (id int primary key); insert into t2 select generate_series(1, 100)",
+        )
+        .await
+        .unwrap();
+    subscriber
+        .batch_execute("create table t2 (id int primary key)")
+        .await
+        .unwrap();
+    run(&londiste, &["provider", "add", "t2"]);
+    let added = run(
+        &londiste,
+        &["subscriber", "add", "t2", "--wait-sync", "--timeout", "60"],
+    );
+    assert!(
+        added.contains("in sync: the tables added are ok"),
+        "{added}"
+    );
+    let copied: i64 = subscriber
+        .query_one("select count(*) from t2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        copied, 100,
+        "t2 not there when subscriber add --wait-sync returned"
+    );
+
     // paused: replay applies nothing (and says so once), wait-sync times out; resumed, the
     // row comes
     let paused = run(&londiste, &["pause"]);

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::error::{ErrorKind, ReplicaError, ResultExt};
+use crate::names::RelName;
 use crate::snapshot::Snapshot;
 use crate::store::{self, TableState};
 
@@ -24,13 +25,15 @@ pub struct SyncState {
     pub target_tick: i64,
 }
 
-/// Waits until every table of `queue` here is `ok` and the subscriber has applied every
-/// transaction committed on the provider before this call, at most `timeout`. A timeout is
+/// Waits until every table of `queue` here (or, given `only`, those of them) is `ok` and the
+/// subscriber has applied every transaction committed on the provider before this call, at
+/// most `timeout`. A timeout is
 /// an error of kind [`ErrorKind::TimedOut`] saying how far behind the subscriber is.
 pub async fn wait_sync(
     provider: &Client,
     subscriber: &Client,
     queue: &str,
+    only: Option<&[RelName]>,
     timeout: Duration,
 ) -> Result<SyncState, ReplicaError> {
     let deadline = Instant::now() + timeout;
@@ -47,6 +50,7 @@ pub async fn wait_sync(
         let tables_not_ok: Vec<String> = store::tables(subscriber, queue)
             .await?
             .into_iter()
+            .filter(|t| only.is_none_or(|only| only.contains(&t.table)))
             .filter(|t| t.state != TableState::Ok)
             .map(|t| format!("{} {}", t.table, t.state))
             .collect();

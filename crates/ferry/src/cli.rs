@@ -246,6 +246,18 @@ pub enum SubscriberCommand {
         /// Keep the rows already in the table when copying.
         #[arg(long = "skip-truncate")]
         skip_truncate: bool,
+        /// Then wait until the tables added are ok and the subscriber has everything committed
+        /// before (as wait-sync does; replay must run).
+        #[arg(long = "wait-sync")]
+        wait_sync: bool,
+        /// With --wait-sync: give up after this many seconds.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = 3600.0,
+            requires = "wait_sync"
+        )]
+        timeout: f64,
     },
     /// Stop replicating tables here (they become writable).
     Remove(Names),

@@ -168,7 +168,8 @@ pub fn wait_sync(config: &Path, timeout: f64) -> Result<(), Failure> {
         );
         provider::require_installed(prov).await?;
         subscriber::require_installed(sub, queue).await?;
-        ferry_replica::sync::wait_sync(prov, sub, queue, Duration::from_secs_f64(timeout)).await
+        ferry_replica::sync::wait_sync(prov, sub, queue, None, Duration::from_secs_f64(timeout))
+            .await
     })?;
     println!(
         "in sync: every table ok, tick {} applied (everything committed before the wait is in tick {})",
@@ -194,6 +195,31 @@ pub fn pause(config: &Path, paused: bool) -> Result<(), Failure> {
         } else {
             "resumed"
         }
+    );
+    Ok(())
+}
+
+/// `subscriber add --wait-sync`: waits until `tables` are ok and the subscriber has everything
+/// committed before.
+fn wait_for_tables(config: &Path, tables: Vec<RelName>, timeout: f64) -> Result<(), Failure> {
+    if !(timeout.is_finite() && timeout >= 0.0) {
+        return Err(Failure::Usage(format!(
+            "--timeout {timeout}: give a number of seconds"
+        )));
+    }
+    let state = with_sides(config, true, |s| async move {
+        ferry_replica::sync::wait_sync(
+            s.provider.client(),
+            s.subscriber().client(),
+            &s.settings.queue,
+            Some(&tables),
+            Duration::from_secs_f64(timeout),
+        )
+        .await
+    })?;
+    println!(
+        "in sync: the tables added are ok, tick {} applied",
+        state.applied_tick.unwrap_or_default()
     );
     Ok(())
 }
@@ -349,11 +375,13 @@ pub fn subscriber(config: &Path, command: SubscriberCommand) -> Result<(), Failu
             Ok(())
         }
         SubscriberCommand::Add { .. } | SubscriberCommand::AddSeq(_) => {
-            let (sequences, Selection { all, names }, options) = match command {
+            let (sequences, Selection { all, names }, options, wait) = match command {
                 SubscriberCommand::Add {
                     selection,
                     create,
                     skip_truncate,
+                    wait_sync,
+                    timeout,
                 } => (
                     false,
                     selection,
@@ -361,11 +389,14 @@ pub fn subscriber(config: &Path, command: SubscriberCommand) -> Result<(), Failu
                         create,
                         skip_truncate,
                     },
+                    wait_sync.then_some(timeout),
                 ),
-                SubscriberCommand::AddSeq(selection) => (true, selection, AddOptions::default()),
+                SubscriberCommand::AddSeq(selection) => {
+                    (true, selection, AddOptions::default(), None)
+                }
                 _ => unreachable!("matched above"),
             };
-            let results = with_sides(config, true, |s| async move {
+            let (results, tables) = with_sides(config, true, |s| async move {
                 let (sub, prov, queue) = (
                     s.subscriber().client(),
                     s.provider.client(),
@@ -381,12 +412,16 @@ pub fn subscriber(config: &Path, command: SubscriberCommand) -> Result<(), Failu
                     names
                 };
                 let mut results = Vec::new();
+                let mut tables = Vec::new();
                 for name in names {
                     let result = if sequences {
                         subscriber::add_seq(sub, prov, queue, &name).await
                     } else {
                         subscriber::add_table(sub, prov, queue, &name, options).await
                     };
+                    if let Ok((rel, _)) = &result {
+                        tables.push(rel.clone());
+                    }
                     results.push((
                         name,
                         result.map(|(rel, new)| {
@@ -394,9 +429,13 @@ pub fn subscriber(config: &Path, command: SubscriberCommand) -> Result<(), Failu
                         }),
                     ));
                 }
-                Ok(results)
+                Ok((results, tables))
             })?;
-            report_each(results)
+            report_each(results)?;
+            match wait {
+                Some(timeout) => wait_for_tables(config, tables, timeout),
+                None => Ok(()),
+            }
         }
         SubscriberCommand::Remove(ref names)
         | SubscriberCommand::RemoveSeq(ref names)

@@ -439,3 +439,67 @@ async fn log_format_colours_and_the_journal() {
         stderr_of(&out)
     );
 }
+
+/// `metrics_address` makes the ticker serve Prometheus text on `/metrics` (ticks counted, the
+/// last tick's time); an address that cannot be used is a configuration error (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ticker_serves_metrics() {
+    let db = Cluster::shared().database("ticker_metrics").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ticker.ini");
+    write_ticker_config(&config, &db.conninfo, "0.05", "600");
+    let _cleanup = KillDaemonOnDrop(config.clone());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ini = read(&config);
+    std::fs::write(
+        &config,
+        format!("{ini}metrics_address = 127.0.0.1:{port}\n"),
+    )
+    .unwrap();
+    let config_arg = config.to_str().unwrap();
+    ferry_ok(&[config_arg, "install"]);
+    ferry_ok(&[config_arg, "create", "q"]);
+    ferry_ok(&[config_arg, "ticker", "-d"]);
+    let client = ferry_testkit::connect(&db.conninfo).await;
+    ferry_queue::insert_event(&client, "q", "t", "one")
+        .await
+        .unwrap();
+    let metrics = || {
+        ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+            .call()
+            .ok()
+            .and_then(|r| r.into_body().read_to_string().ok())
+            .unwrap_or_default()
+    };
+    wait_until("a tick counted", Duration::from_secs(10), || {
+        metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("ferry_ticker_ticks_total "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(|v| v >= 1.0)
+    });
+    let text = metrics();
+    assert!(
+        text.contains("# TYPE ferry_ticker_ticks_total counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ferry_ticker_last_tick_timestamp_seconds 1"),
+        "{text}"
+    );
+    ferry_ok(&["-s", config_arg]);
+
+    std::fs::write(&config, format!("{ini}metrics_address = not an address\n")).unwrap();
+    let out = ferry(&[config_arg, "ticker"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr_of(&out)
+            .contains("[pgqadm] metrics_address: 'not an address' is not an address to listen on"),
+        "{}",
+        stderr_of(&out)
+    );
+}

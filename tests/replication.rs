@@ -1000,8 +1000,8 @@ async fn wait_sync_returns_once_the_subscriber_has_everything() {
     assert!(!there(12).await);
 }
 
-/// `status` with a `[londiste]` config, and the views `ferry.stat_replication` (provider) and
-/// `ferry.stat_subscription` (subscriber), say what replay is doing: copying before it runs,
+/// `status` with a `[londiste]` config, the views `ferry.stat_replication` (provider) and
+/// `ferry.stat_subscription` (subscriber), and replay's `/metrics` say what replay is doing: copying before it runs,
 /// streaming with its lag and last batch, paused, stopped on an error (the refused row named,
 /// as replay recorded it) and streaming again, the error cleared, once the cause is fixed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1019,6 +1019,31 @@ async fn status_says_what_replay_is_doing() {
     ];
     pair.install_and_start_ticker();
     pair.add_everything();
+    // replay serves its metrics
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ini = std::fs::read_to_string(&londiste).unwrap();
+    std::fs::write(
+        &londiste,
+        format!("{ini}metrics_address = 127.0.0.1:{port}\n"),
+    )
+    .unwrap();
+    let metric = |name: &str| -> f64 {
+        let body = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+            .call()
+            .expect("GET /metrics")
+            .into_body()
+            .read_to_string()
+            .unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {body}"))
+            .parse()
+            .unwrap()
+    };
     let status = || -> serde_json::Value {
         serde_json::from_str(&run(&londiste, &["status", "--json"])).expect("json status")
     };
@@ -1042,6 +1067,23 @@ async fn status_says_what_replay_is_doing() {
     assert!(
         text.starts_with("queue test-queue, consumer test-londiste: streaming"),
         "{text}"
+    );
+    assert!(metric("ferry_replay_batches_total") >= 1.0);
+    assert_eq!(metric("ferry_replay_tables_copied_total"), 1.0);
+    // (read at each round's start: the round after the table became ok says so)
+    let start = std::time::Instant::now();
+    while metric("ferry_replay_tables_not_ok") != 0.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "tables_not_ok stays up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ureq::get(&format!("http://127.0.0.1:{port}/elsewhere"))
+            .call()
+            .is_err(),
+        "only /metrics answers"
     );
 
     run(&londiste, &["pause"]);
@@ -1067,6 +1109,7 @@ async fn status_says_what_replay_is_doing() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    assert!(metric("ferry_replay_errors_total") >= 1.0);
     let error = stopped["last_error"].as_str().unwrap_or_default();
     assert!(
         error.contains("public.guarded") && error.contains("\"small\""),
@@ -1109,6 +1152,7 @@ async fn status_says_what_replay_is_doing() {
         .await
         .unwrap();
     run(&londiste, &["wait-sync", "--timeout", "60"]);
+    assert!(metric("ferry_replay_events_applied_total") >= 1.0);
     let start = std::time::Instant::now();
     loop {
         let now = status();

@@ -28,6 +28,8 @@ const DAEMON_KEYS: &[&str] = &[
     "log_count",
     "loop_delay",
     "log_format",
+    "metrics_address",
+    "metrics_port",
     // accepted for compatibility with SkyTools files, without effect
     "use_skylog",
     "connection_lifetime",
@@ -53,6 +55,9 @@ pub struct DaemonSettings {
     pub log_count: u32,
     /// `log_format = json`: one json object per log line (default `text`).
     pub json_logs: bool,
+    /// `metrics_address = HOST:PORT` (or `metrics_port = PORT`, on every interface): serve
+    /// Prometheus metrics on `/metrics` there. Off when neither is set.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 impl DaemonSettings {
@@ -77,6 +82,7 @@ impl DaemonSettings {
             pidfile: path_of("pidfile")?,
             log_size: parse_or(section, "log_size", DEFAULT_LOG_SIZE)?,
             log_count: parse_or(section, "log_count", DEFAULT_LOG_COUNT)?,
+            metrics_address: metrics_address(section)?,
             json_logs: match section.get("log_format")?.as_deref().map(str::trim) {
                 None | Some("text") => false,
                 Some("json") => true,
@@ -175,6 +181,44 @@ pub fn daemon_sections(ini: &IniFile) -> Result<Vec<(String, DaemonSettings)>, C
         }
     }
     Ok(found)
+}
+
+/// `metrics_address` (HOST:PORT) or, without it, `metrics_port` (every interface).
+fn metrics_address(section: &SectionRef<'_>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    use std::net::ToSocketAddrs;
+    if let Some(value) = section.get("metrics_address")? {
+        let address = value.trim();
+        return address
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut all| all.next())
+            .map(Some)
+            .ok_or_else(|| {
+                section.error(
+                    "metrics_address",
+                    ErrorKind::WrongType {
+                        value: value.clone(),
+                        expected: "an address to listen on, HOST:PORT",
+                    },
+                )
+            });
+    }
+    match section.get("metrics_port")? {
+        None => Ok(None),
+        Some(value) => value
+            .trim()
+            .parse::<u16>()
+            .map(|port| Some(std::net::SocketAddr::from(([0, 0, 0, 0], port))))
+            .map_err(|_| {
+                section.error(
+                    "metrics_port",
+                    ErrorKind::WrongType {
+                        value,
+                        expected: "a port number",
+                    },
+                )
+            }),
+    }
 }
 
 /// `path` with a leading `~` (the user's home, `$HOME`) or `~user` (that user's home)

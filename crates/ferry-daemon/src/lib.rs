@@ -6,6 +6,7 @@
 pub mod failpoint;
 mod health;
 pub mod logging;
+pub mod metrics;
 pub mod pidfile;
 mod remedy;
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use ferry_connect::{ConnInfo, Session};
 use ferry_daemon::logging::one_line as report;
+use ferry_daemon::metrics::{Counter, Gauge, Metrics};
 use ferry_daemon::{Health, Reload, Remedy, Shutdown, StopMode};
 use tokio::time::sleep;
 
@@ -99,7 +100,9 @@ pub async fn run(
     mut load_settings: impl FnMut() -> Result<ReplaySettings, String>,
     mut shutdown: Shutdown,
     mut reload: Reload,
+    metrics: &Metrics,
 ) -> Result<(), ReplayError> {
+    let counts = ReplayMetrics::new(metrics);
     let mut health = Health::default();
     let mut ticker_silent = false;
     // whether the last round found replay paused (said once per pause)
@@ -117,10 +120,15 @@ pub async fn run(
     );
     // the wait after a failure that is not a lost connection, doubled while it lasts
     let mut problem_retry = PROBLEM_RETRY_MIN;
+    let mut connected_before = false;
     'connect: loop {
         let Some(mut link) = connect(&settings, &mut shutdown, &mut health).await? else {
             break 'connect;
         };
+        if connected_before {
+            counts.reconnects.inc();
+        }
+        connected_before = true;
         let mut applier = Applier::default();
         let mut copy_retry = HashMap::new();
         let mut ticker_checked = Instant::now();
@@ -148,11 +156,12 @@ pub async fn run(
             let round = tokio::select! {
                 biased;
                 _ = shutdown.wait_immediate() => break 'connect,
-                round = work(&mut link, &mut applier, &mut copy_retry, &settings, &stop_watch) => round,
+                round = work(&mut link, &mut applier, &mut copy_retry, &settings, &stop_watch, &counts) => round,
             };
             match round {
                 Ok(Round::Stopped) => break 'connect,
                 Ok(Round::Paused) => {
+                    counts.paused.set(1.0);
                     health.ok();
                     record_error(&link, &settings.queue, None, &mut recorded_error).await;
                     if !paused {
@@ -161,6 +170,7 @@ pub async fn run(
                     }
                 }
                 Ok(Round::Idle) => {
+                    counts.paused.set(0.0);
                     if paused {
                         paused = false;
                         tracing::info!(queue = %settings.queue, "replay resumed");
@@ -172,10 +182,12 @@ pub async fn run(
                     if ticker_checked.elapsed() >= TICKER_CHECK_EVERY {
                         ticker_checked = Instant::now();
                         watch_ticker(&link, &settings.queue, &mut ticker_silent).await;
+                        observe_lag(&link, &settings, &counts).await;
                     }
                 }
                 Err(error) => {
                     applier.forget_tables();
+                    counts.errors.inc();
                     match remedy(&mut health, &error, &link) {
                         Remedy::Reconnect => continue 'connect,
                         Remedy::Stop => return Err(ReplayError::stopping(error)),
@@ -253,6 +265,77 @@ async fn record_error(
         Err(e) => {
             tracing::debug!(error = %report(&e), "could not record replay's last error");
             *recorded = None;
+        }
+    }
+}
+
+/// Replay's metrics, served on `/metrics` when the config names `metrics_address`.
+struct ReplayMetrics {
+    batches: Counter,
+    events_applied: Counter,
+    events_skipped: Counter,
+    tables_copied: Counter,
+    errors: Counter,
+    reconnects: Counter,
+    lag: Gauge,
+    pending: Gauge,
+    tables_not_ok: Gauge,
+    paused: Gauge,
+}
+
+impl ReplayMetrics {
+    fn new(metrics: &Metrics) -> ReplayMetrics {
+        ReplayMetrics {
+            batches: metrics.counter(
+                "ferry_replay_batches_total",
+                "Batches applied to the subscriber.",
+            ),
+            events_applied: metrics.counter(
+                "ferry_replay_events_applied_total",
+                "Events applied to the subscriber.",
+            ),
+            events_skipped: metrics.counter(
+                "ferry_replay_events_skipped_total",
+                "Events skipped: of tables not replicated here, or in a copy.",
+            ),
+            tables_copied: metrics.counter(
+                "ferry_replay_tables_copied_total",
+                "Initial copies finished.",
+            ),
+            errors: metrics.counter(
+                "ferry_replay_errors_total",
+                "Rounds of work that failed (each retried).",
+            ),
+            reconnects: metrics.counter(
+                "ferry_replay_reconnects_total",
+                "Connections to the provider and subscriber made again.",
+            ),
+            lag: metrics.gauge(
+                "ferry_replay_lag_seconds",
+                "Age of the tick the subscriber has applied up to.",
+            ),
+            pending: metrics.gauge(
+                "ferry_replay_pending_events",
+                "Events ticked past the subscriber's position.",
+            ),
+            tables_not_ok: metrics.gauge(
+                "ferry_replay_tables_not_ok",
+                "Tables waiting for or in their copy, or catching up.",
+            ),
+            paused: metrics.gauge("ferry_replay_paused", "1 while replay is paused."),
+        }
+    }
+}
+
+/// Reads this consumer's lag and pending events from the queue, for the metrics (an idle
+/// replay applies no batch to measure it by). A failed look is left to the next.
+async fn observe_lag(link: &Link, settings: &ReplaySettings, counts: &ReplayMetrics) {
+    if let Ok(consumers) =
+        ferry_queue::consumer_info(link.provider.client(), Some(&settings.queue)).await
+    {
+        if let Some(c) = consumers.iter().find(|c| c.consumer == settings.job_name) {
+            counts.lag.set(c.lag_secs);
+            counts.pending.set(c.pending_events as f64);
         }
     }
 }
@@ -472,14 +555,18 @@ async fn work(
     copy_retry: &mut HashMap<RelName, Instant>,
     settings: &ReplaySettings,
     shutdown: &Shutdown,
+    counts: &ReplayMetrics,
 ) -> Result<Round, ReplicaError> {
     let queue = settings.queue.as_str();
     if store::is_paused(link.subscriber.client(), queue).await? {
         return Ok(Round::Paused);
     }
     let now = Instant::now();
-    let waiting: Vec<_> = store::tables(link.subscriber.client(), queue)
-        .await?
+    let tables = store::tables(link.subscriber.client(), queue).await?;
+    counts
+        .tables_not_ok
+        .set(tables.iter().filter(|t| t.state != TableState::Ok).count() as f64);
+    let waiting: Vec<_> = tables
         .into_iter()
         .filter(|t| t.state == TableState::InCopy)
         .filter(|t| copy_retry.get(&t.table).is_none_or(|at| *at <= now))
@@ -525,6 +612,7 @@ async fn work(
             Err(error) => return Err(error),
         }
     }
+    counts.tables_copied.add(copies as f64);
     if copies > 0 {
         // a tick after the copies lets their tables become ok with the next batch, instead of
         // waiting for the queue's next event or idle tick
@@ -556,13 +644,21 @@ async fn work(
         match outcome {
             BatchOutcome::Applied {
                 applied, skipped, ..
-            } => tracing::debug!(
-                batch = batch.id,
-                tick = batch.cur_tick.id,
-                applied,
-                skipped,
-                "batch applied"
-            ),
+            } => {
+                counts.batches.inc();
+                counts.events_applied.add(applied as f64);
+                counts.events_skipped.add(skipped as f64);
+                if let Ok(age) = std::time::SystemTime::now().duration_since(batch.cur_tick.time) {
+                    counts.lag.set(age.as_secs_f64());
+                }
+                tracing::debug!(
+                    batch = batch.id,
+                    tick = batch.cur_tick.id,
+                    applied,
+                    skipped,
+                    "batch applied"
+                )
+            }
             BatchOutcome::AlreadyApplied => tracing::info!(
                 batch = batch.id,
                 tick = batch.cur_tick.id,

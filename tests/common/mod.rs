@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use ferry_testkit::{Cluster, TestDb};
 use tokio_postgres::Client;
 
+pub mod application;
 pub mod fidelity;
 pub mod replication;
 

@@ -308,43 +308,22 @@ $$;
 comment on function "ferry"."capture_truncate_end_trigger_name"(text) is
     'ferry: name of the AFTER TRUNCATE trigger a queue puts on partitioned tables';
 
--- (Re)creates the truncate triggers of partitioned root i_root (see above) and of each of its
--- partitions, at every depth, as they are now. Returns how many partitions it covered.
-create or replace function "ferry"."create_partition_truncate_triggers"(i_queue_name text, i_root oid, i_pk text[])
+-- Creates the truncate triggers of partitioned root i_root (see above) and of each of its
+-- partitions, at every depth, as they are now; the caller dropped any there were
+-- ("ferry"."drop_truncate_triggers"). Returns how many partitions it covered.
+create or replace function "ferry"."create_partition_truncate_triggers"(i_queue_name text, i_root oid)
 returns integer language plpgsql set search_path = pg_catalog, pg_temp as $$
 declare
     v_trg record := "ferry"."capture_trigger_names"(i_queue_name);
-    v_end text := "ferry"."capture_truncate_end_trigger_name"(i_queue_name);
-    v_label text;
-    v_part record;
-    v_count integer := 0;
 begin
-    v_label := "ferry"."table_label"(i_root);
-    for v_part in
-        select t.relid, n.nspname, c.relname, c.relkind
-          from pg_partition_tree(i_root) t
-          join pg_class c on c.oid = t.relid
-          join pg_namespace n on n.oid = c.relnamespace
-    loop
-        execute format('drop trigger if exists %I on %I.%I', v_trg.truncate_trigger, v_part.nspname, v_part.relname);
-        execute format('drop trigger if exists %I on %I.%I', v_end, v_part.nspname, v_part.relname);
-        if v_part.relid = i_root then
-            execute format('create trigger %I before truncate on %I.%I for each statement execute procedure "ferry"."capture_truncate_root"(%L)',
-                           v_trg.truncate_trigger, v_part.nspname, v_part.relname, i_queue_name);
-        else
-            execute format('create trigger %I before truncate on %I.%I for each statement execute procedure "ferry"."capture_truncate_partition"(%L, %L, %L)',
-                           v_trg.truncate_trigger, v_part.nspname, v_part.relname, i_queue_name, v_label, i_pk::text);
-            v_count := v_count + 1;
-        end if;
-        if v_part.relkind = 'p' then
-            execute format('create trigger %I after truncate on %I.%I for each statement execute procedure "ferry"."capture_truncate_end"()',
-                           v_end, v_part.nspname, v_part.relname);
-        end if;
-    end loop;
-    return v_count;
+    execute format('create trigger %I before truncate on %s for each statement execute procedure "ferry"."capture_truncate_root"(%L)',
+                   v_trg.truncate_trigger, i_root::regclass, i_queue_name);
+    execute format('create trigger %I after truncate on %s for each statement execute procedure "ferry"."capture_truncate_end"()',
+                   "ferry"."capture_truncate_end_trigger_name"(i_queue_name), i_root::regclass);
+    return "ferry"."cover_new_partitions"(i_queue_name, i_root);
 end $$;
-comment on function "ferry"."create_partition_truncate_triggers"(text, oid, text[]) is
-    'ferry: (re)create the truncate capture of a partitioned root and its partitions';
+comment on function "ferry"."create_partition_truncate_triggers"(text, oid) is
+    'ferry: create the truncate capture of a partitioned root and its partitions';
 
 -- Drops the truncate triggers of a queue from table i_table and, if partitioned, from each of
 -- its partitions.
@@ -641,7 +620,7 @@ begin
     execute format('create trigger %I after insert or update or delete on %I.%I for each row execute function %s()',
                    v_trg.row_trigger, v_schema, v_name, v_function);
     if v_kind = 'p' then
-        perform "ferry"."create_partition_truncate_triggers"(i_queue_name, v_oid, v_pk);
+        perform "ferry"."create_partition_truncate_triggers"(i_queue_name, v_oid);
     else
         execute format('create trigger %I after truncate on %I.%I for each statement execute procedure "ferry"."capture_truncate"(%s)',
                        v_trg.truncate_trigger, v_schema, v_name, quote_literal(i_queue_name));

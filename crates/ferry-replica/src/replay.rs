@@ -659,6 +659,7 @@ async fn work(
                     "batch applied"
                 )
             }
+            BatchOutcome::Paused => return Ok(Round::Paused),
             BatchOutcome::AlreadyApplied => tracing::info!(
                 batch = batch.id,
                 tick = batch.cur_tick.id,

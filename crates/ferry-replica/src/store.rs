@@ -371,15 +371,16 @@ pub async fn position(
         .and_then(|row| row.get(0)))
 }
 
-/// The position for `queue`, locked until the batch's transaction ends: no other replay
-/// can apply a batch meanwhile.
+/// The position for `queue`, and whether replay is paused, locked until the batch's
+/// transaction ends: no other replay can apply a batch meanwhile, and a pause made now waits
+/// for this batch and holds the next.
 pub async fn lock_position(
     stx: &Transaction<'_>,
     queue: &str,
-) -> Result<Option<i64>, ReplicaError> {
-    Ok(stx
+) -> Result<(Option<i64>, bool), ReplicaError> {
+    let row = stx
         .query_opt(
-            r#"select "last_tick_id" from "ferry"."subscriber_position"
+            r#"select "last_tick_id", "paused" from "ferry"."subscriber_position"
                 where "queue_name" = $1 for update"#,
             &[&queue],
         )
@@ -389,8 +390,8 @@ pub async fn lock_position(
             ReplicaError::needs_setup(format!(
                 "ferry is not installed on the subscriber for queue \"{queue}\": run `ferry CONFIG subscriber install`"
             ))
-        })?
-        .get(0))
+        })?;
+    Ok((row.get(0), row.get(1)))
 }
 
 /// Records `tick` as the position, in the batch's transaction.

@@ -42,6 +42,8 @@ pub enum BatchOutcome {
     },
     /// The subscriber had this batch already (a crash hit after its commit); only finished.
     AlreadyApplied,
+    /// Replay is paused (`ferry CONFIG pause`): nothing applied, the batch stays open.
+    Paused,
     /// The batch does not start at the subscriber's position (`recorded`): nothing applied;
     /// the consumer's position on the queue must be reconciled first.
     OutOfStep {
@@ -158,7 +160,12 @@ impl Applier {
             store::lock_position(&stx, queue)
         );
         replay_on.context("starting the batch's subscriber transaction")?;
-        match store::batch_step(position?, batch.prev_tick.id, batch.cur_tick.id) {
+        let (position, paused) = position?;
+        if paused {
+            // paused while batches were coming: this one stays open on the provider
+            return Ok(BatchOutcome::Paused);
+        }
+        match store::batch_step(position, batch.prev_tick.id, batch.cur_tick.id) {
             BatchStep::Apply => {}
             BatchStep::FinishOnly => {
                 drop(stx);

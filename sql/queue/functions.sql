@@ -248,7 +248,8 @@ declare
     v_far  bigint;
 begin
     select s."sub_id", s."sub_queue", s."sub_last_tick", s."sub_batch", s."sub_next_tick",
-           t."tick_event_seq" as last_seq
+           t."tick_event_seq" as last_seq,
+           case when s."sub_hold_until" > now() then s."sub_hold_tick" end as hold_tick
       into v_sub
       from "ferry"."subscription" s
       join "ferry"."queue" q on q."queue_id" = s."sub_queue"
@@ -261,6 +262,11 @@ begin
     end if;
 
     if v_sub."sub_batch" is null then
+        -- held at a tick (compare, repair) and there: nothing until the hold ends
+        if v_sub.hold_tick <= v_sub."sub_last_tick" then
+            update "ferry"."subscription" set "sub_active" = now() where "sub_id" = v_sub."sub_id";
+            return;
+        end if;
         select "tick_id" into v_next from "ferry"."tick"
          where "tick_queue" = v_sub."sub_queue" and "tick_id" > v_sub."sub_last_tick"
          order by "tick_id" limit 1;
@@ -271,7 +277,8 @@ begin
         if i_max_events is not null then
             select max("tick_id") into v_far from "ferry"."tick"
              where "tick_queue" = v_sub."sub_queue" and "tick_id" > v_next
-               and "tick_event_seq" - v_sub.last_seq <= i_max_events;
+               and "tick_event_seq" - v_sub.last_seq <= i_max_events
+               and "tick_id" <= coalesce(v_sub.hold_tick, "tick_id");
             v_next := coalesce(v_far, v_next);
         end if;
         update "ferry"."subscription"
@@ -291,6 +298,38 @@ begin
 end $$;
 comment on function "ferry"."next_batch_info"(text, text, bigint) is
     'ferry: the consumer''s current or next batch with its bounding ticks; batch_id null if none';
+
+-- Holds consumer i_consumer_name of queue i_queue_name at tick i_tick until i_for has passed
+-- or release_consumer is called: next_batch_info hands out no batch ending past that tick.
+-- Call it in the transaction that makes the tick: a batch is never cut from a tick the hold
+-- does not already cover, because both become visible at the same commit. Returns false when
+-- the consumer is not registered.
+create or replace function "ferry"."hold_consumer"(i_queue_name text, i_consumer_name text,
+    i_tick bigint, i_for interval)
+returns boolean language plpgsql as $$
+begin
+    update "ferry"."subscription" s
+       set "sub_hold_tick" = i_tick, "sub_hold_until" = now() + i_for
+      from "ferry"."queue" q
+     where q."queue_id" = s."sub_queue" and q."queue_name" = i_queue_name
+       and s."sub_consumer" = i_consumer_name;
+    return found;
+end $$;
+comment on function "ferry"."hold_consumer"(text, text, bigint, interval) is
+    'ferry: no batch past i_tick for the consumer until released or i_for has passed';
+
+-- Ends the hold at tick i_tick (a later hold, by another command, stays).
+create or replace function "ferry"."release_consumer"(i_queue_name text, i_consumer_name text,
+    i_tick bigint)
+returns void language sql as $$
+    update "ferry"."subscription" s
+       set "sub_hold_tick" = null, "sub_hold_until" = null
+      from "ferry"."queue" q
+     where q."queue_id" = s."sub_queue" and q."queue_name" = i_queue_name
+       and s."sub_consumer" = i_consumer_name and s."sub_hold_tick" = i_tick;
+$$;
+comment on function "ferry"."release_consumer"(text, text, bigint) is
+    'ferry: ends the consumer''s hold at i_tick';
 
 -- The consumer's next batch id, or null when there is none yet (see next_batch_info).
 create or replace function "ferry"."next_batch"(i_queue_name text, i_consumer_name text)

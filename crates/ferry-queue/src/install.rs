@@ -29,10 +29,16 @@ pub struct Component {
 /// The queue: event tables, ticks, consumers and their functions.
 pub const QUEUE: Component = Component {
     name: COMPONENT,
-    migrations: &[Migration {
-        version: 1,
-        sql: include_str!("../../../sql/queue/0001_schema.sql"),
-    }],
+    migrations: &[
+        Migration {
+            version: 1,
+            sql: include_str!("../../../sql/queue/0001_schema.sql"),
+        },
+        Migration {
+            version: 2,
+            sql: include_str!("../../../sql/queue/0002_hold.sql"),
+        },
+    ],
     functions: include_str!("../../../sql/queue/functions.sql"),
 };
 

@@ -251,6 +251,43 @@ pub async fn next_batch(
     }))
 }
 
+/// Holds `consumer` at `tick` for at most `hold_for`: [`next_batch`] hands it no batch ending
+/// past that tick meanwhile. Call it in the transaction that makes the tick. `false` when the
+/// consumer is not registered.
+pub async fn hold_consumer(
+    client: &impl GenericClient,
+    queue: &str,
+    consumer: &str,
+    tick: i64,
+    hold_for: std::time::Duration,
+) -> Result<bool, QueueError> {
+    let row = client
+        .query_one(
+            r#"select "ferry"."hold_consumer"($1, $2, $3, make_interval(secs => $4))"#,
+            &[&queue, &consumer, &tick, &hold_for.as_secs_f64()],
+        )
+        .await
+        .with_context(|| format!("holding consumer \"{consumer}\" at tick {tick}"))?;
+    Ok(row.get(0))
+}
+
+/// Ends `consumer`'s hold at `tick` (see [`hold_consumer`]); a newer hold stays.
+pub async fn release_consumer(
+    client: &impl GenericClient,
+    queue: &str,
+    consumer: &str,
+    tick: i64,
+) -> Result<(), QueueError> {
+    client
+        .execute(
+            r#"select "ferry"."release_consumer"($1, $2, $3)"#,
+            &[&queue, &consumer, &tick],
+        )
+        .await
+        .with_context(|| format!("releasing consumer \"{consumer}\" from tick {tick}"))?;
+    Ok(())
+}
+
 /// Finishes a batch: the consumer moves to its tick. `false` when the batch was not open.
 pub async fn finish_batch(client: &impl GenericClient, batch_id: i64) -> Result<bool, QueueError> {
     let row = client

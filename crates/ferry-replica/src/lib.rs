@@ -9,6 +9,7 @@
 mod apply;
 pub mod catalog;
 pub mod columns;
+pub mod compare;
 mod copy;
 mod error;
 pub mod event;

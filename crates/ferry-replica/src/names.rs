@@ -231,6 +231,11 @@ fn display_ident(ident: &str) -> String {
     }
 }
 
+/// `text` as an SQL string literal (`'it''s'`).
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

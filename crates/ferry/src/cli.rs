@@ -147,6 +147,34 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
         timeout: f64,
     },
+    /// Prove both sides of [londiste] identical at one point while writes go on: per table
+    /// rows and a checksum per side, and the key ranges that differ; exit 1 on a difference.
+    Compare {
+        /// The tables (or --all).
+        #[command(flatten)]
+        tables: Selection,
+        /// Compare row counts only (fast; no checksums).
+        #[arg(long)]
+        count_only: bool,
+        #[command(flatten)]
+        point: PointArgs,
+        #[command(flatten)]
+        output: JsonOption,
+    },
+    /// List the rows that differ between the sides (missing, extra, different, by primary
+    /// key); with --apply fix them on the subscriber. Exit 1 if rows differ and were not fixed.
+    Repair {
+        /// The tables (or --all).
+        #[command(flatten)]
+        tables: Selection,
+        /// Fix the subscriber: insert the missing, delete the extra, update the different.
+        #[arg(long)]
+        apply: bool,
+        #[command(flatten)]
+        point: PointArgs,
+        #[command(flatten)]
+        output: JsonOption,
+    },
     /// The provider's side of [londiste]: what the queue carries.
     #[command(subcommand)]
     Provider(ProviderCommand),
@@ -189,6 +217,18 @@ pub struct JsonOption {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How compare and repair wait for their consistent point.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct PointArgs {
+    /// Longest wait, per attempt, for the lock on the provider's tables (writers of those
+    /// tables wait at most this long).
+    #[arg(long, value_name = "MILLISECONDS", default_value_t = 1000)]
+    pub lock_timeout: u64,
+    /// Longest wait for replay to reach the compared point.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300.0)]
+    pub timeout: f64,
 }
 
 /// Tables or sequences named on the line, or `--all`.

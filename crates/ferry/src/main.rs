@@ -142,6 +142,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Ticker => daemon::run_ticker(&config, run_options),
         Command::Replay => daemon::run_replay(&config, run_options),
         Command::WaitSync { timeout } => replication_admin::wait_sync(&config, timeout),
+        Command::Compare {
+            tables,
+            count_only,
+            point,
+            output,
+        } => replication_admin::compare(&config, tables, count_only, point, output.json),
+        Command::Repair {
+            tables,
+            apply,
+            point,
+            output,
+        } => replication_admin::repair(&config, tables, apply, point, output.json),
         Command::Pause => replication_admin::pause(&config, true),
         Command::Resume => replication_admin::pause(&config, false),
         Command::Provider(command) => replication_admin::provider(&config, command),
@@ -216,6 +228,8 @@ fn section_of(command: &Command) -> &'static str {
         | Command::WaitSync { .. }
         | Command::Pause
         | Command::Resume
+        | Command::Compare { .. }
+        | Command::Repair { .. }
         | Command::Provider(_)
         | Command::Subscriber(_) => REPLICATION_SECTION,
         _ => TICKER_SECTION,

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use ferry_connect::Session;
 use ferry_replica::subscriber::AddOptions;
-use ferry_replica::{provider, subscriber, RelName, ReplaySettings, ReplicaError};
+use ferry_replica::{compare, provider, subscriber, RelName, ReplaySettings, ReplicaError};
 
-use crate::cli::{ProviderCommand, Selection, SubscriberCommand};
+use crate::cli::{PointArgs, ProviderCommand, Selection, SubscriberCommand};
 use crate::Failure;
 
 /// The open connections a command needs.
@@ -197,6 +197,186 @@ pub fn pause(config: &Path, paused: bool) -> Result<(), Failure> {
         }
     );
     Ok(())
+}
+
+/// The tables of a compare or repair.
+fn compared_tables(selection: Selection) -> compare::Tables {
+    if selection.all {
+        compare::Tables::All
+    } else {
+        compare::Tables::Named(selection.names)
+    }
+}
+
+/// Checks `--lock-timeout` and `--timeout`.
+fn point_options(point: PointArgs) -> Result<compare::PointOptions, Failure> {
+    if !(point.timeout.is_finite() && point.timeout >= 0.0) {
+        return Err(Failure::Usage(format!(
+            "--timeout {}: give a number of seconds",
+            point.timeout
+        )));
+    }
+    if point.lock_timeout == 0 {
+        return Err(Failure::Usage(
+            "--lock-timeout 0 would let writers wait forever: give milliseconds".into(),
+        ));
+    }
+    Ok(compare::PointOptions {
+        lock_timeout: Duration::from_millis(point.lock_timeout),
+        wait: Duration::from_secs_f64(point.timeout),
+    })
+}
+
+/// Runs `work` with `[londiste]`'s settings, on a runtime of its own (compare and repair
+/// open their own sessions).
+fn with_settings<T, F, Fut>(config: &Path, work: F) -> Result<T, Failure>
+where
+    F: FnOnce(ReplaySettings) -> Fut,
+    Fut: Future<Output = Result<T, ReplicaError>>,
+{
+    let (_, settings, warnings) = crate::settings::replication(config)?;
+    crate::settings::print_warnings(&warnings);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(&e))?;
+    runtime.block_on(work(settings)).map_err(|e| {
+        if e.is_configuration() {
+            Failure::usage(&e)
+        } else {
+            Failure::runtime(&e)
+        }
+    })
+}
+
+/// `ferry CONFIG compare [TABLE... | --all] [--count-only]`: exit 1 on a difference.
+pub fn compare(
+    config: &Path,
+    selection: Selection,
+    count_only: bool,
+    point: PointArgs,
+    json: bool,
+) -> Result<(), Failure> {
+    let options = point_options(point)?;
+    let tables = compared_tables(selection);
+    let result = with_settings(config, |settings| async move {
+        compare::compare(&settings, &tables, count_only, options).await
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&result).expect("plain data")
+        );
+    } else {
+        println!(
+            "compared at tick {} (provider tables locked {:.0} ms)",
+            result.tick, result.lock_held_ms
+        );
+        for t in &result.tables {
+            let sums = match (&t.provider_checksum, &t.subscriber_checksum) {
+                (Some(p), Some(s)) => format!(" checksum {p} / {s}"),
+                _ => String::new(),
+            };
+            println!(
+                "{}: provider {} rows, subscriber {} rows{sums}: {}",
+                t.table,
+                t.provider_rows,
+                t.subscriber_rows,
+                if t.identical() {
+                    "identical".to_string()
+                } else if count_only {
+                    "counts differ".to_string()
+                } else {
+                    format!("{} rows differ", t.rows_differ)
+                }
+            );
+            for r in &t.ranges {
+                println!(
+                    "  keys {} .. {}: {} rows differ",
+                    r.first, r.last, r.rows_differ
+                );
+            }
+            if t.more_ranges > 0 {
+                println!("  and {} more key ranges", t.more_ranges);
+            }
+        }
+    }
+    if result.identical() {
+        Ok(())
+    } else {
+        Err(Failure::Runtime(
+            "the sides differ (`ferry CONFIG repair TABLE...` lists the rows)".into(),
+        ))
+    }
+}
+
+/// `ferry CONFIG repair TABLE... [--apply]`: exit 1 if rows differ and were not fixed.
+pub fn repair(
+    config: &Path,
+    selection: Selection,
+    apply: bool,
+    point: PointArgs,
+    json: bool,
+) -> Result<(), Failure> {
+    let options = point_options(point)?;
+    let tables = compared_tables(selection);
+    let result = with_settings(config, |settings| async move {
+        compare::repair(&settings, &tables, apply, options, |row| {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&serde_json::json!({
+                        "table": row.table.to_string(),
+                        "key": row.key,
+                        "difference": row.difference,
+                    }))
+                    .expect("plain data")
+                );
+            } else {
+                println!("{} {} {}", row.table, row.key, row.difference.name());
+            }
+        })
+        .await
+    })?;
+    let differ: u64 = result
+        .tables
+        .iter()
+        .map(|t| t.missing + t.extra + t.different)
+        .sum();
+    let summary = format!(
+        "at tick {} (provider tables locked {:.0} ms): {}",
+        result.tick,
+        result.lock_held_ms,
+        result
+            .tables
+            .iter()
+            .map(|t| format!(
+                "{} {} missing, {} extra, {} different",
+                t.table, t.missing, t.extra, t.different
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    if json {
+        println!("{}", serde_json::to_string(&result).expect("plain data"));
+    } else {
+        println!("{summary}");
+    }
+    if differ == 0 {
+        if !json {
+            println!("no rows differ");
+        }
+        Ok(())
+    } else if apply {
+        if !json {
+            println!("repaired {differ} rows on the subscriber");
+        }
+        Ok(())
+    } else {
+        Err(Failure::Runtime(format!(
+            "{differ} rows differ; `--apply` fixes them on the subscriber"
+        )))
+    }
 }
 
 /// `subscriber add --wait-sync`: waits until `tables` are ok and the subscriber has everything

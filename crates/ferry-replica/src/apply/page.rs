@@ -195,8 +195,10 @@ impl Applier {
         Ok(statements)
     }
 
-    /// Applies one row event (or a TRUNCATE) to `table`.
-    async fn apply_event(
+    /// Applies one row event (or a TRUNCATE) to `table`: replay's write path, which repair
+    /// (`crate::compare`) writes its fixes through too. An update or delete must find
+    /// exactly one row.
+    pub(crate) async fn apply_event(
         &mut self,
         stx: &Transaction<'_>,
         table: &RelName,

@@ -165,3 +165,180 @@ async fn compare_and_repair_a_million_rows_under_load() {
         .get(0);
     assert_eq!(held, None, "the hold outlived the command");
 }
+
+/// `execute` under a write load: a column added (and back-filled in the same file), an index
+/// and a new table reach the subscriber at exactly their place in the stream, both sides
+/// identical after; running the file again is harmless; a file with a syntax error, one
+/// controlling transactions and one dropping a replicated table change nothing anywhere; a
+/// file the subscriber cannot run stops replay there, named in `status`, until fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execute_changes_the_schema_under_load() {
+    let pair = Pair::new("execute", SCHEMA, Some(SCHEMA)).await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    let provider = ferry_testkit::connect(&pair.provider.conninfo).await;
+    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    provider.batch_execute(SEED_DATA).await.unwrap();
+    pair.install_and_start_ticker();
+    pair.add_everything();
+    run(&londiste, &["replay", "-d"]);
+    wait_tables_ok(&londiste, Duration::from_secs(120), || pair.replay_log());
+    let config = londiste.to_str().unwrap();
+    let file = |name: &str, sql: &str| {
+        let path = pair.dir.path().join(name);
+        std::fs::write(&path, sql).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let load = WriteLoad::start(&pair.provider.conninfo, 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let add = file(
+        "add_note.sql",
+        "alter table table1 add column note text not null default 'none';
+         -- back-filled in the same file: these row changes need the column on the subscriber
+         update table1 set note = 'early ' || id where id <= 100;
+         create index table1_amount on table1 (amount);
+         create table table5 (id int primary key, v text);",
+    );
+    let out = run(&londiste, &["execute", &add]);
+    assert!(
+        out.contains("add_note.sql: executed on the provider"),
+        "{out}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    provider
+        .batch_execute("update table1 set note = 'later' where id between 200 and 300")
+        .await
+        .unwrap();
+    let again = run(&londiste, &["execute", &add]);
+    assert!(
+        again.contains("add_note.sql: executed here before; not run again"),
+        "{again}"
+    );
+    load.stop().await;
+    run(&londiste, &["wait-sync", "--timeout", "60"]);
+    wait_identical(
+        &pair.provider.conninfo,
+        &pair.subscriber.conninfo,
+        TABLES,
+        Duration::from_secs(60),
+        || pair.replay_log(),
+    )
+    .await;
+    let notes: i64 = subscriber
+        .query_one("select count(*) from table1 where note like 'early %'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(notes > 0, "the back-fill did not reach the subscriber");
+    let there: bool = subscriber
+        .query_one(
+            "select to_regclass('table1_amount') is not null and to_regclass('table5') is not null",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        there,
+        "the index or the new table is missing on the subscriber"
+    );
+    let recorded: i64 = subscriber
+        .query_one("select count(*) from ferry.subscriber_execute", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 1);
+
+    // refused on the provider, nothing applied anywhere
+    for (name, sql, says) in [
+        (
+            "typo.sql",
+            "alter table table2 add column x int; alter tabel table2 add column y int;",
+            "failed on the provider; nothing was applied anywhere",
+        ),
+        (
+            "commits.sql",
+            "alter table table2 add column x int; commit;",
+            "controls transactions (commit)",
+        ),
+        (
+            "drops.sql",
+            "alter table table2 add column x int; drop table table4;",
+            "renames or drops public.table4 that queue",
+        ),
+    ] {
+        let out = ferry(&[config, "execute", &file(name, sql)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains(says), "{name}: {stderr}");
+    }
+    run(&londiste, &["wait-sync", "--timeout", "60"]);
+    for client in [&provider, &subscriber] {
+        assert!(
+            !column_exists(client, "table2", "x").await,
+            "a refused file left a column"
+        );
+    }
+    let exists: bool = provider
+        .query_one("select to_regclass('table4') is not null", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(exists);
+
+    // the subscriber cannot run it: replay stops there, names the file, goes on once fixed
+    subscriber
+        .batch_execute("create table table6 (id int)")
+        .await
+        .unwrap();
+    run(
+        &londiste,
+        &[
+            "execute",
+            &file("table6.sql", "create table table6 (id int primary key);"),
+        ],
+    );
+    provider
+        .batch_execute("insert into table4 values ('after table6', 1)")
+        .await
+        .unwrap();
+    let mut status = String::new();
+    common::wait_until(
+        "replay to record the failing file",
+        Duration::from_secs(60),
+        || {
+            status = run(&londiste, &["status", "--json"]);
+            status.contains(r#"file \"table6.sql\" (run through the queue"#)
+        },
+    );
+    assert!(status.contains("already exists"), "{status}");
+    let out = ferry(&[config, "wait-sync", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    subscriber.batch_execute("drop table table6").await.unwrap();
+    run(&londiste, &["wait-sync", "--timeout", "60"]);
+    let arrived: i64 = subscriber
+        .query_one(
+            "select count(*) from table4 where code = 'after table6'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(arrived, 1);
+    assert!(column_exists(&subscriber, "table6", "id").await);
+}
+
+/// Whether `table` has `column`.
+async fn column_exists(client: &tokio_postgres::Client, table: &str, column: &str) -> bool {
+    client
+        .query_one(
+            "select count(*) > 0 from information_schema.columns where table_name = $1 and column_name = $2",
+            &[&table, &column],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}

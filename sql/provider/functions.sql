@@ -796,4 +796,78 @@ end $$;
 comment on function "ferry"."provider_refresh_capture_functions"() is
     'ferry: regenerate every captured table''s capture function (provider install)';
 
+
+-- Schema changes through the queue (`ferry CONF execute FILE`). In ONE provider transaction:
+-- provider_execute_start, the file's SQL, provider_execute_finish. Guarantees:
+--   * the file runs on the provider and reaches every subscriber, or neither (one commit);
+--   * subscribers run it at exactly its place in the stream: every change committed before
+--     it has a lower event id than its EXECUTE event, every change committed after it a
+--     higher one (start locks every table the queue carries, so no writer of them is in
+--     flight while the event id is taken, and writers wait until the commit);
+--   * a file runs once per node: recorded here by name and contents, and on each subscriber.
+
+-- Starts the execute of file i_file_name (its SQL i_sql) for queue i_queue_name, in the
+-- caller's transaction. Returns false when this file ran here already with the same
+-- contents (nothing to do); raises when it ran with other contents. Otherwise takes the
+-- locks (bounded by the caller's lock_timeout) and inserts the EXECUTE event: ev_data the
+-- SQL, ev_extra1 the file name, ev_extra2 md5 of the SQL.
+create or replace function "ferry"."provider_execute_start"(i_queue_name text, i_file_name text,
+    i_sql text)
+returns boolean language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    v_hash text;
+    v_tables text;
+begin
+    select "file_hash" into v_hash from "ferry"."provider_execute"
+     where "queue_name" = i_queue_name and "file_name" = i_file_name;
+    if found then
+        if v_hash = md5(i_sql) then
+            return false;
+        end if;
+        raise exception 'ferry: file "%" was executed for queue "%" with other contents', i_file_name, i_queue_name
+            using errcode = 'duplicate_object',
+                  hint = 'a file runs once per node: give a changed file a new name';
+    end if;
+    select string_agg(format('%I.%I', "table_schema", "table_name"), ', ')
+      into v_tables
+      from "ferry"."provider_table"
+     where "queue_name" = i_queue_name
+       and to_regclass(format('%I.%I', "table_schema", "table_name")) is not null;
+    if v_tables is not null then
+        execute 'lock table ' || v_tables || ' in share mode';
+    end if;
+    perform "ferry"."insert_event"(i_queue_name, 'EXECUTE', i_sql, i_file_name, md5(i_sql));
+    return true;
+end $$;
+comment on function "ferry"."provider_execute_start"(text, text, text) is
+    'ferry: lock the queue''s tables and queue a file''s SQL at this point of the stream; false if it ran already';
+
+-- Finishes the execute started by provider_execute_start, after the file's SQL ran in the
+-- same transaction: refuses (raises) when the SQL renamed or dropped a table the queue
+-- carries (subscribers would lose track of it), regenerates the capture functions (a column
+-- added, a key changed), and records the file.
+create or replace function "ferry"."provider_execute_finish"(i_queue_name text, i_file_name text,
+    i_sql text)
+returns void language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    v_gone text;
+begin
+    select string_agg(format('%I.%I', "table_schema", "table_name"), ', ')
+      into v_gone
+      from "ferry"."provider_table"
+     where "queue_name" = i_queue_name
+       and to_regclass(format('%I.%I', "table_schema", "table_name")) is null;
+    if v_gone is not null then
+        raise exception 'ferry: file "%" renames or drops % that queue "%" carries', i_file_name, v_gone, i_queue_name
+            using errcode = 'feature_not_supported',
+                  hint = 'stop replicating it first ("ferry CONF subscriber remove" on every subscriber, then "provider remove"), then run the file';
+    end if;
+    perform "ferry"."provider_refresh_capture_functions"();
+    insert into "ferry"."provider_execute" ("queue_name", "file_name", "file_hash")
+    values (i_queue_name, i_file_name, md5(i_sql));
+end $$;
+comment on function "ferry"."provider_execute_finish"(text, text, text) is
+    'ferry: after a file''s SQL: refuse renames and drops of replicated tables, regenerate capture, record the file';
+
+-- every install regenerates the capture functions, so a newer ferry reaches old tables
 select "ferry"."provider_refresh_capture_functions"();

@@ -46,6 +46,9 @@ pub enum ErrorKind {
     TimedOut,
     /// Any other database error.
     Db,
+    /// A batch set-wise apply cannot take (it holds SQL run through the queue): apply goes
+    /// on in event order. Never leaves the batch protocol.
+    NeedsEventOrder,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +224,7 @@ impl ReplicaError {
             | ErrorKind::RowRefused
             | ErrorKind::SchemaMismatch
             | ErrorKind::TimedOut
+            | ErrorKind::NeedsEventOrder
             | ErrorKind::Db => Remedy::RetryLater,
         }
     }

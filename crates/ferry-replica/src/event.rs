@@ -10,6 +10,11 @@
 //! | `D`       | the old primary key, json | `"schema"."name"` | -                         |
 //! | `T`       | -                         | `"schema"."name"` | -                         |
 //!
+//!
+//! `EXECUTE` events (`ferry CONFIG execute`, see `"ferry"."provider_execute_start"`) carry SQL
+//! to run at their place in the stream: `ev_data` the SQL, `ev_extra1` the file name,
+//! `ev_extra2` the md5 of the SQL.
+//!
 //! For `I` and `U`, `ev_extra3` names the json and jsonb columns that hold the JSON value
 //! `null` (a json array, `["doc"]`): the row's json renders that as it renders SQL NULL.
 //! Anything else is corrupt: ferry wrote it, so no user action can fix it.
@@ -64,6 +69,59 @@ impl RowChange<'_> {
             RowChange::Truncate => None,
         }
     }
+}
+
+/// A queue event, decoded: a table's row change, or SQL to run at its place in the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueEvent<'a> {
+    /// A change of a replicated table.
+    Table(TableEvent<'a>),
+    /// A file of SQL run through the queue.
+    Execute(ExecuteEvent<'a>),
+}
+
+impl<'a> QueueEvent<'a> {
+    /// Decodes `event`; an event not of the formats above is corrupt.
+    pub fn decode(event: &'a Event) -> Result<QueueEvent<'a>, ReplicaError> {
+        if event.ev_type.as_deref() == Some(EXECUTE) {
+            let corrupt = |what: &str| {
+                ReplicaError::corrupt(format!(
+                    "execute event {} (transaction {}) {what}",
+                    event.id, event.txid
+                ))
+            };
+            return Ok(QueueEvent::Execute(ExecuteEvent {
+                id: event.id,
+                txid: event.txid,
+                sql: event.data.as_deref().ok_or_else(|| corrupt("has no SQL"))?,
+                file: event.extra[0]
+                    .as_deref()
+                    .ok_or_else(|| corrupt("names no file"))?,
+                hash: event.extra[1]
+                    .as_deref()
+                    .ok_or_else(|| corrupt("has no hash"))?,
+            }));
+        }
+        TableEvent::decode(event).map(QueueEvent::Table)
+    }
+}
+
+/// The `ev_type` of SQL run through the queue.
+pub const EXECUTE: &str = "EXECUTE";
+
+/// SQL run through the queue (`ferry CONFIG execute FILE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecuteEvent<'a> {
+    /// The event's id in its queue.
+    pub id: i64,
+    /// The transaction that ran it on the provider.
+    pub txid: i64,
+    /// The SQL.
+    pub sql: &'a str,
+    /// The file's name: each runs once per node.
+    pub file: &'a str,
+    /// md5 of the SQL, as the provider recorded it.
+    pub hash: &'a str,
 }
 
 /// One event of a replicated table, decoded.
@@ -193,6 +251,29 @@ mod tests {
             TableEvent::decode(&bad).unwrap_err().kind(),
             ErrorKind::Corrupt
         );
+    }
+
+    #[test]
+    fn execute_events_decode_apart_from_row_changes() {
+        let mut execute = event("EXECUTE", Some("alter table t add c int"), Some("abc"));
+        execute.extra[0] = Some("add_c.sql".into());
+        let QueueEvent::Execute(decoded) = QueueEvent::decode(&execute).unwrap() else {
+            panic!("not an execute");
+        };
+        assert_eq!(
+            (decoded.file, decoded.sql, decoded.hash),
+            ("add_c.sql", "alter table t add c int", "abc")
+        );
+        execute.data = None;
+        assert_eq!(
+            QueueEvent::decode(&execute).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        let row = event("I", Some("{}"), None);
+        assert!(matches!(
+            QueueEvent::decode(&row).unwrap(),
+            QueueEvent::Table(_)
+        ));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod compare;
 mod copy;
 mod error;
 pub mod event;
+pub mod execute;
 pub mod names;
 pub mod provider;
 mod reduce;

@@ -11,10 +11,16 @@ use crate::names::RelName;
 /// The provider's catalog: registered tables and sequences, capture triggers.
 pub const PROVIDER: Component = Component {
     name: "provider",
-    migrations: &[Migration {
-        version: 1,
-        sql: include_str!("../../../sql/provider/0001_schema.sql"),
-    }],
+    migrations: &[
+        Migration {
+            version: 1,
+            sql: include_str!("../../../sql/provider/0001_schema.sql"),
+        },
+        Migration {
+            version: 2,
+            sql: include_str!("../../../sql/provider/0002_execute.sql"),
+        },
+    ],
     functions: include_str!("../../../sql/provider/functions.sql"),
 };
 
@@ -103,13 +109,20 @@ pub async fn partitioned_tables(
 
 /// Fails with a clear message unless the provider catalog is installed.
 pub async fn require_installed(client: &Client) -> Result<(), ReplicaError> {
-    if ferry_queue::installed_version_of(client, PROVIDER.name)
-        .await?
-        .is_none()
-    {
+    let Some(version) = ferry_queue::installed_version_of(client, PROVIDER.name).await? else {
         return Err(ReplicaError::needs_setup(
             "ferry is not installed on the provider: run `ferry CONFIG provider install`",
         ));
+    };
+    let queue = ferry_queue::installed_version_of(client, ferry_queue::COMPONENT)
+        .await?
+        .unwrap_or(0);
+    if version < PROVIDER.latest_version() || queue < ferry_queue::latest_version() {
+        return Err(ReplicaError::needs_setup(format!(
+            "the provider's ferry schema is older than this ferry (provider version {version} of {}, queue version {queue} of {}): run `ferry CONFIG provider install` (it upgrades in place)",
+            PROVIDER.latest_version(),
+            ferry_queue::latest_version()
+        )));
     }
     Ok(())
 }

@@ -25,6 +25,10 @@ pub const SUBSCRIBER: Component = Component {
             version: 2,
             sql: include_str!("../../../sql/subscriber/0002_operations.sql"),
         },
+        Migration {
+            version: 3,
+            sql: include_str!("../../../sql/subscriber/0003_execute.sql"),
+        },
     ],
     functions: include_str!("../../../sql/subscriber/functions.sql"),
 };
@@ -90,17 +94,20 @@ pub async fn install(
 
 /// Fails with a clear message unless the subscriber is installed for `queue`.
 pub async fn require_installed(client: &Client, queue: &str) -> Result<(), ReplicaError> {
-    let installed = ferry_queue::installed_version_of(client, SUBSCRIBER.name)
-        .await?
-        .is_some()
-        && store::has_queue(client, queue).await?;
-    if installed {
-        Ok(())
-    } else {
-        Err(ReplicaError::needs_setup(format!(
+    let version = ferry_queue::installed_version_of(client, SUBSCRIBER.name).await?;
+    let installed = version.is_some() && store::has_queue(client, queue).await?;
+    if !installed {
+        return Err(ReplicaError::needs_setup(format!(
             "ferry is not installed on the subscriber for queue \"{queue}\": run `ferry CONFIG subscriber install`"
-        )))
+        )));
     }
+    let (version, needed) = (version.unwrap_or(0), SUBSCRIBER.latest_version());
+    if version < needed {
+        return Err(ReplicaError::needs_setup(format!(
+            "the subscriber's ferry schema is version {version}, this ferry needs {needed}: run `ferry CONFIG subscriber install` (it upgrades in place)"
+        )));
+    }
+    Ok(())
 }
 
 /// One line of `subscriber tables`.

@@ -175,6 +175,17 @@ pub enum Command {
         #[command(flatten)]
         output: JsonOption,
     },
+    /// Run SQL files on the provider and, through the queue, on every subscriber at exactly
+    /// that point of the stream (ALTER TABLE ... ADD COLUMN, CREATE INDEX, a new table). Each
+    /// file runs once per node: running it again is harmless.
+    Execute {
+        /// The files, run in order; the first that fails stops the rest.
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+        /// Longest wait for the locks on the queue's tables (writers wait while a file runs).
+        #[arg(long, value_name = "MILLISECONDS", default_value_t = 5000)]
+        lock_timeout: u64,
+    },
     /// The provider's side of [londiste]: what the queue carries.
     #[command(subcommand)]
     Provider(ProviderCommand),

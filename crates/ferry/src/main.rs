@@ -154,6 +154,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             point,
             output,
         } => replication_admin::repair(&config, tables, apply, point, output.json),
+        Command::Execute {
+            files,
+            lock_timeout,
+        } => replication_admin::execute(&config, &files, lock_timeout),
         Command::Pause => replication_admin::pause(&config, true),
         Command::Resume => replication_admin::pause(&config, false),
         Command::Provider(command) => replication_admin::provider(&config, command),
@@ -229,6 +233,7 @@ fn section_of(command: &Command) -> &'static str {
         | Command::Pause
         | Command::Resume
         | Command::Compare { .. }
+        | Command::Execute { .. }
         | Command::Repair { .. }
         | Command::Provider(_)
         | Command::Subscriber(_) => REPLICATION_SECTION,

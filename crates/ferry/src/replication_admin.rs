@@ -2,12 +2,14 @@
 //! tables and sequences, and showing their state, against `[londiste]`'s databases.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_connect::Session;
 use ferry_replica::subscriber::AddOptions;
-use ferry_replica::{compare, provider, subscriber, RelName, ReplaySettings, ReplicaError};
+use ferry_replica::{
+    compare, execute, provider, subscriber, RelName, ReplaySettings, ReplicaError,
+};
 
 use crate::cli::{PointArgs, ProviderCommand, Selection, SubscriberCommand};
 use crate::Failure;
@@ -377,6 +379,48 @@ pub fn repair(
             "{differ} rows differ; `--apply` fixes them on the subscriber"
         )))
     }
+}
+
+/// `ferry CONFIG execute FILE...`: each file on the provider and, through the queue, on every
+/// subscriber; the first failure stops the rest.
+pub fn execute(config: &Path, files: &[PathBuf], lock_timeout: u64) -> Result<(), Failure> {
+    if lock_timeout == 0 {
+        return Err(Failure::Usage(
+            "--lock-timeout 0 would let writers wait forever: give milliseconds".into(),
+        ));
+    }
+    let mut loaded = Vec::new();
+    for path in files {
+        let sql = std::fs::read_to_string(path)
+            .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .ok_or_else(|| Failure::Usage(format!("{}: not a file", path.display())))?;
+        loaded.push((name, sql));
+    }
+    with_sides(config, false, |mut s| async move {
+        provider::require_installed(s.provider.client()).await?;
+        for (name, sql) in &loaded {
+            let done = execute::execute_on_provider(
+                s.provider.client_mut(),
+                &s.settings.queue,
+                name,
+                sql,
+                Duration::from_millis(lock_timeout),
+            )
+            .await?;
+            match done {
+                execute::Executed::Now => println!(
+                    "{name}: executed on the provider; each subscriber runs it at this point of the stream"
+                ),
+                execute::Executed::Before => {
+                    println!("{name}: executed here before; not run again")
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 /// `subscriber add --wait-sync`: waits until `tables` are ok and the subscriber has everything

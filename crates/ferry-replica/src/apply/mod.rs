@@ -19,7 +19,7 @@ use ferry_daemon::failpoint::{self, failpoint};
 use ferry_queue::{Batch, BatchCursor};
 use tokio_postgres::{Client, Transaction};
 
-use crate::error::{ReplicaError, ResultExt};
+use crate::error::{ErrorKind, ReplicaError, ResultExt};
 use crate::names::RelName;
 use crate::provider;
 use crate::snapshot::Snapshot;
@@ -115,11 +115,15 @@ impl Applier {
                     || provider.is_closed()
                     || subscriber.is_closed()) =>
             {
-                tracing::info!(
-                    batch = batch.id,
-                    error = %ferry_daemon::logging::one_line(&error),
-                    "set-wise apply failed; applying the batch again in event order"
-                );
+                if error.kind() == ErrorKind::NeedsEventOrder {
+                    tracing::info!(batch = batch.id, reason = %error, "applying the batch in event order");
+                } else {
+                    tracing::info!(
+                        batch = batch.id,
+                        error = %ferry_daemon::logging::one_line(&error),
+                        "set-wise apply failed; applying the batch again in event order"
+                    );
+                }
                 self.cache.forget_shapes();
                 self.event_order_batch = Some(batch.id);
                 self.apply_batch_in(provider, subscriber, queue, batch, Mode::EventOrder)
@@ -201,7 +205,7 @@ impl Applier {
                         }
                     },
                     reader.next_chunk(),
-                    self.prepare_page(&stx, &tables, &chunk, mode)
+                    self.prepare_page(&stx, queue, &tables, &chunk, mode)
                 );
                 ran?;
                 let (statements, page_applied, page_skipped) = prepared?;

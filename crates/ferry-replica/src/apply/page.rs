@@ -1,6 +1,7 @@
-//! Applying a page of events: each event decoded once ([`TableEvent`]), skipped or applied as
+//! Applying a page of events: each event decoded once ([`QueueEvent`]), skipped or applied as
 //! its table's state says, and applied either in event order (one statement per event) or,
-//! for independent tables, reduced to each row's net change and applied set-wise.
+//! for independent tables, reduced to each row's net change and applied set-wise. SQL run
+//! through the queue runs at its place, in event order only.
 
 use std::collections::HashMap;
 
@@ -12,7 +13,7 @@ use super::{sql, Applier, BatchTables, Mode};
 use crate::catalog::Column;
 use crate::columns::{column_arrays, ColumnSpec};
 use crate::error::{ErrorKind, ReplicaError, ResultExt};
-use crate::event::{RowChange, TableEvent};
+use crate::event::{QueueEvent, RowChange, TableEvent};
 use crate::names::RelName;
 use crate::reduce::{Pushed, TableChanges};
 
@@ -24,6 +25,7 @@ impl Applier {
     pub(super) async fn prepare_page(
         &mut self,
         stx: &Transaction<'_>,
+        queue: &str,
         tables: &BatchTables,
         page: &[Event],
         mode: Mode,
@@ -33,8 +35,9 @@ impl Applier {
         let mut gathered: HashMap<&RelName, TableChanges<'_>> = HashMap::new();
         let events = page
             .iter()
-            .map(TableEvent::decode)
+            .map(QueueEvent::decode)
             .collect::<Result<Vec<_>, _>>()?;
+
         let target = |event: &TableEvent<'_>| {
             tables
                 .get(event.table)
@@ -43,7 +46,27 @@ impl Applier {
         };
         let mut at = 0;
         while at < events.len() {
-            let event = &events[at];
+            let event = match &events[at] {
+                QueueEvent::Table(event) => event,
+                QueueEvent::Execute(execute) => {
+                    if mode == Mode::SetWise {
+                        // statements gathered before it would run after it
+                        return Err(ReplicaError::new(
+                            ErrorKind::NeedsEventOrder,
+                            format!(
+                                "the batch holds file \"{}\" run through the queue",
+                                execute.file
+                            ),
+                        ));
+                    }
+                    at += 1;
+                    crate::execute::run_on_subscriber(stx, queue, execute).await?;
+                    // tables may have changed: shapes and statements are read again
+                    self.cache.clear();
+                    applied += 1;
+                    continue;
+                }
+            };
             at += 1;
             let Some(table) = target(event) else {
                 skipped += 1;
@@ -54,7 +77,7 @@ impl Applier {
                 // one TRUNCATE of the provider (of several tables, or cascaded) is one event
                 // per table, in a row: truncated together, as foreign keys between them need
                 let mut group = vec![table];
-                while let Some(next) = events.get(at).filter(|next| {
+                while let Some(next) = table_event(events.get(at)).filter(|next| {
                     matches!(next.change, RowChange::Truncate) && next.txid == event.txid
                 }) {
                     at += 1;
@@ -332,4 +355,12 @@ fn specs(columns: &[Column]) -> Vec<ColumnSpec<'_>> {
             form: c.form,
         })
         .collect()
+}
+
+/// The row change `event` is, if it is one.
+fn table_event<'e, 'a>(event: Option<&'e QueueEvent<'a>>) -> Option<&'e TableEvent<'a>> {
+    match event {
+        Some(QueueEvent::Table(event)) => Some(event),
+        _ => None,
+    }
 }

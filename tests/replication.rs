@@ -1382,8 +1382,8 @@ async fn replay_says_when_the_ticker_is_not_running() {
     );
 }
 
-/// `ferry demo`, the README's first command, runs to its end: replication under load, both
-/// sides identical, everything stopped. (It starts two clusters of its own and runs a
+/// `ferry demo`, the README's first command, runs to its end: a copy showing its progress,
+/// replication under load, both sides identical (and `compare` says so), everything stopped. (It starts two clusters of its own and runs a
 /// full-speed load; it took 12 s alone in a debug build.) The demo is in the binary only with
 /// the `demo` feature, which the test command turns on (`--all-features`).
 #[cfg(feature = "demo")]
@@ -1398,6 +1398,15 @@ fn demo_runs_to_identical() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("every table is ok"), "{stdout}");
+    // the copy of a million accounts shows its progress
+    assert!(
+        stdout.contains("public.accounts=in-copy (copied "),
+        "{stdout}"
+    );
     assert!(stdout.contains("both sides identical"), "{stdout}");
+    assert!(
+        stdout.contains("public.accounts: provider 1000000 rows, subscriber 1000000 rows checksum"),
+        "{stdout}"
+    );
     assert!(stdout.contains("demo-replay: stopped"), "{stdout}");
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::replication::{
     run, wait_identical, wait_tables_ok, Pair, WriteLoad, SCHEMA, SEED_DATA, TABLES,
@@ -34,9 +34,87 @@ async fn compare_and_repair_a_million_rows_under_load() {
         ))
         .await
         .unwrap();
+    // exact statistics: the copy's expected rows come from them
+    provider.batch_execute("vacuum big").await.unwrap();
     pair.install_and_start_ticker();
     pair.add_everything();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ini = std::fs::read_to_string(&londiste).unwrap();
+    std::fs::write(&londiste, format!("{ini}metrics_port = {port}\n")).unwrap();
     run(&londiste, &["replay", "-d"]);
+
+    // while big copies, status, `subscriber tables` and the metrics say how far it has got
+    let started = Instant::now();
+    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    let (mut in_status, mut in_tables, mut in_metrics, mut in_view) = (None, None, None, None);
+    while in_status.is_none() || in_tables.is_none() || in_metrics.is_none() || in_view.is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no copy progress seen: status {in_status:?}, tables {in_tables:?}, metrics {in_metrics:?}, view {in_view:?}"
+        );
+        let status: serde_json::Value =
+            serde_json::from_str(&run(&londiste, &["status", "--json"])).unwrap();
+        let big = status["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == "public.big")
+            .unwrap()
+            .clone();
+        if big["state"] == "ok" || big["state"] == "catching-up" {
+            break;
+        }
+        if big["copy"]["rows_done"].as_i64().unwrap_or(0) > 0 {
+            in_status.get_or_insert(big["copy"].clone());
+            // the same for any monitoring tool
+            let row = subscriber
+                .query_opt(
+                    "select rows_done, rows_expected from ferry.stat_copy where table_name = 'big'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            if let Some(row) = row {
+                in_view.get_or_insert((row.get::<_, i64>(0), row.get::<_, Option<i64>>(1)));
+            }
+        }
+        let tables = run(&londiste, &["subscriber", "tables"]);
+        if let Some(line) = tables
+            .lines()
+            .find(|l| l.starts_with("public.big in-copy (copied "))
+        {
+            in_tables.get_or_insert(line.to_string());
+        }
+        if let Ok(response) = ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call() {
+            let body = response.into_body().read_to_string().unwrap();
+            let value = |name: &str| {
+                body.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            if value("ferry_replay_copy_rows") > 0.0 {
+                in_metrics.get_or_insert((
+                    value("ferry_replay_copy_rows"),
+                    value("ferry_replay_copy_rows_expected"),
+                ));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let copy = in_status.expect("copy progress in status");
+    assert_eq!(copy["rows_expected"], BIG_ROWS, "{copy}");
+    assert!(copy["bytes_done"].as_i64().unwrap() > 0, "{copy}");
+    let line = in_tables.expect("copy progress in subscriber tables");
+    assert!(line.contains(&format!(" of ~{BIG_ROWS} rows (")), "{line}");
+    let (rows, expected) = in_metrics.expect("copy progress in the metrics");
+    assert!(rows <= BIG_ROWS as f64 && expected == BIG_ROWS as f64);
+    let (rows, expected) = in_view.expect("copy progress in ferry.stat_copy");
+    assert!(rows > 0 && expected == Some(BIG_ROWS));
     wait_tables_ok(&londiste, Duration::from_secs(300), || pair.replay_log());
     let config = londiste.to_str().unwrap();
 
@@ -74,7 +152,6 @@ async fn compare_and_repair_a_million_rows_under_load() {
     assert_eq!(big["provider_rows"], BIG_ROWS, "{compared}");
 
     // behind replay's back, as only a superuser can
-    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
     subscriber
         .batch_execute(
             "begin; set local ferry.replay = 'on'; set local session_replication_role = replica;

@@ -186,3 +186,21 @@ select p."queue_name", p."consumer", p."paused", p."last_tick_id", p."updated" a
  group by p."queue_name";
 comment on view "ferry"."stat_subscription" is
     'ferry: replay on this subscriber per queue (paused, last tick applied, last error, tables ok)';
+
+-- The initial copies running on this subscriber, shaped like pg_stat_progress_copy: rows and
+-- bytes copied, rows the provider's statistics expect, the rate so far and the seconds left
+-- at that rate. Replay updates the row twice a second.
+create or replace view "ferry"."stat_copy" as
+select p."queue_name", p."table_schema", p."table_name", p."started_at", p."updated_at",
+       p."rows_done", p."bytes_done", p."rows_expected",
+       r.rows_per_sec,
+       case when p."rows_expected" is not null and r.rows_per_sec > 0
+            then greatest(p."rows_expected" - p."rows_done", 0) / r.rows_per_sec end as "eta_secs"
+  from "ferry"."subscriber_copy_progress" p
+  join "ferry"."subscriber_table" t using ("queue_name", "table_schema", "table_name")
+  cross join lateral (
+      select p."rows_done" / nullif(extract(epoch from p."updated_at" - p."started_at"), 0)::float8
+             as rows_per_sec) r
+ where t."state" = 'in-copy';
+comment on view "ferry"."stat_copy" is
+    'ferry: initial copies running here (rows and bytes done, rows expected, rate, eta)';

@@ -9,6 +9,7 @@ use tokio_postgres::{Client, IsolationLevel};
 use crate::catalog::table_shape;
 use crate::error::{ErrorKind, ReplicaError, ResultExt};
 use crate::names::{quote_ident, RelName};
+use crate::progress::CopyReporter;
 use crate::snapshot::Snapshot;
 use crate::store;
 use crate::subscriber::column_problems;
@@ -28,12 +29,25 @@ pub struct CopyDone {
 /// Copies `table` from the provider into the subscriber and moves it to `catching-up` with
 /// the copy's snapshot, all in one subscriber transaction: a copy cut short leaves the table
 /// `in-copy` with its old rows, to be copied again. Returns `None` when the table is no longer
-/// waiting for a copy.
+/// waiting for a copy. Its progress goes to `reporter`.
 pub async fn copy_table(
     provider: &mut Client,
     subscriber: &mut Client,
     queue: &str,
     table: &RelName,
+    reporter: &mut CopyReporter,
+) -> Result<Option<CopyDone>, ReplicaError> {
+    let copied = copy_reported(provider, subscriber, queue, table, reporter).await;
+    reporter.end();
+    copied
+}
+
+async fn copy_reported(
+    provider: &mut Client,
+    subscriber: &mut Client,
+    queue: &str,
+    table: &RelName,
+    reporter: &mut CopyReporter,
 ) -> Result<Option<CopyDone>, ReplicaError> {
     let source = table_shape(provider, table).await?.ok_or_else(|| {
         ReplicaError::schema_mismatch(format!("table {table} does not exist on the provider"))
@@ -115,6 +129,20 @@ pub async fn copy_table(
             table.quoted()
         )
     };
+    // what the provider's statistics expect (leaf tables' estimates; none if never analyzed)
+    let rows_expected: Option<f64> = ptx
+        .query_one(
+            "select sum(c.reltuples)::float8 from pg_class c
+              where (c.oid = to_regclass($1)
+                     or c.oid in (select relid from pg_partition_tree(to_regclass($1))))
+                and c.relkind = 'r' and c.reltuples > 0",
+            &[&table.quoted()],
+        )
+        .await
+        .with_context(|| format!("looking at {table} on the provider"))?
+        .get(0);
+    let rows_expected = rows_expected.map(|n| n.round() as u64);
+    reporter.start(rows_expected);
     let rows_out = ptx
         .copy_out(&copy_out)
         .await
@@ -146,17 +174,24 @@ pub async fn copy_table(
     // the provider sends a message per row; the subscriber gets them in blocks, which saves
     // replay most of its per-row work
     let mut block = BytesMut::with_capacity(COPY_BLOCK);
+    // one message per row
+    let (mut rows_read, mut bytes_read) = (0u64, 0u64);
     while let Some(row) = rows_out
         .try_next()
         .await
         .with_context(|| format!("reading {table} on the provider"))?
     {
+        rows_read += 1;
+        bytes_read += row.len() as u64;
         block.extend_from_slice(&row);
         if block.len() >= COPY_BLOCK {
             sink.feed(block.split().freeze())
                 .await
                 .map_err(|e| refused_by_subscriber(table, CopyStep::Writing, e))?;
             failpoint(failpoint::REPLAY_DURING_COPY);
+            reporter
+                .report(queue, table, rows_read, bytes_read, rows_expected)
+                .await;
         }
     }
     if !block.is_empty() {
@@ -172,6 +207,7 @@ pub async fn copy_table(
         .await
         .context("ending the copy on the provider")?;
     store::record_copied(&stx, queue, table, &snapshot, rows).await?;
+    store::forget_copy_progress(&stx, queue, table).await?;
     stx.commit()
         .await
         .with_context(|| format!("committing the copy of {table}"))?;

@@ -15,6 +15,7 @@ mod error;
 pub mod event;
 pub mod execute;
 pub mod names;
+pub mod progress;
 pub mod provider;
 mod reduce;
 pub mod replay;

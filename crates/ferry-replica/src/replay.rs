@@ -17,6 +17,7 @@ use crate::catalog::table_shape;
 use crate::copy::copy_table;
 use crate::error::{ReplicaError, ResultExt};
 use crate::names::RelName;
+use crate::progress::{CopyGauges, CopyReporter};
 use crate::session::open_session;
 use crate::store::{self, BatchStep, TableState};
 use crate::subscriber;
@@ -281,6 +282,7 @@ struct ReplayMetrics {
     pending: Gauge,
     tables_not_ok: Gauge,
     paused: Gauge,
+    copy: CopyGauges,
 }
 
 impl ReplayMetrics {
@@ -323,6 +325,20 @@ impl ReplayMetrics {
                 "Tables waiting for or in their copy, or catching up.",
             ),
             paused: metrics.gauge("ferry_replay_paused", "1 while replay is paused."),
+            copy: CopyGauges {
+                rows_done: metrics.gauge(
+                    "ferry_replay_copy_rows",
+                    "Rows the running initial copy has copied (0 between copies).",
+                ),
+                bytes_done: metrics.gauge(
+                    "ferry_replay_copy_bytes",
+                    "Bytes (COPY text) the running initial copy has copied.",
+                ),
+                rows_expected: metrics.gauge(
+                    "ferry_replay_copy_rows_expected",
+                    "Rows the provider's statistics expect the running copy to copy (0: unknown).",
+                ),
+            },
         }
     }
 }
@@ -572,6 +588,11 @@ async fn work(
         .filter(|t| copy_retry.get(&t.table).is_none_or(|at| *at <= now))
         .collect();
     let mut copies = 0;
+    let mut reporter = CopyReporter::new(
+        &settings.subscriber,
+        &format!("ferry replay {} progress", settings.job_name),
+        Some(counts.copy.clone()),
+    );
     for table in waiting {
         if shutdown.requested() == Some(StopMode::Graceful) {
             return Ok(Round::Stopped);
@@ -583,6 +604,7 @@ async fn work(
             link.subscriber.client_mut(),
             queue,
             &table.table,
+            &mut reporter,
         )
         .await;
         match copied {

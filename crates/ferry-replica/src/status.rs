@@ -1,12 +1,12 @@
 //! Where replication of one queue into this subscriber stands (`ferry CONFIG status` with a
 //! `[londiste]` config): what replay is doing, how far behind it is, the error holding it up,
-//! and each table's state and since when. Read from both sides; replay keeps what only it
+//! and each table's state and since when, with a running copy's progress. Read from both sides; replay keeps what only it
 //! knows (the last error) in the subscriber's store.
 
 use tokio_postgres::Client;
 
 use crate::error::ReplicaError;
-use crate::store::{self, TableState};
+use crate::store::{self, CopyProgress, TableState};
 
 /// What replay is doing, as an operator asks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -45,6 +45,8 @@ pub struct TableLine {
     pub state: String,
     /// Seconds since it entered that state.
     pub since_secs: f64,
+    /// While it copies: how far the copy has got.
+    pub copy: Option<CopyProgress>,
 }
 
 /// Replication of one queue into this subscriber.
@@ -89,6 +91,7 @@ pub async fn status(
     })?;
     let tables = store::tables(subscriber, queue).await?;
     let ages = store::state_ages(subscriber, queue).await?;
+    let copies = store::copy_progress(subscriber, queue).await?;
     let info = ferry_queue::consumer_info(provider, Some(queue))
         .await?
         .into_iter()
@@ -127,6 +130,10 @@ pub async fn status(
                     .iter()
                     .find(|(name, _)| *name == t.table)
                     .map_or(0.0, |(_, secs)| *secs),
+                copy: copies
+                    .iter()
+                    .find(|(name, _)| *name == t.table)
+                    .map(|(_, progress)| progress.clone()),
             })
             .collect(),
     })

@@ -165,6 +165,148 @@ pub async fn record_copied(
     expect_one(changed, table, "in-copy", "catching-up")
 }
 
+/// How far a running copy has got, as replay last recorded it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CopyProgress {
+    /// Rows copied so far.
+    pub rows_done: i64,
+    /// Bytes of rows (COPY text) copied so far.
+    pub bytes_done: i64,
+    /// Rows the provider's statistics expect (`None` when it has none: never analyzed).
+    pub rows_expected: Option<i64>,
+    /// Seconds since the copy started.
+    pub elapsed_secs: f64,
+    /// Seconds between the copy's start and this record: the rate's time base.
+    pub recorded_after_secs: f64,
+}
+
+impl CopyProgress {
+    /// Rows copied per second so far.
+    pub fn rows_per_sec(&self) -> Option<f64> {
+        (self.recorded_after_secs > 0.0).then(|| self.rows_done as f64 / self.recorded_after_secs)
+    }
+
+    /// Seconds left at the rate so far, when the rows expected are known.
+    pub fn eta_secs(&self) -> Option<f64> {
+        let (expected, rate) = (self.rows_expected?, self.rows_per_sec()?);
+        (rate > 0.0).then(|| {
+            let left = (expected - self.rows_done).max(0) as f64 / rate;
+            (left - (self.elapsed_secs - self.recorded_after_secs)).max(0.0)
+        })
+    }
+}
+
+impl std::fmt::Display for CopyProgress {
+    /// `copied 523000 of ~1000000 rows (52%), 48.2 MB, 42000 rows/s, eta 11 s`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "copied {}", self.rows_done)?;
+        match self.rows_expected {
+            Some(expected) if expected > 0 => write!(
+                f,
+                " of ~{expected} rows ({:.0}%)",
+                (self.rows_done as f64 * 100.0 / expected as f64).min(100.0)
+            )?,
+            _ => write!(f, " rows")?,
+        }
+        write!(f, ", {:.1} MB", self.bytes_done as f64 / 1e6)?;
+        if let Some(rate) = self.rows_per_sec() {
+            write!(f, ", {rate:.0} rows/s")?;
+        }
+        if let Some(eta) = self.eta_secs() {
+            write!(f, ", eta {eta:.0} s")?;
+        }
+        Ok(())
+    }
+}
+
+/// Records how far the copy of `table` has got (from a session other than the copy's):
+/// `elapsed` since the copy started.
+pub async fn record_copy_progress(
+    client: &impl GenericClient,
+    queue: &str,
+    table: &RelName,
+    rows_done: u64,
+    bytes_done: u64,
+    rows_expected: Option<u64>,
+    elapsed: std::time::Duration,
+) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            r#"insert into "ferry"."subscriber_copy_progress" as p
+                      ("queue_name", "table_schema", "table_name", "started_at", "updated_at",
+                       "rows_done", "bytes_done", "rows_expected")
+               values ($1, $2, $3, now() - make_interval(secs => $4), now(), $5, $6, $7)
+               on conflict ("queue_name", "table_schema", "table_name") do update
+                  set "started_at" = excluded."started_at", "updated_at" = excluded."updated_at",
+                      "rows_done" = excluded."rows_done", "bytes_done" = excluded."bytes_done",
+                      "rows_expected" = excluded."rows_expected""#,
+            &[
+                &queue,
+                &table.schema,
+                &table.name,
+                &elapsed.as_secs_f64(),
+                &(rows_done as i64),
+                &(bytes_done as i64),
+                &rows_expected.map(|n| n as i64),
+            ],
+        )
+        .await
+        .with_context(|| format!("recording the progress of the copy of {table}"))?;
+    Ok(())
+}
+
+/// Removes the progress of `table`'s copy, in the copy's transaction.
+pub async fn forget_copy_progress(
+    stx: &Transaction<'_>,
+    queue: &str,
+    table: &RelName,
+) -> Result<(), ReplicaError> {
+    stx.execute(
+        r#"delete from "ferry"."subscriber_copy_progress"
+            where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3"#,
+        &[&queue, &table.schema, &table.name],
+    )
+    .await
+    .with_context(|| format!("ending the progress of the copy of {table}"))?;
+    Ok(())
+}
+
+/// The progress of the copies of `queue`'s tables still `in-copy` here, by table.
+pub async fn copy_progress(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Vec<(RelName, CopyProgress)>, ReplicaError> {
+    let rows = client
+        .query(
+            r#"select p."table_schema", p."table_name", p."rows_done", p."bytes_done",
+                      p."rows_expected",
+                      extract(epoch from now() - p."started_at")::float8,
+                      extract(epoch from p."updated_at" - p."started_at")::float8
+                 from "ferry"."subscriber_copy_progress" p
+                 join "ferry"."subscriber_table" t using ("queue_name", "table_schema", "table_name")
+                where p."queue_name" = $1 and t."state" = 'in-copy'
+                order by 1, 2"#,
+            &[&queue],
+        )
+        .await
+        .context("reading the copies' progress")?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                RelName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                CopyProgress {
+                    rows_done: r.get(2),
+                    bytes_done: r.get(3),
+                    rows_expected: r.get(4),
+                    elapsed_secs: r.get(5),
+                    recorded_after_secs: r.get(6),
+                },
+            )
+        })
+        .collect())
+}
+
 /// `CatchingUp` → `Ok`, in the transaction of the batch whose tick saw everything the copy
 /// saw. `false` when the table is no longer catching up (a `resync` or `remove` committed
 /// since the batch read the states): it is left as that left it.
@@ -565,6 +707,39 @@ pub fn batch_step(recorded: Option<i64>, prev: i64, cur: i64) -> BatchStep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_progress_says_how_far_and_how_long() {
+        let progress = CopyProgress {
+            rows_done: 250_000,
+            bytes_done: 12_500_000,
+            rows_expected: Some(1_000_000),
+            elapsed_secs: 5.0,
+            recorded_after_secs: 5.0,
+        };
+        assert_eq!(progress.rows_per_sec(), Some(50_000.0));
+        assert_eq!(progress.eta_secs(), Some(15.0));
+        assert_eq!(
+            progress.to_string(),
+            "copied 250000 of ~1000000 rows (25%), 12.5 MB, 50000 rows/s, eta 15 s"
+        );
+        // recorded a second ago: a second less to go; past the estimate: none left
+        let older = CopyProgress {
+            elapsed_secs: 6.0,
+            ..progress.clone()
+        };
+        assert_eq!(older.eta_secs(), Some(14.0));
+        let unknown = CopyProgress {
+            rows_expected: None,
+            rows_done: 2_000_000,
+            ..progress
+        };
+        assert_eq!(unknown.eta_secs(), None);
+        assert_eq!(
+            unknown.to_string(),
+            "copied 2000000 rows, 12.5 MB, 400000 rows/s"
+        );
+    }
 
     #[test]
     fn states_parse_once_and_print_their_stored_name() {

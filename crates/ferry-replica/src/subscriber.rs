@@ -29,6 +29,10 @@ pub const SUBSCRIBER: Component = Component {
             version: 3,
             sql: include_str!("../../../sql/subscriber/0003_execute.sql"),
         },
+        Migration {
+            version: 4,
+            sql: include_str!("../../../sql/subscriber/0004_copy_progress.sql"),
+        },
     ],
     functions: include_str!("../../../sql/subscriber/functions.sql"),
 };
@@ -111,12 +115,14 @@ pub async fn require_installed(client: &Client, queue: &str) -> Result<(), Repli
 }
 
 /// One line of `subscriber tables`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TableStatus {
     /// The table.
     pub table: RelName,
     /// Its state here, or [`NOT_ADDED`] when only the provider has it.
     pub state: String,
+    /// While it copies: how far the copy has got.
+    pub copy: Option<store::CopyProgress>,
 }
 
 /// Every table of the queue: the subscriber's with their states, and the provider's not yet
@@ -134,9 +140,18 @@ pub async fn table_states(
     for t in store::tables(subscriber, queue).await? {
         all.insert(t.table, t.state.name().to_string());
     }
+    let mut copies: BTreeMap<RelName, store::CopyProgress> =
+        store::copy_progress(subscriber, queue)
+            .await?
+            .into_iter()
+            .collect();
     Ok(all
         .into_iter()
-        .map(|(table, state)| TableStatus { table, state })
+        .map(|(table, state)| TableStatus {
+            copy: copies.remove(&table),
+            table,
+            state,
+        })
         .collect())
 }
 

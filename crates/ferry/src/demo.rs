@@ -20,7 +20,7 @@ create table history (hid bigserial primary key, tid int, aid int, delta int,
                       mtime timestamptz not null default now());
 ";
 const DATA: &str = "
-insert into accounts select i, i % 10, 0, repeat(' ', 80) from generate_series(1, 200000) i;
+insert into accounts select i, i % 10, 0, repeat(' ', 80) from generate_series(1, 1000000) i;
 insert into tellers select i, i % 10, 0 from generate_series(1, 100) i;
 ";
 const TABLES: &[&str] = &["accounts", "tellers", "history"];
@@ -61,10 +61,14 @@ async fn demo(provider: &Cluster, subscriber: &Cluster, dir: &Path) -> Result<()
     p.batch_execute(&format!("{SCHEMA}{DATA}"))
         .await
         .map_err(sql_failed)?;
+    // statistics, as a live database has them: the copy's progress knows how many rows to expect
+    p.batch_execute("vacuum analyze")
+        .await
+        .map_err(sql_failed)?;
     // what `pg_dump -s | psql` does in the seed
     s.batch_execute(SCHEMA).await.map_err(sql_failed)?;
     println!(
-        "provider: {}\nsubscriber: {}\n200000 accounts, 100 tellers on the provider; the subscriber has the empty tables",
+        "provider: {}\nsubscriber: {}\n1000000 accounts, 100 tellers on the provider; the subscriber has the empty tables",
         p_db.conninfo, s_db.conninfo
     );
     let config = dir.join("demo.ini");
@@ -100,7 +104,9 @@ async fn demo(provider: &Cluster, subscriber: &Cluster, dir: &Path) -> Result<()
     let start = Instant::now();
     let mut all_ok_since: Option<Instant> = None;
     while all_ok_since.is_none_or(|t| t.elapsed() < Duration::from_secs(5)) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // often while tables copy, so their progress shows
+        let pause = if all_ok_since.is_some() { 1000 } else { 250 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
         let tables = capture(&config, &["subscriber", "tables"])?;
         let states: Vec<String> = tables
             .lines()
@@ -132,6 +138,11 @@ async fn demo(provider: &Cluster, subscriber: &Cluster, dir: &Path) -> Result<()
         "load stopped after {committed} transactions; waiting for the subscriber to drain ..."
     );
     let drain = Instant::now();
+    capture(&config, &["wait-sync", "--timeout", "60"])?;
+    println!(
+        "  in sync {:.2} s after the load stopped (`ferry demo.ini wait-sync`); checking every row:",
+        drain.elapsed().as_secs_f64()
+    );
     loop {
         let mut same = true;
         let mut lines = Vec::new();
@@ -147,10 +158,7 @@ async fn demo(provider: &Cluster, subscriber: &Cluster, dir: &Path) -> Result<()
         }
         if same {
             println!("{}", lines.join("\n"));
-            println!(
-                "both sides identical {:.2} s after the load stopped",
-                drain.elapsed().as_secs_f64()
-            );
+            println!("both sides identical");
             break;
         }
         if drain.elapsed() > Duration::from_secs(60) {
@@ -163,6 +171,8 @@ async fn demo(provider: &Cluster, subscriber: &Cluster, dir: &Path) -> Result<()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     ferry(&config, &["subscriber", "tables"])?;
+    // the proof at one consistent point, as an operator would ask for it
+    ferry(&config, &["compare", "--all"])?;
     let stop = Command::new(std::env::current_exe().map_err(|e| Failure::runtime(&e))?)
         .args(["-s", config.to_str().unwrap_or_default()])
         .status()
@@ -258,7 +268,7 @@ impl Load {
                         .wrapping_mul(6364136223846793005)
                         .wrapping_add(1442695040888963407);
                     let (aid, tid, delta) = (
-                        (n >> 33) % 200000 + 1,
+                        (n >> 33) % 1_000_000 + 1,
                         (n >> 20) % 100 + 1,
                         (n >> 8) % 10001,
                     );

@@ -150,7 +150,15 @@ pub fn status(config: &Path, json: bool) -> Result<(), Failure> {
     }
     println!("Table State Since");
     for t in &status.tables {
-        println!("{} {} {}", t.table, t.state, secs(Some(t.since_secs)));
+        match &t.copy {
+            Some(copy) => println!(
+                "{} {} {} ({copy})",
+                t.table,
+                t.state,
+                secs(Some(t.since_secs))
+            ),
+            None => println!("{} {} {}", t.table, t.state, secs(Some(t.since_secs))),
+        }
     }
     Ok(())
 }
@@ -707,7 +715,14 @@ pub fn subscriber(config: &Path, command: SubscriberCommand) -> Result<(), Failu
             if output.json {
                 let rows: Vec<_> = states
                     .iter()
-                    .map(|t| serde_json::json!({ "table": t.table.to_string(), "state": t.state }))
+                    .map(|t| {
+                        let mut row =
+                            serde_json::json!({ "table": t.table.to_string(), "state": t.state });
+                        if let Some(copy) = &t.copy {
+                            row["copy"] = serde_json::to_value(copy).expect("plain data");
+                        }
+                        row
+                    })
                     .collect();
                 println!(
                     "{}",
@@ -716,7 +731,10 @@ pub fn subscriber(config: &Path, command: SubscriberCommand) -> Result<(), Failu
             } else {
                 println!("Table State");
                 for t in &states {
-                    println!("{} {}", t.table, t.state);
+                    match &t.copy {
+                        Some(copy) => println!("{} {} ({copy})", t.table, t.state),
+                        None => println!("{} {}", t.table, t.state),
+                    }
                 }
             }
             Ok(())

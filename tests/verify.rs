@@ -226,6 +226,36 @@ async fn compare_and_repair_a_million_rows_under_load() {
     let again = run(&londiste, &["compare", "--all"]);
     assert!(!again.contains("differ"), "{again}");
 
+    // the postgres_exporter queries README points to work on each side
+    let exporter = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../etc/postgres_exporter.yaml"),
+    )
+    .unwrap();
+    let mut side = "";
+    let mut ran = 0;
+    for line in exporter.lines() {
+        if let Some(name) = line.strip_suffix(':').filter(|l| l.starts_with("ferry_")) {
+            side = name;
+        }
+        if let Some(query) = line.trim().strip_prefix("query: ") {
+            let query = query.trim_matches('"');
+            let client = if side.starts_with("ferry_provider_") {
+                &provider
+            } else {
+                &subscriber
+            };
+            let rows = client
+                .query(query, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{side}: {e:?}"));
+            if side != "ferry_subscriber_copy" {
+                assert!(!rows.is_empty(), "{side} returned no row");
+            }
+            ran += 1;
+        }
+    }
+    assert_eq!(ran, 3);
+
     // replay stopped: compare cannot reach its point, says so, and releases its hold
     run(&londiste, &["-s"]);
     let out = ferry(&[config, "compare", "table4", "--timeout", "1"]);

@@ -225,6 +225,13 @@ async fn compare_and_repair_a_million_rows_under_load() {
     .await;
     let again = run(&londiste, &["compare", "--all"]);
     assert!(!again.contains("differ"), "{again}");
+    let counted = run(&londiste, &["compare", "--count-only", "big"]);
+    assert!(
+        counted.contains("public.big: provider 1000000 rows, subscriber 1000000 rows: identical"),
+        "{counted}"
+    );
+    let nothing = run(&londiste, &["repair", "--all", "--apply"]);
+    assert!(nothing.contains("no rows differ"), "{nothing}");
 
     // the postgres_exporter queries README points to work on each side
     let exporter = std::fs::read_to_string(
@@ -375,6 +382,11 @@ async fn execute_changes_the_schema_under_load() {
             "drops.sql",
             "alter table table2 add column x int; drop table table4;",
             "renames or drops public.table4 that queue",
+        ),
+        (
+            "renames.sql",
+            "alter table table2 add column x int; alter table table3 rename to table3_old;",
+            "renames or drops public.table3 that queue",
         ),
     ] {
         let out = ferry(&[config, "execute", &file(name, sql)]);

@@ -808,9 +808,10 @@ comment on function "ferry"."provider_refresh_capture_functions"() is
 
 -- Starts the execute of file i_file_name (its SQL i_sql) for queue i_queue_name, in the
 -- caller's transaction. Returns false when this file ran here already with the same
--- contents (nothing to do); raises when it ran with other contents. Otherwise takes the
--- locks (bounded by the caller's lock_timeout) and inserts the EXECUTE event: ev_data the
--- SQL, ev_extra1 the file name, ev_extra2 md5 of the SQL.
+-- contents (nothing to do); raises when it ran with other contents, or when a table the
+-- queue carries is missing already (so that finish blames the file only for what it did).
+-- Otherwise takes the locks (bounded by the caller's lock_timeout) and inserts the EXECUTE
+-- event: ev_data the SQL, ev_extra1 the file name, ev_extra2 md5 of the SQL.
 create or replace function "ferry"."provider_execute_start"(i_queue_name text, i_file_name text,
     i_sql text)
 returns boolean language plpgsql set search_path = pg_catalog, pg_temp as $$
@@ -832,7 +833,16 @@ begin
       into v_tables
       from "ferry"."provider_table"
      where "queue_name" = i_queue_name
-       and to_regclass(format('%I.%I', "table_schema", "table_name")) is not null;
+       and to_regclass(format('%I.%I', "table_schema", "table_name")) is null;
+    if v_tables is not null then
+        raise exception 'ferry: queue "%" carries %, missing on the provider', i_queue_name, v_tables
+            using errcode = 'undefined_table',
+                  hint = 'run "ferry CONF provider remove" for it first (and "subscriber remove" on every subscriber)';
+    end if;
+    select string_agg(format('%I.%I', "table_schema", "table_name"), ', ')
+      into v_tables
+      from "ferry"."provider_table"
+     where "queue_name" = i_queue_name;
     if v_tables is not null then
         execute 'lock table ' || v_tables || ' in share mode';
     end if;

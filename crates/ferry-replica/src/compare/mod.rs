@@ -150,6 +150,7 @@ impl Plan {
     }
 }
 
+/// Opens the three sessions (named `ferry WHAT JOB`) and checks both sides are installed.
 async fn open(settings: &ReplaySettings, what: &str) -> Result<Sessions, ReplicaError> {
     let name = format!("ferry {what} {}", settings.job_name);
     let locker = open_session(&settings.provider, "provider", &name).await?;
@@ -267,22 +268,22 @@ async fn plan(
     Ok(plans)
 }
 
-/// Compares `tables` of `settings`' queue on both sides at one tick (see [`point`]):
-/// per table counts, checksums and the key ranges that differ; with `count_only`, counts.
-pub async fn compare(
+/// The consistent point (see [`point`]) for `plans`' tables: the tick, the provider's read
+/// transaction and the subscriber's (its position locked with `lock_position`). The
+/// consumer's hold ends once the subscriber's read has begun, or failed to.
+async fn at_one_point<'s>(
+    sessions: &'s mut Sessions,
     settings: &ReplaySettings,
-    tables: &Tables,
-    count_only: bool,
+    plans: &[Plan],
+    lock_position: bool,
     options: PointOptions,
-) -> Result<Comparison, ReplicaError> {
-    let mut sessions = open(settings, "compare").await?;
-    let plans = plan(&sessions, &settings.queue, tables).await?;
+) -> Result<(point::Tick, Transaction<'s>, Transaction<'s>), ReplicaError> {
     let tables: Vec<RelName> = plans.iter().map(|p| p.table.clone()).collect();
     let Sessions {
         locker,
         reader,
         subscriber,
-    } = &mut sessions;
+    } = sessions;
     let (tick, ptx) = point::make_tick(
         locker.client_mut(),
         reader.client_mut(),
@@ -298,11 +299,10 @@ pub async fn compare(
         &settings.queue,
         tick.id,
         &tables,
-        false,
+        lock_position,
         options.wait,
     )
     .await;
-    // the subscriber's snapshot is taken (or the wait failed): replay may go on
     let released = ferry_queue::release_consumer(
         locker.client(),
         &settings.queue,
@@ -312,6 +312,20 @@ pub async fn compare(
     .await;
     let stx = read?;
     released?;
+    Ok((tick, ptx, stx))
+}
+
+/// Compares `tables` of `settings`' queue on both sides at one tick (see [`point`]):
+/// per table counts, checksums and the key ranges that differ; with `count_only`, counts.
+pub async fn compare(
+    settings: &ReplaySettings,
+    tables: &Tables,
+    count_only: bool,
+    options: PointOptions,
+) -> Result<Comparison, ReplicaError> {
+    let mut sessions = open(settings, "compare").await?;
+    let plans = plan(&sessions, &settings.queue, tables).await?;
+    let (tick, ptx, stx) = at_one_point(&mut sessions, settings, &plans, false, options).await?;
     let mut compared = Vec::new();
     for plan in &plans {
         compared.push(if count_only {
@@ -327,6 +341,7 @@ pub async fn compare(
     })
 }
 
+/// `--count-only`: both sides' row counts.
 async fn count_table(
     ptx: &Transaction<'_>,
     stx: &Transaction<'_>,
@@ -352,6 +367,7 @@ async fn count_table(
     })
 }
 
+/// Both sides' digests merged: counts, checksums, the key ranges that differ.
 async fn compare_table(
     ptx: &Transaction<'_>,
     stx: &Transaction<'_>,
@@ -459,44 +475,10 @@ pub async fn repair(
 ) -> Result<Repair, ReplicaError> {
     let mut sessions = open(settings, "repair").await?;
     let plans = plan(&sessions, &settings.queue, tables).await?;
-    let tables: Vec<RelName> = plans.iter().map(|p| p.table.clone()).collect();
     if apply {
         crate::session::enter_replica_mode(sessions.subscriber.client()).await?;
     }
-    let Sessions {
-        locker,
-        reader,
-        subscriber,
-    } = &mut sessions;
-    let (tick, ptx) = point::make_tick(
-        locker.client_mut(),
-        reader.client_mut(),
-        &settings.queue,
-        &settings.job_name,
-        &tables,
-        options.lock_timeout,
-        options.wait,
-    )
-    .await?;
-    let read = point::subscriber_at(
-        subscriber.client_mut(),
-        &settings.queue,
-        tick.id,
-        &tables,
-        apply,
-        options.wait,
-    )
-    .await;
-    // the subscriber is read (and, repairing, its position locked): replay may go on (or wait)
-    let released = ferry_queue::release_consumer(
-        locker.client(),
-        &settings.queue,
-        &settings.job_name,
-        tick.id,
-    )
-    .await;
-    let stx = read?;
-    released?;
+    let (tick, ptx, stx) = at_one_point(&mut sessions, settings, &plans, apply, options).await?;
     if apply {
         // replay's mark: the write guard lets these writes through
         stx.batch_execute("set local ferry.replay = 'on'")

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_testkit::{Cluster, TestDb};
@@ -323,27 +323,36 @@ pub struct WriteLoad {
 
 impl WriteLoad {
     pub async fn start(conninfo: &str, connections: usize) -> WriteLoad {
+        WriteLoad::start_on(Arc::new(Mutex::new(conninfo.to_string())), connections).await
+    }
+
+    /// A load on the database `target` names; when `target` changes (a switchover), the
+    /// load's sessions move there.
+    pub async fn start_on(target: Arc<Mutex<String>>, connections: usize) -> WriteLoad {
         let stop = Arc::new(AtomicBool::new(false));
         let committed = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for _ in 0..connections {
-            let mut client = ferry_testkit::connect(conninfo).await;
+            let mut conninfo = target.lock().unwrap().clone();
+            let mut client = ferry_testkit::connect(&conninfo).await;
             let stop = stop.clone();
             let committed = committed.clone();
-            let conninfo = conninfo.to_string();
+            let target = target.clone();
             tasks.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     if one_transaction(&mut client).await {
                         committed.fetch_add(1, Ordering::Relaxed);
                     }
                     tokio::time::sleep(Duration::from_millis(2)).await;
-                    // the server restarted, or the session was terminated: a new one, once
-                    // the server is back
-                    if client.is_closed() {
-                        match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+                    // the server restarted, the session was terminated, or the application
+                    // moved: a new session, once the server is back
+                    let wanted = target.lock().unwrap().clone();
+                    if client.is_closed() || wanted != conninfo {
+                        match tokio_postgres::connect(&wanted, tokio_postgres::NoTls).await {
                             Ok((new, connection)) => {
                                 tokio::spawn(connection);
                                 client = new;
+                                conninfo = wanted;
                             }
                             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                         }

@@ -24,6 +24,7 @@ pub mod snapshot;
 pub mod status;
 pub mod store;
 pub mod subscriber;
+pub mod switchover;
 pub mod sync;
 
 pub use apply::{Applier, BatchOutcome};

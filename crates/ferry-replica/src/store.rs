@@ -484,6 +484,76 @@ pub async fn record_queue(
     Ok(())
 }
 
+/// Takes `table` on as already identical to the provider's at this side's position (a
+/// switchover: no copy): registered `ok` for `queue` and protected.
+pub async fn adopt_table(
+    client: &impl GenericClient,
+    queue: &str,
+    table: &RelName,
+) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            r#"insert into "ferry"."subscriber_table" ("queue_name", "table_schema", "table_name", "state")
+               values ($1, $2, $3, 'ok')
+               on conflict ("queue_name", "table_schema", "table_name") do update
+                  set "state" = 'ok', "copy_snapshot" = null, "copied_rows" = null,
+                      "state_changed" = now()"#,
+            &[&queue, &table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("taking {table} on as ok"))?;
+    client
+        .execute(
+            r#"select "ferry"."subscriber_protect"(to_regclass($1), $2)"#,
+            &[&table.quoted(), &queue],
+        )
+        .await
+        .with_context(|| format!("protecting {table}"))?;
+    Ok(())
+}
+
+/// Records that this side replicates `queue` as `consumer` and has applied it up to `tick`
+/// (a switchover: the tick the consumer was registered at).
+pub async fn set_position(
+    client: &impl GenericClient,
+    queue: &str,
+    consumer: &str,
+    tick: i64,
+) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            r#"insert into "ferry"."subscriber_position" ("queue_name", "consumer", "last_tick_id")
+               values ($1, $2, $3)
+               on conflict ("queue_name") do update
+                  set "consumer" = excluded."consumer", "last_tick_id" = excluded."last_tick_id",
+                      "paused" = false, "last_error" = null, "last_error_at" = null,
+                      "updated" = now()"#,
+            &[&queue, &consumer, &tick],
+        )
+        .await
+        .context("recording the position")?;
+    Ok(())
+}
+
+/// Forgets `queue` on this side: its tables (their protection lifted), sequences, copy
+/// progress and position. Returns how many tables it had.
+pub async fn forget_queue(client: &impl GenericClient, queue: &str) -> Result<u64, ReplicaError> {
+    let tables = tables(client, queue).await?;
+    for table in &tables {
+        remove_table(client, queue, &table.table).await?;
+    }
+    client
+        .batch_execute(&format!(
+            r#"delete from "ferry"."subscriber_seq" where "queue_name" = {q};
+               delete from "ferry"."subscriber_copy_progress" where "queue_name" = {q};
+               delete from "ferry"."subscriber_position" where "queue_name" = {q};"#,
+            q = crate::names::quote_literal(queue)
+        ))
+        .await
+        .with_context(|| format!("forgetting queue \"{queue}\" on the subscriber"))?;
+    Ok(tables.len() as u64)
+}
+
 /// Whether this subscriber replicates `queue` (its store is installed and the queue
 /// recorded).
 pub async fn has_queue(client: &impl GenericClient, queue: &str) -> Result<bool, ReplicaError> {

@@ -186,6 +186,19 @@ pub enum Command {
         #[arg(long, value_name = "MILLISECONDS", default_value_t = 5000)]
         lock_timeout: u64,
     },
+    /// Turn replication of [londiste] around, both servers up: its subscriber becomes the
+    /// provider and the provider its subscriber, nothing lost, nothing copied. Stops the
+    /// replay daemon of CONFIG first.
+    Switchover {
+        /// Longest wait for the lock that stops writers on the provider's tables.
+        #[arg(long, value_name = "MILLISECONDS", default_value_t = 5000)]
+        lock_timeout: u64,
+        /// Longest wait for the subscriber to catch up.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300.0)]
+        timeout: f64,
+        #[command(flatten)]
+        output: JsonOption,
+    },
     /// The provider's side of [londiste]: what the queue carries.
     #[command(subcommand)]
     Provider(ProviderCommand),

@@ -208,10 +208,32 @@ impl Prepared {
     }
 }
 
+/// Whether section `wanted` of CONFIG names a pidfile (so its daemon can be signalled).
+pub fn has_pidfile(config: &Path, wanted: &str) -> Result<bool, Failure> {
+    let ini = load_ini(config)?;
+    Ok(daemon_sections(&ini)
+        .map_err(|e| Failure::usage(&e))?
+        .into_iter()
+        .any(|(name, d)| name == wanted && d.pidfile.is_some()))
+}
+
 /// `ferry -s|-k|-r CONFIG [COMMAND]`: signals the daemon(s) of CONFIG (of section `wanted`
 /// only, when the command names one); `-s` and `-k` wait for them to exit. A daemon that is
 /// not running is fine for `-s`/`-k` (it is stopped) and an error for `-r`.
 pub fn control(config: &Path, wanted: Option<&str>, what: Control) -> Result<(), Failure> {
+    for line in control_saying(config, wanted, what)? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// [`control`], returning what it would print (a line per daemon).
+pub fn control_saying(
+    config: &Path,
+    wanted: Option<&str>,
+    what: Control,
+) -> Result<Vec<String>, Failure> {
+    let mut said = Vec::new();
     let ini = load_ini(config)?;
     let sections: Vec<(String, DaemonSettings)> = daemon_sections(&ini)
         .map_err(|e| Failure::usage(&e))?
@@ -240,7 +262,9 @@ pub fn control(config: &Path, wanted: Option<&str>, what: Control) -> Result<(),
         };
         match pidfile::signal_running(path, signal, Duration::from_secs(10)) {
             Ok(pid) => match what {
-                Control::Reload => println!("{}: reload requested (pid {pid})", daemon.job_name),
+                Control::Reload => {
+                    said.push(format!("{}: reload requested (pid {pid})", daemon.job_name))
+                }
                 Control::Stop | Control::Kill => {
                     let limit = if matches!(what, Control::Stop) {
                         120
@@ -253,7 +277,7 @@ pub fn control(config: &Path, wanted: Option<&str>, what: Control) -> Result<(),
                             daemon.job_name
                         ))
                     })?;
-                    println!("{}: stopped (pid {pid})", daemon.job_name);
+                    said.push(format!("{}: stopped (pid {pid})", daemon.job_name));
                 }
             },
             Err(PidFileError::NotRunning { .. }) => match what {
@@ -263,7 +287,7 @@ pub fn control(config: &Path, wanted: Option<&str>, what: Control) -> Result<(),
                         daemon.job_name
                     )))
                 }
-                _ => println!("{}: not running", daemon.job_name),
+                _ => said.push(format!("{}: not running", daemon.job_name)),
             },
             Err(e @ PidFileError::Starting { .. }) => {
                 return Err(Failure::Runtime(format!(
@@ -275,7 +299,7 @@ pub fn control(config: &Path, wanted: Option<&str>, what: Control) -> Result<(),
             Err(other) => return Err(Failure::runtime(&other)),
         }
     }
-    Ok(())
+    Ok(said)
 }
 
 /// Waits until the daemon has released its pid file and its process has exited.

@@ -158,6 +158,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             files,
             lock_timeout,
         } => replication_admin::execute(&config, &files, lock_timeout),
+        Command::Switchover {
+            lock_timeout,
+            timeout,
+            output,
+        } => replication_admin::switchover(&config, lock_timeout, timeout, output.json),
         Command::Pause => replication_admin::pause(&config, true),
         Command::Resume => replication_admin::pause(&config, false),
         Command::Provider(command) => replication_admin::provider(&config, command),
@@ -234,6 +239,7 @@ fn section_of(command: &Command) -> &'static str {
         | Command::Resume
         | Command::Compare { .. }
         | Command::Execute { .. }
+        | Command::Switchover { .. }
         | Command::Repair { .. }
         | Command::Provider(_)
         | Command::Subscriber(_) => REPLICATION_SECTION,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ferry_connect::Session;
 use ferry_replica::subscriber::AddOptions;
 use ferry_replica::{
-    compare, execute, provider, subscriber, RelName, ReplaySettings, ReplicaError,
+    compare, execute, provider, subscriber, switchover, RelName, ReplaySettings, ReplicaError,
 };
 
 use crate::cli::{PointArgs, ProviderCommand, Selection, SubscriberCommand};
@@ -429,6 +429,75 @@ pub fn execute(config: &Path, files: &[PathBuf], lock_timeout: u64) -> Result<()
         }
         Ok(())
     })
+}
+
+/// `ferry CONFIG switchover`: stops the replay daemon of CONFIG, turns replication around,
+/// and says what to run next.
+pub fn switchover(
+    config: &Path,
+    lock_timeout: u64,
+    timeout: f64,
+    json: bool,
+) -> Result<(), Failure> {
+    if lock_timeout == 0 {
+        return Err(Failure::Usage(
+            "--lock-timeout 0 would let writers wait forever: give milliseconds".into(),
+        ));
+    }
+    if !(timeout.is_finite() && timeout >= 0.0) {
+        return Err(Failure::Usage(format!(
+            "--timeout {timeout}: give a number of seconds"
+        )));
+    }
+    // a replay daemon of CONFIG would apply batches beside the switchover's own
+    let (_, settings, _) = crate::settings::replication(config)?;
+    let daemon_section = ferry_config::REPLICATION_SECTION;
+    let stopped = if crate::daemon::has_pidfile(config, daemon_section)? {
+        crate::daemon::control_saying(config, Some(daemon_section), crate::daemon::Control::Stop)?
+    } else {
+        Vec::new()
+    };
+    if !json {
+        for line in &stopped {
+            println!("{line}");
+        }
+    }
+    let options = switchover::SwitchoverOptions {
+        lock_timeout: Duration::from_millis(lock_timeout),
+        timeout: Duration::from_secs_f64(timeout),
+    };
+    let report = with_settings(config, |settings| async move {
+        switchover::switchover(&settings, options).await
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("plain data")
+        );
+        return Ok(());
+    }
+    println!(
+        "switched over: {} tables and {} sequences now replicate from {} to {}; writes were refused for {:.0} ms",
+        report.tables,
+        report.seqs,
+        settings.subscriber.resolve().describe(),
+        settings.provider.resolve().describe(),
+        report.downtime_ms
+    );
+    println!(
+        "  the old provider applied everything up to its tick {}; the new provider's queue \"{}\" starts at tick {}",
+        report.last_tick, settings.queue, report.start_tick
+    );
+    println!("next:");
+    println!(
+        "  point the application (or pgpool's backend) at the new provider, which takes writes now"
+    );
+    println!("  run a ticker on the new provider: a [pgqadm] config with db = its connection string, `ferry TICKER.ini ticker -d`");
+    println!(
+        "  swap provider_db and subscriber_db in {} (same job_name and queue) and start `replay -d` with it",
+        config.display()
+    );
+    Ok(())
 }
 
 /// `subscriber add --wait-sync`: waits until `tables` are ok and the subscriber has everything

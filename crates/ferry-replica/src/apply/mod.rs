@@ -25,6 +25,8 @@ use crate::provider;
 use crate::snapshot::Snapshot;
 use crate::store::{self, BatchStep, TableState};
 
+pub(crate) use sequences::sync_sequences;
+
 use cache::TableCache;
 use pipeline::{send_set_statements, ChunkReader, InFlight, CHUNK_EVENTS};
 

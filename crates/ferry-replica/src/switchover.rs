@@ -1,0 +1,353 @@
+//! `ferry CONFIG switchover`: the subscriber of CONFIG becomes the provider and the provider
+//! its subscriber, both servers up, nothing lost and nothing copied.
+//!
+//! Order of work, each step safe to run again (a switchover cut short is finished by running
+//! the command again):
+//! 1. checks: replay of CONFIG not running, every table `ok`, no other consumer on the queue,
+//!    no other switchover (an advisory lock on the subscriber);
+//! 2. both sides get the catalogs they will need (queue and provider here, subscriber
+//!    there), and the subscriber catches up in this process;
+//! 3. downtime begins: the provider's replicated tables get the write guard (writers get an
+//!    error naming the table, never a silent loss; taking it waits for writers in flight),
+//!    a last tick is made there, and the subscriber applies up to it: both sides identical;
+//!    sequences are moved up to the provider's;
+//! 4. the new provider captures every table into its own queue (same name) and registers the
+//!    old provider's consumer (CONFIG's `job_name`) at its latest tick, while its own tables
+//!    are still guarded, so every later write reaches the old provider;
+//! 5. the old provider becomes a subscriber: its tables `ok` at that tick (no copy), its
+//!    capture and the consumer of the old direction removed;
+//! 6. the new provider's guard and subscriber records go: downtime ends.
+
+use std::time::{Duration, Instant};
+
+use ferry_connect::Session;
+use tokio_postgres::Client;
+
+use crate::apply::{sync_sequences, Applier, BatchOutcome};
+use crate::error::{ErrorKind, ReplicaError, ResultExt};
+use crate::names::RelName;
+use crate::replay::ReplaySettings;
+use crate::session::{enter_replica_mode, open_session};
+use crate::store::{self, TableState};
+
+/// Most events one batch may span while catching up.
+const MAX_BATCH_EVENTS: i64 = 100_000;
+/// The advisory lock key a switchover holds on the new provider (`ferry` in ASCII).
+const SWITCHOVER_LOCK: i64 = 0x0066_6572_7279;
+
+/// How a switchover waits.
+#[derive(Debug, Clone, Copy)]
+pub struct SwitchoverOptions {
+    /// Longest wait for the lock that puts the write guard on the provider's tables.
+    pub lock_timeout: Duration,
+    /// Longest wait for the subscriber to catch up.
+    pub timeout: Duration,
+}
+
+/// What a switchover did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SwitchoverReport {
+    /// The old provider's last tick, applied on the new provider before it took writes.
+    pub last_tick: i64,
+    /// The new provider's tick the old provider's consumer starts from.
+    pub start_tick: i64,
+    /// Tables and sequences that changed direction.
+    pub tables: usize,
+    /// Sequences moved.
+    pub seqs: usize,
+    /// Milliseconds between the write guard on the old provider and writes allowed on the
+    /// new one: the application's downtime.
+    pub downtime_ms: f64,
+}
+
+/// Turns replication of `settings` around: see the module's documentation.
+pub async fn switchover(
+    settings: &ReplaySettings,
+    options: SwitchoverOptions,
+) -> Result<SwitchoverReport, ReplicaError> {
+    let (queue, consumer) = (settings.queue.as_str(), settings.job_name.as_str());
+    let name = format!("ferry switchover {consumer}");
+    let mut provider = open_session(&settings.provider, "provider", &name).await?;
+    let mut subscriber = open_session(&settings.subscriber, "subscriber", &name).await?;
+    crate::provider::require_installed(provider.client()).await?;
+    crate::subscriber::require_installed(subscriber.client(), queue).await?;
+
+    // 1. checks
+    let locked: bool = subscriber
+        .client()
+        .query_one("select pg_try_advisory_lock($1)", &[&SWITCHOVER_LOCK])
+        .await
+        .context("taking the switchover lock")?
+        .get(0);
+    if !locked {
+        return Err(refused(
+            "another switchover is in progress on the subscriber",
+        ));
+    }
+    refuse_running_replay(&provider, &subscriber, consumer).await?;
+    let tables = store::tables(subscriber.client(), queue).await?;
+    if let Some(t) = tables.iter().find(|t| t.state != TableState::Ok) {
+        return Err(refused(&format!(
+            "table {} is {}: switch over once every table is ok (`ferry CONFIG wait-sync`)",
+            t.table, t.state
+        )));
+    }
+    let carried = crate::provider::tables(provider.client(), queue).await?;
+    if let Some(missing) = carried
+        .iter()
+        .find(|c| !tables.iter().any(|t| &t.table == *c))
+    {
+        return Err(refused(&format!(
+            "the provider's queue carries {missing}, which is not replicated here: add it here (or remove it there) first"
+        )));
+    }
+    if tables.is_empty() {
+        return Err(refused("no table is replicated here"));
+    }
+    let others: Vec<String> = ferry_queue::consumer_info(provider.client(), Some(queue))
+        .await?
+        .into_iter()
+        .map(|c| c.consumer)
+        .filter(|c| c != consumer)
+        .collect();
+    if !others.is_empty() {
+        return Err(refused(&format!(
+            "queue \"{queue}\" has other consumers ({}): moving them along is not supported yet; switch over a pair with one subscriber",
+            others.join(", ")
+        )));
+    }
+    let seqs = store::seqs(subscriber.client(), queue).await?;
+    let names: Vec<RelName> = tables.iter().map(|t| t.table.clone()).collect();
+
+    // 2. catalogs, and most of the catching up before the downtime
+    crate::provider::install(subscriber.client_mut(), queue).await?;
+    ferry_queue::install_component(provider.client_mut(), &crate::subscriber::SUBSCRIBER).await?;
+    enter_replica_mode(subscriber.client()).await?;
+    let mut applier = Applier::default();
+    catch_up(
+        &mut provider,
+        &mut subscriber,
+        &mut applier,
+        queue,
+        consumer,
+        None,
+        options.timeout,
+    )
+    .await?;
+
+    // 3. downtime: the old provider's writers stop, the subscriber gets everything
+    let down = Instant::now();
+    guard(provider.client_mut(), queue, &names, options.lock_timeout).await?;
+    let last_tick = ferry_queue::tick(provider.client(), queue).await?;
+    catch_up(
+        &mut provider,
+        &mut subscriber,
+        &mut applier,
+        queue,
+        consumer,
+        Some(last_tick),
+        options.timeout,
+    )
+    .await?;
+    let values = crate::provider::seq_values(provider.client(), queue).await?;
+    {
+        let stx = subscriber
+            .client_mut()
+            .transaction()
+            .await
+            .context("moving the sequences")?;
+        sync_sequences(&stx, queue, &values).await?;
+        stx.commit().await.context("moving the sequences")?;
+    }
+
+    // 4. the new provider captures, and knows its first consumer
+    let start_tick = {
+        let stx = subscriber
+            .client_mut()
+            .transaction()
+            .await
+            .context("starting capture on the new provider")?;
+        for table in &names {
+            crate::provider::add_table(&stx, queue, &table.quoted()).await?;
+        }
+        for seq in &seqs {
+            crate::provider::add_seq(&stx, queue, &seq.quoted()).await?;
+        }
+        ferry_queue::register_consumer(&stx, queue, consumer).await?;
+        let start = ferry_queue::consumer_info(&stx, Some(queue))
+            .await?
+            .into_iter()
+            .find(|c| c.consumer == consumer)
+            .map(|c| c.last_tick)
+            .ok_or_else(|| ReplicaError::corrupt("the consumer registered a moment ago is gone"))?;
+        stx.commit()
+            .await
+            .context("starting capture on the new provider")?;
+        start
+    };
+
+    // 5. the old provider becomes its subscriber
+    {
+        let ptx = provider
+            .client_mut()
+            .transaction()
+            .await
+            .context("turning the old provider into a subscriber")?;
+        store::set_position(&ptx, queue, consumer, start_tick).await?;
+        for table in &names {
+            store::adopt_table(&ptx, queue, table).await?;
+            crate::provider::remove_table(&ptx, queue, &table.quoted()).await?;
+        }
+        for seq in &seqs {
+            store::add_seq(&ptx, queue, seq).await?;
+            crate::provider::remove_seq(&ptx, queue, &seq.quoted()).await?;
+        }
+        ferry_queue::unregister_consumer(&ptx, queue, consumer).await?;
+        ptx.commit()
+            .await
+            .context("turning the old provider into a subscriber")?;
+    }
+
+    // 6. the new provider takes writes
+    {
+        let stx = subscriber
+            .client_mut()
+            .transaction()
+            .await
+            .context("opening the new provider for writes")?;
+        store::forget_queue(&stx, queue).await?;
+        stx.commit()
+            .await
+            .context("opening the new provider for writes")?;
+    }
+    let downtime = down.elapsed();
+    Ok(SwitchoverReport {
+        last_tick,
+        start_tick,
+        tables: names.len(),
+        seqs: seqs.len(),
+        downtime_ms: downtime.as_secs_f64() * 1000.0,
+    })
+}
+
+/// A refusal: nothing was changed.
+fn refused(why: &str) -> ReplicaError {
+    ReplicaError::invalid_input(format!("switchover refused, nothing changed: {why}"))
+}
+
+/// Refuses while a replay of `consumer` has a session on either side: it would apply batches
+/// beside the switchover's own, and register itself again afterwards.
+async fn refuse_running_replay(
+    provider: &Session,
+    subscriber: &Session,
+    consumer: &str,
+) -> Result<(), ReplicaError> {
+    let application = format!("ferry replay {consumer}");
+    for (side, session) in [("provider", provider), ("subscriber", subscriber)] {
+        let running: bool = session
+            .client()
+            .query_one(
+                "select exists (select 1 from pg_stat_activity where application_name = $1)",
+                &[&application],
+            )
+            .await
+            .with_context(|| format!("looking for replay on the {side}"))?
+            .get(0);
+        if running {
+            return Err(refused(&format!(
+                "replay of \"{consumer}\" is connected to the {side}: stop it first (`ferry -s CONFIG`)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Puts the write guard on `tables` of the provider, in one transaction whose locks wait at
+/// most `lock_timeout` for the writers in flight.
+async fn guard(
+    provider: &mut Client,
+    queue: &str,
+    tables: &[RelName],
+    lock_timeout: Duration,
+) -> Result<(), ReplicaError> {
+    let tx = provider
+        .transaction()
+        .await
+        .context("stopping the provider's writers")?;
+    tx.batch_execute(&format!(
+        "set local lock_timeout = {}",
+        lock_timeout.as_millis().max(1)
+    ))
+    .await
+    .context("stopping the provider's writers")?;
+    for table in tables {
+        tx.execute(
+            r#"select "ferry"."subscriber_protect"(to_regclass($1), $2)"#,
+            &[&table.quoted(), &queue],
+        )
+        .await
+        .map_err(|e| {
+            ReplicaError::with_cause(
+                ErrorKind::TimedOut,
+                format!(
+                    "could not put the write guard on {table} on the provider within {} ms (long transactions hold it?): nothing changed; try again",
+                    lock_timeout.as_millis()
+                ),
+                e,
+            )
+        })?;
+    }
+    tx.commit().await.context("stopping the provider's writers")
+}
+
+/// Applies batches of `queue` to the subscriber in this process until none is left, and, given
+/// `until`, until the subscriber's position has reached that tick (at most `timeout`).
+async fn catch_up(
+    provider: &mut Session,
+    subscriber: &mut Session,
+    applier: &mut Applier,
+    queue: &str,
+    consumer: &str,
+    until: Option<i64>,
+    timeout: Duration,
+) -> Result<(), ReplicaError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let batch =
+            ferry_queue::next_batch(provider.client(), queue, consumer, Some(MAX_BATCH_EVENTS))
+                .await?;
+        let Some(batch) = batch else {
+            let position = store::position(subscriber.client(), queue).await?;
+            if until.is_none_or(|tick| position.is_some_and(|p| p >= tick)) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ReplicaError::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "the subscriber did not reach tick {} within {} s",
+                        until.unwrap_or_default(),
+                        timeout.as_secs_f64()
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        match applier
+            .apply_batch(provider.client_mut(), subscriber.client_mut(), queue, &batch)
+            .await?
+        {
+            BatchOutcome::Applied { .. } | BatchOutcome::AlreadyApplied => {}
+            BatchOutcome::Paused => {
+                return Err(refused("replay is paused here: `ferry CONFIG resume` first"))
+            }
+            BatchOutcome::OutOfStep { recorded } => {
+                return Err(ReplicaError::needs_setup(format!(
+                    "the subscriber is at tick {recorded}, which batch {} does not start from: run replay once to reconcile, then switch over",
+                    batch.id
+                )))
+            }
+        }
+    }
+}

@@ -62,6 +62,23 @@ async fn switchover_and_back_under_load() {
     pair.install_and_start_ticker();
     pair.add_everything();
     let config = londiste.to_str().unwrap();
+    // a second subscriber, which moves along with every switchover
+    let second = ferry_testkit::Cluster::shared()
+        .database("switchover_s2")
+        .await;
+    let s2 = second.conninfo.clone();
+    ferry_testkit::connect(&s2)
+        .await
+        .batch_execute(SCHEMA)
+        .await
+        .unwrap();
+    let londiste2 = pair.dir.path().join("londiste2.ini");
+    pair.write_londiste_ini(&londiste2, "test-londiste2", &second);
+    let _stop2 = KillDaemonOnDrop(londiste2.clone());
+    run(&londiste2, &["subscriber", "install"]);
+    run(&londiste2, &["subscriber", "add", "--all"]);
+    run(&londiste2, &["subscriber", "add-seq", "--all"]);
+    run(&londiste2, &["replay", "-d"]);
 
     // refused while tables copy (replay has not run yet): nothing changes
     let out = ferry(&[config, "switchover"]);
@@ -73,6 +90,7 @@ async fn switchover_and_back_under_load() {
     );
     run(&londiste, &["replay", "-d"]);
     wait_tables_ok(&londiste, Duration::from_secs(120), || pair.replay_log());
+    wait_tables_ok(&londiste2, Duration::from_secs(120), || pair.replay_log());
 
     // refused while another switchover holds its lock
     let holder = ferry_testkit::connect(&s).await;
@@ -91,6 +109,15 @@ async fn switchover_and_back_under_load() {
     run(&londiste, &["replay", "-d"]);
     run(&londiste, &["wait-sync", "--timeout", "60"]);
 
+    let states_before: String = ferry_testkit::connect(&s2)
+        .await
+        .query_one(
+            "select max(state_changed)::text from ferry.subscriber_table",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     let target = Arc::new(Mutex::new(p.clone()));
     let load = WriteLoad::start_on(target.clone(), 3).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -98,6 +125,11 @@ async fn switchover_and_back_under_load() {
     let report: serde_json::Value =
         serde_json::from_str(&run(&londiste, &["switchover", "--json"])).unwrap();
     *target.lock().unwrap() = s.clone();
+    assert_eq!(
+        report["moved"],
+        serde_json::json!(["test-londiste2"]),
+        "{report}"
+    );
     let downtime = report["downtime_ms"].as_f64().unwrap();
     eprintln!("switchover: writes refused for {downtime:.0} ms");
     assert!(downtime < 2000.0, "writes refused for {downtime} ms");
@@ -117,11 +149,17 @@ async fn switchover_and_back_under_load() {
         "no transaction committed on the new provider"
     );
     run(&reverse, &["wait-sync", "--timeout", "60"]);
-    let tables = run(&reverse, &["subscriber", "tables"]);
-    assert!(
-        tables.lines().skip(1).all(|l| l.ends_with(" ok")),
-        "copied again? {tables}"
-    );
+    // the second subscriber follows the provider by itself, with its config unchanged
+    run(&londiste2, &["wait-sync", "--timeout", "60"]);
+    for config in [&reverse, &londiste2] {
+        let tables = run(config, &["subscriber", "tables"]);
+        assert!(
+            tables.lines().skip(1).all(|l| l.ends_with(" ok")),
+            "copied again? {tables}"
+        );
+    }
+    let status = run(&londiste2, &["status"]);
+    assert!(status.contains("provider moved to"), "{status}");
 
     // and back, under the same load
     let report: serde_json::Value =
@@ -134,10 +172,37 @@ async fn switchover_and_back_under_load() {
     let committed = load.stop().await;
     assert!(committed > moved);
     run(&londiste, &["wait-sync", "--timeout", "60"]);
-    wait_identical(&p, &s, TABLES, Duration::from_secs(60), || {
-        pair.replay_log()
-    })
-    .await;
+    run(&londiste2, &["wait-sync", "--timeout", "60"]);
+    for other in [&s, &s2] {
+        wait_identical(&p, other, TABLES, Duration::from_secs(60), || {
+            pair.replay_log()
+        })
+        .await;
+    }
+    // no table was copied again anywhere: the second subscriber's states never changed, and
+    // the old provider took its tables on without a copy
+    let changed: String = ferry_testkit::connect(&s2)
+        .await
+        .query_one(
+            "select max(state_changed)::text from ferry.subscriber_table",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(changed, states_before);
+    let copied: i64 = subscriber
+        .query_one(
+            "select count(*) from ferry.subscriber_table where copied_rows is not null",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        copied, 0,
+        "the old subscriber's tables were copied when it became one again"
+    );
     common::replication::assert_sequences_caught_up(
         &p,
         &s,

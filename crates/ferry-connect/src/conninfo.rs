@@ -194,6 +194,20 @@ impl ConnInfo {
             .join(" ")
     }
 
+    /// This string resolved (see [`ConnInfo::resolve`]) and written out as `key='value' ...`
+    /// without its password: where a database is, for other ferry commands to connect to
+    /// (they find the password in `.pgpass` or a service file). Parses back to the same
+    /// parameters, minus the password.
+    pub fn location(&self) -> String {
+        self.resolve()
+            .params
+            .iter()
+            .filter(|(k, _)| k.as_str() != "password")
+            .map(|(k, v)| format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'")))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// All parameters (password included), for building a connection.
     pub(crate) fn params(&self) -> &BTreeMap<String, String> {
         &self.params
@@ -453,6 +467,22 @@ fn parse_uri(text: &str) -> Result<BTreeMap<String, String>, ConnectError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_location_parses_back_without_its_password() {
+        let info = ConnInfo::parse_with(
+            "host=db1 port=6432 dbname='my db' user=o\\'k password=secret sslmode=require",
+            &|_| None,
+        )
+        .unwrap();
+        let location = info.location();
+        assert!(!location.contains("secret"), "{location}");
+        let back = ConnInfo::parse_with(&location, &|_| None).unwrap();
+        for key in ["host", "port", "dbname", "user", "sslmode"] {
+            assert_eq!(back.get(key), info.get(key), "{key} in {location}");
+        }
+        assert_eq!(back.get("password"), None);
+    }
 
     fn no_env(_: &str) -> Option<String> {
         None

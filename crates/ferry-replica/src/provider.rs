@@ -20,6 +20,10 @@ pub const PROVIDER: Component = Component {
             version: 2,
             sql: include_str!("../../../sql/provider/0002_execute.sql"),
         },
+        Migration {
+            version: 3,
+            sql: include_str!("../../../sql/provider/0003_subscribers.sql"),
+        },
     ],
     functions: include_str!("../../../sql/provider/functions.sql"),
 };
@@ -322,6 +326,62 @@ pub struct SeqValue {
     pub is_called: bool,
     /// Its increment (negative for descending sequences).
     pub increment: i64,
+}
+
+/// Records where `consumer`'s subscriber database is (`location`, a connection string
+/// without its password).
+pub async fn record_subscriber(
+    client: &impl GenericClient,
+    queue: &str,
+    consumer: &str,
+    location: &str,
+) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            r#"insert into "ferry"."provider_subscriber" ("queue_name", "consumer", "location")
+               values ($1, $2, $3)
+               on conflict ("queue_name", "consumer") do update
+                  set "location" = excluded."location", "updated" = now()"#,
+            &[&queue, &consumer, &location],
+        )
+        .await
+        .with_context(|| format!("recording where consumer \"{consumer}\" is"))?;
+    Ok(())
+}
+
+/// Where the subscribers of `queue` are: (consumer, location), of consumers registered on
+/// the queue.
+pub async fn subscribers(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Vec<(String, String)>, ReplicaError> {
+    let rows = client
+        .query(
+            r#"select s."consumer", s."location" from "ferry"."provider_subscriber" s
+                where s."queue_name" = $1
+                  and exists (select 1 from "ferry"."get_consumer_info"($1, s."consumer"))
+                order by 1"#,
+            &[&queue],
+        )
+        .await
+        .context("reading where the subscribers are")?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Forgets where `consumer` is.
+pub async fn forget_subscriber(
+    client: &impl GenericClient,
+    queue: &str,
+    consumer: &str,
+) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            r#"delete from "ferry"."provider_subscriber" where "queue_name" = $1 and "consumer" = $2"#,
+            &[&queue, &consumer],
+        )
+        .await
+        .context("forgetting a subscriber's location")?;
+    Ok(())
 }
 
 /// Current values of the sequences registered with `queue`.

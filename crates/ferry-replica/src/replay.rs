@@ -18,7 +18,7 @@ use crate::copy::copy_table;
 use crate::error::{ReplicaError, ResultExt};
 use crate::names::RelName;
 use crate::progress::{CopyGauges, CopyReporter};
-use crate::session::open_session;
+use crate::session::open_sides;
 use crate::store::{self, BatchStep, TableState};
 use crate::subscriber;
 
@@ -82,6 +82,8 @@ impl ReplayError {
 struct Link {
     provider: Session,
     subscriber: Session,
+    /// Where the provider session went when a switchover or failover moved the provider.
+    moved_to: Option<String>,
 }
 
 /// How a round of work ended.
@@ -90,6 +92,8 @@ enum Round {
     Idle,
     /// Paused (`ferry CONFIG pause`): nothing done; wait as when idle.
     Paused,
+    /// A switchover or failover moved the provider: connect there.
+    ProviderMoved,
     /// Stopped because a stop was requested.
     Stopped,
 }
@@ -161,6 +165,10 @@ pub async fn run(
             };
             match round {
                 Ok(Round::Stopped) => break 'connect,
+                Ok(Round::ProviderMoved) => {
+                    tracing::info!(queue = %settings.queue, "the provider moved (a switchover or failover): connecting to it");
+                    continue 'connect;
+                }
                 Ok(Round::Paused) => {
                     counts.paused.set(1.0);
                     health.ok();
@@ -462,11 +470,20 @@ async fn open_link(
     settings: &ReplaySettings,
     application_name: &str,
 ) -> Result<Link, ReplicaError> {
-    let provider = open_session(&settings.provider, "provider", application_name).await?;
-    let subscriber = open_session(&settings.subscriber, "subscriber", application_name).await?;
+    let sides = open_sides(
+        &settings.provider,
+        &settings.subscriber,
+        &settings.queue,
+        application_name,
+    )
+    .await?;
+    if let Some(location) = &sides.moved_to {
+        tracing::info!(provider = %location, "the provider is where a switchover or failover moved it, not where the config says");
+    }
     Ok(Link {
-        provider,
-        subscriber,
+        provider: sides.provider,
+        subscriber: sides.subscriber,
+        moved_to: sides.moved_to,
     })
 }
 
@@ -494,6 +511,22 @@ async fn prepare(link: &mut Link, settings: &ReplaySettings) -> Result<(), Repli
         );
     }
     reconcile_position(link, settings).await?;
+    // where this subscriber is, for switchover and failover; and where the others are, for a
+    // failover when the provider is gone
+    crate::provider::record_subscriber(
+        link.provider.client(),
+        &settings.queue,
+        &settings.job_name,
+        &settings.subscriber.location(),
+    )
+    .await?;
+    let peers: Vec<(String, String)> =
+        crate::provider::subscribers(link.provider.client(), &settings.queue)
+            .await?
+            .into_iter()
+            .filter(|(consumer, _)| consumer != &settings.job_name)
+            .collect();
+    store::record_peers(link.subscriber.client_mut(), &settings.queue, &peers).await?;
     link.provider
         .client()
         .batch_execute(&format!("listen {}", ferry_queue::TICK_CHANNEL))
@@ -574,6 +607,9 @@ async fn work(
     counts: &ReplayMetrics,
 ) -> Result<Round, ReplicaError> {
     let queue = settings.queue.as_str();
+    if store::provider_location(link.subscriber.client(), queue).await? != link.moved_to {
+        return Ok(Round::ProviderMoved);
+    }
     if store::is_paused(link.subscriber.client(), queue).await? {
         return Ok(Round::Paused);
     }

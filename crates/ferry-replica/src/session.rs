@@ -30,6 +30,40 @@ pub async fn open_session(
     Ok(session)
 }
 
+/// Both sessions of a replication, and where the provider session went.
+pub struct Sides {
+    /// The provider.
+    pub provider: Session,
+    /// The subscriber.
+    pub subscriber: Session,
+    /// Where the provider was found when a switchover or failover moved it (the subscriber's
+    /// record), `None` when it is where the config says.
+    pub moved_to: Option<String>,
+}
+
+/// Connects the subscriber, then the provider: where the subscriber's store says a switchover
+/// or failover moved it, else `provider` (the config's).
+pub async fn open_sides(
+    provider: &ConnInfo,
+    subscriber: &ConnInfo,
+    queue: &str,
+    application_name: &str,
+) -> Result<Sides, ReplicaError> {
+    let subscriber = open_session(subscriber, "subscriber", application_name).await?;
+    let moved_to = crate::store::provider_location(subscriber.client(), queue).await?;
+    let target = match &moved_to {
+        Some(location) => ConnInfo::parse(location)
+            .map_err(|e| ReplicaError::connect("provider (as the subscriber records it)", e))?,
+        None => provider.clone(),
+    };
+    let provider = open_session(&target, "provider", application_name).await?;
+    Ok(Sides {
+        provider,
+        subscriber,
+        moved_to,
+    })
+}
+
 /// Puts replay's subscriber session in `session_replication_role = replica`, as native
 /// logical replication applies changes: the subscriber's ordinary triggers, rules and
 /// foreign-key actions and checks leave replicated rows alone; triggers marked `ENABLE

@@ -73,6 +73,9 @@ pub struct ReplicationStatus {
     pub last_error: Option<String>,
     /// Seconds since that error was recorded.
     pub last_error_secs_ago: Option<f64>,
+    /// Where a switchover or failover moved the provider (then the config's `provider_db`
+    /// is not used).
+    pub provider_moved_to: Option<String>,
     /// Every table added here.
     pub tables: Vec<TableLine>,
 }
@@ -121,6 +124,7 @@ pub async fn status(
         applied_secs_ago: record.applied_secs_ago,
         last_error: record.last_error,
         last_error_secs_ago: record.last_error_secs_ago,
+        provider_moved_to: store::provider_location(subscriber, queue).await?,
         tables: tables
             .iter()
             .map(|t| TableLine {

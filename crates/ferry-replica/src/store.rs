@@ -546,12 +546,100 @@ pub async fn forget_queue(client: &impl GenericClient, queue: &str) -> Result<u6
         .batch_execute(&format!(
             r#"delete from "ferry"."subscriber_seq" where "queue_name" = {q};
                delete from "ferry"."subscriber_copy_progress" where "queue_name" = {q};
+               delete from "ferry"."subscriber_peer" where "queue_name" = {q};
                delete from "ferry"."subscriber_position" where "queue_name" = {q};"#,
             q = crate::names::quote_literal(queue)
         ))
         .await
         .with_context(|| format!("forgetting queue \"{queue}\" on the subscriber"))?;
     Ok(tables.len() as u64)
+}
+
+/// Where a switchover or failover moved `queue`'s provider to, if it did (a connection
+/// string without its password). `None` also when the store is not installed (yet).
+pub async fn provider_location(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Option<String>, ReplicaError> {
+    let installed: bool = client
+        .query_one(
+            "select exists (select 1 from pg_attribute
+                             where attrelid = to_regclass('\"ferry\".\"subscriber_position\"')
+                               and attname = 'provider_location' and not attisdropped)",
+            &[],
+        )
+        .await
+        .context("looking for the provider's location")?
+        .get(0);
+    if !installed {
+        return Ok(None);
+    }
+    Ok(client
+        .query_opt(
+            r#"select "provider_location" from "ferry"."subscriber_position" where "queue_name" = $1"#,
+            &[&queue],
+        )
+        .await
+        .context("reading the provider's location")?
+        .and_then(|row| row.get(0)))
+}
+
+/// Records that `queue`'s provider is now at `location` (`None`: where the config says).
+pub async fn set_provider_location(
+    client: &impl GenericClient,
+    queue: &str,
+    location: Option<&str>,
+) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            r#"update "ferry"."subscriber_position" set "provider_location" = $2 where "queue_name" = $1"#,
+            &[&queue, &location],
+        )
+        .await
+        .context("recording the provider's location")?;
+    Ok(())
+}
+
+/// The other subscribers of `queue` as the provider last listed them: (consumer, location).
+pub async fn peers(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Vec<(String, String)>, ReplicaError> {
+    let rows = client
+        .query(
+            r#"select "consumer", "location" from "ferry"."subscriber_peer" where "queue_name" = $1 order by 1"#,
+            &[&queue],
+        )
+        .await
+        .context("reading the other subscribers")?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Replaces the list of `queue`'s other subscribers.
+pub async fn record_peers(
+    client: &mut tokio_postgres::Client,
+    queue: &str,
+    peers: &[(String, String)],
+) -> Result<(), ReplicaError> {
+    let tx = client
+        .transaction()
+        .await
+        .context("recording the other subscribers")?;
+    tx.execute(
+        r#"delete from "ferry"."subscriber_peer" where "queue_name" = $1"#,
+        &[&queue],
+    )
+    .await
+    .context("recording the other subscribers")?;
+    for (consumer, location) in peers {
+        tx.execute(
+            r#"insert into "ferry"."subscriber_peer" ("queue_name", "consumer", "location") values ($1, $2, $3)"#,
+            &[&queue, consumer, location],
+        )
+        .await
+        .context("recording the other subscribers")?;
+    }
+    tx.commit().await.context("recording the other subscribers")
 }
 
 /// Whether this subscriber replicates `queue` (its store is installed and the queue

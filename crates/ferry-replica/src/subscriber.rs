@@ -33,6 +33,10 @@ pub const SUBSCRIBER: Component = Component {
             version: 4,
             sql: include_str!("../../../sql/subscriber/0004_copy_progress.sql"),
         },
+        Migration {
+            version: 5,
+            sql: include_str!("../../../sql/subscriber/0005_locations.sql"),
+        },
     ],
     functions: include_str!("../../../sql/subscriber/functions.sql"),
 };

@@ -1,21 +1,24 @@
 //! `ferry CONFIG switchover`: the subscriber of CONFIG becomes the provider and the provider
-//! its subscriber, both servers up, nothing lost and nothing copied.
+//! its subscriber, both servers up, nothing lost and nothing copied; every other subscriber
+//! of the queue moves to the new provider.
 //!
-//! Order of work, each step safe to run again (a switchover cut short is finished by running
-//! the command again):
-//! 1. checks: replay of CONFIG not running, every table `ok`, no other consumer on the queue,
-//!    no other switchover (an advisory lock on the subscriber);
+//! Order of work:
+//! 1. checks: replay of CONFIG not running, every table `ok` here and on every other
+//!    subscriber of the queue (found where the provider records them), no other switchover
+//!    (an advisory lock on the subscriber);
 //! 2. both sides get the catalogs they will need (queue and provider here, subscriber
 //!    there), and the subscriber catches up in this process;
 //! 3. downtime begins: the provider's replicated tables get the write guard (writers get an
 //!    error naming the table, never a silent loss; taking it waits for writers in flight),
-//!    a last tick is made there, and the subscriber applies up to it: both sides identical;
-//!    sequences are moved up to the provider's;
-//! 4. the new provider captures every table into its own queue (same name) and registers the
-//!    old provider's consumer (CONFIG's `job_name`) at its latest tick, while its own tables
-//!    are still guarded, so every later write reaches the old provider;
-//! 5. the old provider becomes a subscriber: its tables `ok` at that tick (no copy), its
-//!    capture and the consumer of the old direction removed;
+//!    a last tick is made there, and this subscriber applies up to it, the others' replays
+//!    too: all identical; sequences are moved up to the provider's. A failure here lifts the
+//!    guard again: nothing changed;
+//! 4. the new provider captures every table into its own queue (same name) and registers
+//!    every consumer (CONFIG's `job_name` for the old provider, the others' own) at its
+//!    latest tick, while its own tables are still guarded, so every later write reaches them;
+//! 5. the other subscribers move along (their position that tick, their provider the new one:
+//!    their replays reconnect there), then the old provider becomes a subscriber: its tables
+//!    `ok` at that tick (no copy), its capture and consumers removed;
 //! 6. the new provider's guard and subscriber records go: downtime ends.
 
 use std::time::{Duration, Instant};
@@ -27,7 +30,7 @@ use crate::apply::{sync_sequences, Applier, BatchOutcome};
 use crate::error::{ErrorKind, ReplicaError, ResultExt};
 use crate::names::RelName;
 use crate::replay::ReplaySettings;
-use crate::session::{enter_replica_mode, open_session};
+use crate::session::{enter_replica_mode, open_session, open_sides};
 use crate::store::{self, TableState};
 
 /// Most events one batch may span while catching up.
@@ -40,24 +43,34 @@ const SWITCHOVER_LOCK: i64 = 0x0066_6572_7279;
 pub struct SwitchoverOptions {
     /// Longest wait for the lock that puts the write guard on the provider's tables.
     pub lock_timeout: Duration,
-    /// Longest wait for the subscriber to catch up.
+    /// Longest wait for the subscribers to catch up.
     pub timeout: Duration,
 }
 
 /// What a switchover did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SwitchoverReport {
-    /// The old provider's last tick, applied on the new provider before it took writes.
+    /// The old provider's last tick, applied on every subscriber before the new provider
+    /// took writes.
     pub last_tick: i64,
-    /// The new provider's tick the old provider's consumer starts from.
+    /// The new provider's tick its consumers start from.
     pub start_tick: i64,
-    /// Tables and sequences that changed direction.
+    /// Tables that changed direction.
     pub tables: usize,
-    /// Sequences moved.
+    /// Sequences that changed direction.
     pub seqs: usize,
     /// Milliseconds between the write guard on the old provider and writes allowed on the
     /// new one: the application's downtime.
     pub downtime_ms: f64,
+    /// The other subscribers, which moved along.
+    pub moved: Vec<String>,
+}
+
+/// Another subscriber of the queue: it moves to the new provider with it.
+struct Other {
+    consumer: String,
+    location: String,
+    session: Session,
 }
 
 /// Turns replication of `settings` around: see the module's documentation.
@@ -67,8 +80,13 @@ pub async fn switchover(
 ) -> Result<SwitchoverReport, ReplicaError> {
     let (queue, consumer) = (settings.queue.as_str(), settings.job_name.as_str());
     let name = format!("ferry switchover {consumer}");
-    let mut provider = open_session(&settings.provider, "provider", &name).await?;
-    let mut subscriber = open_session(&settings.subscriber, "subscriber", &name).await?;
+    let sides = open_sides(&settings.provider, &settings.subscriber, queue, &name).await?;
+    let old_location = match &sides.moved_to {
+        Some(location) => location.clone(),
+        None => settings.provider.location(),
+    };
+    let new_location = settings.subscriber.location();
+    let (mut provider, mut subscriber) = (sides.provider, sides.subscriber);
     crate::provider::require_installed(provider.client()).await?;
     crate::subscriber::require_installed(subscriber.client(), queue).await?;
 
@@ -92,6 +110,9 @@ pub async fn switchover(
             t.table, t.state
         )));
     }
+    if tables.is_empty() {
+        return Err(refused("no table is replicated here"));
+    }
     let carried = crate::provider::tables(provider.client(), queue).await?;
     if let Some(missing) = carried
         .iter()
@@ -101,21 +122,7 @@ pub async fn switchover(
             "the provider's queue carries {missing}, which is not replicated here: add it here (or remove it there) first"
         )));
     }
-    if tables.is_empty() {
-        return Err(refused("no table is replicated here"));
-    }
-    let others: Vec<String> = ferry_queue::consumer_info(provider.client(), Some(queue))
-        .await?
-        .into_iter()
-        .map(|c| c.consumer)
-        .filter(|c| c != consumer)
-        .collect();
-    if !others.is_empty() {
-        return Err(refused(&format!(
-            "queue \"{queue}\" has other consumers ({}): moving them along is not supported yet; switch over a pair with one subscriber",
-            others.join(", ")
-        )));
-    }
+    let mut others = other_subscribers(&provider, queue, consumer, &name).await?;
     let seqs = store::seqs(subscriber.client(), queue).await?;
     let names: Vec<RelName> = tables.iter().map(|t| t.table.clone()).collect();
 
@@ -135,32 +142,41 @@ pub async fn switchover(
     )
     .await?;
 
-    // 3. downtime: the old provider's writers stop, the subscriber gets everything
+    // 3. downtime: the old provider's writers stop, every subscriber gets everything
     let down = Instant::now();
-    guard(provider.client_mut(), queue, &names, options.lock_timeout).await?;
-    let last_tick = ferry_queue::tick(provider.client(), queue).await?;
-    catch_up(
+    guard(
+        provider.client_mut(),
+        &names,
+        Some(queue),
+        options.lock_timeout,
+    )
+    .await?;
+    let drained = drain(
         &mut provider,
         &mut subscriber,
         &mut applier,
+        &others,
         queue,
         consumer,
-        Some(last_tick),
         options.timeout,
     )
-    .await?;
-    let values = crate::provider::seq_values(provider.client(), queue).await?;
-    {
-        let stx = subscriber
-            .client_mut()
-            .transaction()
-            .await
-            .context("moving the sequences")?;
-        sync_sequences(&stx, queue, &values).await?;
-        stx.commit().await.context("moving the sequences")?;
-    }
+    .await;
+    let last_tick = match drained {
+        Ok(tick) => tick,
+        Err(error) => {
+            // nothing has changed direction yet: the old provider takes writes again
+            let lifted = guard(provider.client_mut(), &names, None, options.lock_timeout).await;
+            if let Err(e) = lifted {
+                tracing::error!(
+                    error = %ferry_daemon::logging::one_line(&e),
+                    "could not lift the write guard from the provider's tables after a failed switchover: run `ferry CONFIG switchover` again, or `select ferry.subscriber_protect(TABLE::regclass, null)` for each table there"
+                );
+            }
+            return Err(error);
+        }
+    };
 
-    // 4. the new provider captures, and knows its first consumer
+    // 4. the new provider captures, and knows its consumers
     let start_tick = {
         let stx = subscriber
             .client_mut()
@@ -174,6 +190,9 @@ pub async fn switchover(
             crate::provider::add_seq(&stx, queue, &seq.quoted()).await?;
         }
         ferry_queue::register_consumer(&stx, queue, consumer).await?;
+        for other in &others {
+            ferry_queue::register_consumer(&stx, queue, &other.consumer).await?;
+        }
         let start = ferry_queue::consumer_info(&stx, Some(queue))
             .await?
             .into_iter()
@@ -186,7 +205,29 @@ pub async fn switchover(
         start
     };
 
-    // 5. the old provider becomes its subscriber
+    // 5. the other subscribers follow (before the old provider forgets them, so that a replay
+    // reconnecting meanwhile finds its consumer where it looks), then the old provider
+    for other in &mut others {
+        let tx = other
+            .session
+            .client_mut()
+            .transaction()
+            .await
+            .with_context(|| format!("moving subscriber \"{}\" along", other.consumer))?;
+        // locked: its replay applies no batch of the old provider's meanwhile
+        let (position, _) = store::lock_position(&tx, queue).await?;
+        if position.is_none_or(|p| p < last_tick) {
+            return Err(ReplicaError::corrupt(format!(
+                "subscriber \"{}\" went back from tick {last_tick} to {position:?}",
+                other.consumer
+            )));
+        }
+        store::set_position(&tx, queue, &other.consumer, start_tick).await?;
+        store::set_provider_location(&tx, queue, Some(&new_location)).await?;
+        tx.commit()
+            .await
+            .with_context(|| format!("moving subscriber \"{}\" along", other.consumer))?;
+    }
     {
         let ptx = provider
             .client_mut()
@@ -194,6 +235,7 @@ pub async fn switchover(
             .await
             .context("turning the old provider into a subscriber")?;
         store::set_position(&ptx, queue, consumer, start_tick).await?;
+        store::set_provider_location(&ptx, queue, Some(&new_location)).await?;
         for table in &names {
             store::adopt_table(&ptx, queue, table).await?;
             crate::provider::remove_table(&ptx, queue, &table.quoted()).await?;
@@ -202,7 +244,10 @@ pub async fn switchover(
             store::add_seq(&ptx, queue, seq).await?;
             crate::provider::remove_seq(&ptx, queue, &seq.quoted()).await?;
         }
-        ferry_queue::unregister_consumer(&ptx, queue, consumer).await?;
+        for gone in std::iter::once(consumer).chain(others.iter().map(|o| o.consumer.as_str())) {
+            ferry_queue::unregister_consumer(&ptx, queue, gone).await?;
+            crate::provider::forget_subscriber(&ptx, queue, gone).await?;
+        }
         ptx.commit()
             .await
             .context("turning the old provider into a subscriber")?;
@@ -216,6 +261,12 @@ pub async fn switchover(
             .await
             .context("opening the new provider for writes")?;
         store::forget_queue(&stx, queue).await?;
+        // where its subscribers are, for the next switchover
+        crate::provider::record_subscriber(&stx, queue, consumer, &old_location).await?;
+        for other in &others {
+            crate::provider::record_subscriber(&stx, queue, &other.consumer, &other.location)
+                .await?;
+        }
         stx.commit()
             .await
             .context("opening the new provider for writes")?;
@@ -227,7 +278,104 @@ pub async fn switchover(
         tables: names.len(),
         seqs: seqs.len(),
         downtime_ms: downtime.as_secs_f64() * 1000.0,
+        moved: others.iter().map(|o| o.consumer.clone()).collect(),
     })
+}
+
+/// Connects to every other subscriber of `queue` (where the provider records them) and checks
+/// each can move along: its store installed, its tables `ok`.
+async fn other_subscribers(
+    provider: &Session,
+    queue: &str,
+    consumer: &str,
+    application_name: &str,
+) -> Result<Vec<Other>, ReplicaError> {
+    let located = crate::provider::subscribers(provider.client(), queue).await?;
+    let mut others = Vec::new();
+    for info in ferry_queue::consumer_info(provider.client(), Some(queue)).await? {
+        if info.consumer == consumer {
+            continue;
+        }
+        let Some((_, location)) = located.iter().find(|(c, _)| *c == info.consumer) else {
+            return Err(refused(&format!(
+                "consumer \"{}\" of queue \"{queue}\" has no recorded location (its replay records it when it starts): start its replay once, or unregister it",
+                info.consumer
+            )));
+        };
+        let conninfo = ferry_connect::ConnInfo::parse(location)
+            .map_err(|e| ReplicaError::connect(&format!("subscriber {}", info.consumer), e))?;
+        let session = open_session(&conninfo, "subscriber", application_name).await?;
+        crate::subscriber::require_installed(session.client(), queue).await?;
+        if let Some(t) = store::tables(session.client(), queue)
+            .await?
+            .into_iter()
+            .find(|t| t.state != TableState::Ok)
+        {
+            return Err(refused(&format!(
+                "table {} is {} on subscriber \"{}\": switch over once it is ok",
+                t.table, t.state, info.consumer
+            )));
+        }
+        others.push(Other {
+            consumer: info.consumer,
+            location: location.clone(),
+            session,
+        });
+    }
+    Ok(others)
+}
+
+/// With the provider's writers stopped: a last tick, applied here in this process and by
+/// every other subscriber's replay; the sequences moved up. Returns that tick.
+async fn drain(
+    provider: &mut Session,
+    subscriber: &mut Session,
+    applier: &mut Applier,
+    others: &[Other],
+    queue: &str,
+    consumer: &str,
+    timeout: Duration,
+) -> Result<i64, ReplicaError> {
+    let last_tick = ferry_queue::tick(provider.client(), queue).await?;
+    catch_up(
+        provider,
+        subscriber,
+        applier,
+        queue,
+        consumer,
+        Some(last_tick),
+        timeout,
+    )
+    .await?;
+    let values = crate::provider::seq_values(provider.client(), queue).await?;
+    let stx = subscriber
+        .client_mut()
+        .transaction()
+        .await
+        .context("moving the sequences")?;
+    sync_sequences(&stx, queue, &values).await?;
+    stx.commit().await.context("moving the sequences")?;
+    let deadline = Instant::now() + timeout;
+    for other in others {
+        loop {
+            let position = store::position(other.session.client(), queue).await?;
+            if position.is_some_and(|p| p >= last_tick) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(ReplicaError::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "subscriber \"{}\" did not apply tick {last_tick} within {} s (is its replay running?): nothing changed; the provider takes writes again",
+                        other.consumer,
+                        timeout.as_secs_f64()
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(last_tick)
 }
 
 /// A refusal: nothing was changed.
@@ -262,12 +410,12 @@ async fn refuse_running_replay(
     Ok(())
 }
 
-/// Puts the write guard on `tables` of the provider, in one transaction whose locks wait at
-/// most `lock_timeout` for the writers in flight.
+/// Puts the write guard of `queue` on `tables` of the provider (`None`: lifts it), in one
+/// transaction whose locks wait at most `lock_timeout` for the writers in flight.
 async fn guard(
     provider: &mut Client,
-    queue: &str,
     tables: &[RelName],
+    queue: Option<&str>,
     lock_timeout: Duration,
 ) -> Result<(), ReplicaError> {
     let tx = provider

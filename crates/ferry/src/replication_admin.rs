@@ -42,12 +42,21 @@ where
     runtime
         .block_on(async {
             let name = format!("ferry admin {}", settings.job_name);
-            let provider =
-                ferry_replica::open_session(&settings.provider, "provider", &name).await?;
-            let subscriber = if with_subscriber {
-                Some(ferry_replica::open_session(&settings.subscriber, "subscriber", &name).await?)
+            let (provider, subscriber) = if with_subscriber {
+                // the provider where a switchover or failover moved it, if it did
+                let sides = ferry_replica::session::open_sides(
+                    &settings.provider,
+                    &settings.subscriber,
+                    &settings.queue,
+                    &name,
+                )
+                .await?;
+                (sides.provider, Some(sides.subscriber))
             } else {
-                None
+                (
+                    ferry_replica::open_session(&settings.provider, "provider", &name).await?,
+                    None,
+                )
             };
             work(Sides {
                 settings,
@@ -141,6 +150,9 @@ pub fn status(config: &Path, json: bool) -> Result<(), Failure> {
             .map_or_else(|| "nothing yet".to_string(), |t| format!("tick {t}")),
         secs(Some(status.applied_secs_ago))
     );
+    if let Some(location) = &status.provider_moved_to {
+        println!("  provider moved to {location} (a switchover or failover; the config's provider_db is not used)");
+    }
     match &status.last_error {
         Some(error) => println!(
             "  last error ({} ago): {error}",
@@ -485,18 +497,25 @@ pub fn switchover(
         report.downtime_ms
     );
     println!(
-        "  the old provider applied everything up to its tick {}; the new provider's queue \"{}\" starts at tick {}",
+        "  every subscriber applied everything up to the old provider's tick {}; the new provider's queue \"{}\" starts at tick {}",
         report.last_tick, settings.queue, report.start_tick
     );
+    if !report.moved.is_empty() {
+        println!(
+            "  moved to the new provider with no copy (their replays reconnect by themselves): {}",
+            report.moved.join(", ")
+        );
+    }
     println!("next:");
     println!(
         "  point the application (or pgpool's backend) at the new provider, which takes writes now"
     );
     println!("  run a ticker on the new provider: a [pgqadm] config with db = its connection string, `ferry TICKER.ini ticker -d`");
     println!(
-        "  swap provider_db and subscriber_db in {} (same job_name and queue) and start `replay -d` with it",
+        "  start replay into the old provider: {} with subscriber_db = the old provider and provider_db = the new one (same job_name and queue), `replay -d`",
         config.display()
     );
+    println!("  the other subscribers' configs may keep their provider_db: their store records where the provider is now (`status` shows it)");
     Ok(())
 }
 

@@ -153,9 +153,20 @@ impl Plan {
 /// Opens the three sessions (named `ferry WHAT JOB`) and checks both sides are installed.
 async fn open(settings: &ReplaySettings, what: &str) -> Result<Sessions, ReplicaError> {
     let name = format!("ferry {what} {}", settings.job_name);
-    let locker = open_session(&settings.provider, "provider", &name).await?;
-    let reader = open_session(&settings.provider, "provider", &name).await?;
-    let subscriber = open_session(&settings.subscriber, "subscriber", &name).await?;
+    let sides = crate::session::open_sides(
+        &settings.provider,
+        &settings.subscriber,
+        &settings.queue,
+        &name,
+    )
+    .await?;
+    let (locker, subscriber) = (sides.provider, sides.subscriber);
+    let provider = match &sides.moved_to {
+        Some(location) => ferry_connect::ConnInfo::parse(location)
+            .map_err(|e| ReplicaError::connect("provider", e))?,
+        None => settings.provider.clone(),
+    };
+    let reader = open_session(&provider, "provider", &name).await?;
     crate::provider::require_installed(locker.client()).await?;
     crate::subscriber::require_installed(subscriber.client(), &settings.queue).await?;
     Ok(Sessions {

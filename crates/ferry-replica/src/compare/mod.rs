@@ -135,7 +135,7 @@ struct Sessions {
 }
 
 /// A table as both sides are read: its key and the replicated columns.
-struct Plan {
+pub(crate) struct Plan {
     table: RelName,
     /// The primary key's column names.
     keys: Vec<String>,
@@ -221,62 +221,74 @@ async fn plan(
             ))
             .about(table));
         }
-        let source = table_shape(sessions.locker.client(), table)
-            .await?
-            .ok_or_else(|| {
-                ReplicaError::invalid_input(format!("table {table} does not exist on the provider"))
-                    .about(table)
-            })?;
-        let target = table_shape(sessions.subscriber.client(), table)
-            .await?
-            .ok_or_else(|| {
-                ReplicaError::schema_mismatch(format!(
-                    "table {table} does not exist on the subscriber"
-                ))
-                .about(table)
-            })?;
-        let columns: Vec<Column> = source
-            .columns
-            .iter()
-            .filter(|c| !c.generated)
-            .cloned()
-            .collect();
-        if let Some(missing) = columns.iter().find(|c| target.column(&c.name).is_none()) {
-            return Err(ReplicaError::schema_mismatch(format!(
-                "column {} of table {table} is missing on the subscriber",
-                quote_ident(&missing.name)
-            ))
-            .about(table));
-        }
-        let keys: Vec<String> = source
-            .primary_key()
-            .into_iter()
-            .map(str::to_string)
-            .collect();
-        if keys.is_empty() {
-            return Err(ReplicaError::schema_mismatch(format!(
-                "table {table} has no primary key on the provider"
-            ))
-            .about(table));
-        }
-        let key_order = keys
-            .iter()
-            .map(|k| KeyColumn {
-                name: k.clone(),
-                order: KeyOrder::of(
-                    &source.column(k).expect("a key column").cast_type,
-                    &target.column(k).expect("checked above").cast_type,
-                ),
-            })
-            .collect();
-        plans.push(Plan {
-            table: table.clone(),
-            keys,
-            key_order,
-            columns,
-        });
+        plans.push(
+            plan_table(
+                sessions.locker.client(),
+                sessions.subscriber.client(),
+                table,
+            )
+            .await?,
+        );
     }
     Ok(plans)
+}
+
+/// How `table` is compared from `source_client`'s side (the provider's, or whichever side
+/// is right) to `target_client`'s: the source's columns (all but generated ones), which the
+/// target must have, and its primary key.
+pub(crate) async fn plan_table(
+    source_client: &tokio_postgres::Client,
+    target_client: &tokio_postgres::Client,
+    table: &RelName,
+) -> Result<Plan, ReplicaError> {
+    let source = table_shape(source_client, table).await?.ok_or_else(|| {
+        ReplicaError::invalid_input(format!("table {table} does not exist on the provider"))
+            .about(table)
+    })?;
+    let target = table_shape(target_client, table).await?.ok_or_else(|| {
+        ReplicaError::schema_mismatch(format!("table {table} does not exist on the subscriber"))
+            .about(table)
+    })?;
+    let columns: Vec<Column> = source
+        .columns
+        .iter()
+        .filter(|c| !c.generated)
+        .cloned()
+        .collect();
+    if let Some(missing) = columns.iter().find(|c| target.column(&c.name).is_none()) {
+        return Err(ReplicaError::schema_mismatch(format!(
+            "column {} of table {table} is missing on the subscriber",
+            quote_ident(&missing.name)
+        ))
+        .about(table));
+    }
+    let keys: Vec<String> = source
+        .primary_key()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    if keys.is_empty() {
+        return Err(ReplicaError::schema_mismatch(format!(
+            "table {table} has no primary key on the provider"
+        ))
+        .about(table));
+    }
+    let key_order = keys
+        .iter()
+        .map(|k| KeyColumn {
+            name: k.clone(),
+            order: KeyOrder::of(
+                &source.column(k).expect("a key column").cast_type,
+                &target.column(k).expect("checked above").cast_type,
+            ),
+        })
+        .collect();
+    Ok(Plan {
+        table: table.clone(),
+        keys,
+        key_order,
+        columns,
+    })
 }
 
 /// The consistent point (see [`point`]) for `plans`' tables: the tick, the provider's read
@@ -496,15 +508,40 @@ pub async fn repair(
             .await
             .context("starting the repair")?;
     }
+    let repaired = repair_tables(&ptx, &stx, &plans, apply, &mut listed).await?;
+    if apply {
+        stx.commit()
+            .await
+            .context("committing the repair on the subscriber")?;
+    }
+    Ok(Repair {
+        tick: tick.id,
+        lock_held_ms: tick.lock_held.as_secs_f64() * 1000.0,
+        applied: apply,
+        tables: repaired,
+    })
+}
+
+/// Lists the rows of `plans`' tables that differ between the source read in `ptx` and the
+/// target read in `stx` (calling `listed` for each) and, with `apply`, fixes them in `stx`
+/// through replay's write path (the caller commits it, in replay's session mode with
+/// `ferry.replay` on).
+pub(crate) async fn repair_tables(
+    ptx: &Transaction<'_>,
+    stx: &Transaction<'_>,
+    plans: &[Plan],
+    apply: bool,
+    listed: &mut impl FnMut(&RowDifference<'_>),
+) -> Result<Vec<TableRepair>, ReplicaError> {
     let mut applier = Applier::default();
     let mut repaired = Vec::new();
-    for plan in &plans {
+    for plan in plans {
         let mut counts = TableRepair {
             table: plan.table.to_string(),
             ..TableRepair::default()
         };
         let mut pending: Vec<(Vec<String>, Difference)> = Vec::new();
-        let mut merge = Merge::open(&ptx, &stx, plan).await?;
+        let mut merge = Merge::open(ptx, stx, plan).await?;
         while let Some((p, s, difference)) = merge.next().await? {
             let Some(difference) = difference else {
                 continue;
@@ -523,24 +560,14 @@ pub async fn repair(
             if apply {
                 pending.push((key, difference));
                 if pending.len() >= FIX_BATCH {
-                    fix_rows(&ptx, &stx, &mut applier, plan, &mut pending).await?;
+                    fix_rows(ptx, stx, &mut applier, plan, &mut pending).await?;
                 }
             }
         }
-        fix_rows(&ptx, &stx, &mut applier, plan, &mut pending).await?;
+        fix_rows(ptx, stx, &mut applier, plan, &mut pending).await?;
         repaired.push(counts);
     }
-    if apply {
-        stx.commit()
-            .await
-            .context("committing the repair on the subscriber")?;
-    }
-    Ok(Repair {
-        tick: tick.id,
-        lock_held_ms: tick.lock_held.as_secs_f64() * 1000.0,
-        applied: apply,
-        tables: repaired,
-    })
+    Ok(repaired)
 }
 
 /// Fixes `pending` rows of `plan`'s table on the subscriber (`stx`) from the provider's rows

@@ -106,7 +106,7 @@ async fn switchover_and_back_under_load() {
         "{stderr}"
     );
     drop(holder);
-    run(&londiste, &["replay", "-d"]);
+    // refused switchovers changed nothing: replay still runs
     run(&londiste, &["wait-sync", "--timeout", "60"]);
 
     let states_before: String = ferry_testkit::connect(&s2)
@@ -209,4 +209,196 @@ async fn switchover_and_back_under_load() {
         &["table1_id_seq", "table3_id_seq", "extra_seq"],
     )
     .await;
+}
+
+/// The provider killed (immediate stop) under load, with one subscriber paused behind the
+/// other: failover refused while the provider answers and while the other subscriber is
+/// ahead, then forced (the one ahead repaired to the new provider's rows, no copy); the load
+/// goes on on the new provider and the other subscriber follows by itself; the old provider
+/// started again and rejoined: exactly the transactions it committed that the new provider
+/// never got are in the lost-transactions file, and every node ends identical. A rejoin of a
+/// node that was never the provider is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_and_rejoin_under_load() {
+    let provider_cluster = ferry_testkit::Cluster::start().expect("provider cluster");
+    let marks = "create table marks (n int primary key);";
+    let schema = format!("{SCHEMA}{marks}");
+    let pair = Pair::on_clusters(
+        "failover",
+        &schema,
+        Some(&schema),
+        &provider_cluster,
+        ferry_testkit::Cluster::shared(),
+    )
+    .await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let (p, s) = (
+        pair.provider.conninfo.clone(),
+        pair.subscriber.conninfo.clone(),
+    );
+    let second = ferry_testkit::Cluster::shared()
+        .database("failover_s2")
+        .await;
+    let s2 = second.conninfo.clone();
+    ferry_testkit::connect(&s2)
+        .await
+        .batch_execute(&schema)
+        .await
+        .unwrap();
+    let londiste2 = pair.dir.path().join("londiste2.ini");
+    pair.write_londiste_ini(&londiste2, "test-londiste2", &second);
+    let rejoin = reversed_ini(&pair, "rejoin", &s, &p);
+    let never = reversed_ini(&pair, "never", &s, &s2);
+    let ticker_s = pair.dir.path().join("ticker_s.ini");
+    std::fs::write(
+        &ticker_s,
+        format!(
+            "[pgqadm]\njob_name = ticker-s\ndb = {s}\nloop_delay = 0.05\nmaint_delay = 600\n\
+             logfile = %(job_name)s.log\npidfile = %(job_name)s.pid\n"
+        ),
+    )
+    .unwrap();
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+        KillDaemonOnDrop(londiste2.clone()),
+        KillDaemonOnDrop(rejoin.clone()),
+        KillDaemonOnDrop(ticker_s.clone()),
+    ];
+    ferry_testkit::connect(&p)
+        .await
+        .batch_execute(SEED_DATA)
+        .await
+        .unwrap();
+    pair.install_and_start_ticker();
+    pair.add_everything();
+    run(&londiste2, &["subscriber", "install"]);
+    run(&londiste2, &["subscriber", "add", "--all"]);
+    run(&londiste2, &["subscriber", "add-seq", "--all"]);
+    run(&londiste, &["replay", "-d"]);
+    run(&londiste2, &["replay", "-d"]);
+    wait_tables_ok(&londiste, Duration::from_secs(120), || pair.replay_log());
+    wait_tables_ok(&londiste2, Duration::from_secs(120), || pair.replay_log());
+    let config = londiste.to_str().unwrap();
+
+    let target = Arc::new(Mutex::new(p.clone()));
+    let load = WriteLoad::start_on(target.clone(), 2).await;
+    // marks committed durably, one per transaction: the test knows exactly which exist
+    let marker = ferry_testkit::connect(&p).await;
+    marker
+        .batch_execute("set synchronous_commit = on")
+        .await
+        .unwrap();
+    let mark = |from: i32, to: i32| {
+        let marker = &marker;
+        async move {
+            for n in from..=to {
+                marker
+                    .execute("insert into marks values ($1)", &[&n])
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    mark(1, 100).await;
+    run(&londiste, &["wait-sync", "--timeout", "60"]);
+    run(&londiste2, &["wait-sync", "--timeout", "60"]);
+
+    // refused while the provider answers
+    let out = ferry(&[config, "failover"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("failover refused, nothing changed: the provider answers"),
+        "{stderr}"
+    );
+
+    // the first subscriber falls behind the second, then the provider dies
+    run(&londiste, &["pause"]);
+    pair.wait_for_replay_line(&["replay paused"], Duration::from_secs(10))
+        .await;
+    mark(101, 200).await;
+    run(&londiste2, &["wait-sync", "--timeout", "60"]);
+    provider_cluster
+        .stop(ferry_testkit::StopMode::Immediate)
+        .unwrap();
+
+    let out = ferry(&[config, "failover"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("subscriber \"test-londiste2\" has applied more"),
+        "{stderr}"
+    );
+    let failed_over = run(&londiste, &["failover", "--force"]);
+    assert!(
+        failed_over.contains("failed over: this node captures"),
+        "{failed_over}"
+    );
+    for n in [101, 150, 200] {
+        assert!(
+            failed_over.contains(&format!(
+                "test-londiste2: public.marks n={n} extra (repaired)"
+            )),
+            "{failed_over}"
+        );
+    }
+    *target.lock().unwrap() = s.clone();
+    run(&ticker_s, &["ticker", "-d"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let on_new = load.committed();
+
+    // the old provider comes back; a node that never was one cannot rejoin
+    provider_cluster.restart().unwrap();
+    let out = ferry(&[
+        never.to_str().unwrap(),
+        "rejoin",
+        "--lost-file",
+        "/dev/null",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("was never the provider"), "{stderr}");
+    let lost_file = pair.dir.path().join("lost.jsonl");
+    let rejoined = run(
+        &rejoin,
+        &["rejoin", "--lost-file", lost_file.to_str().unwrap()],
+    );
+    assert!(rejoined.contains("rejoined as a subscriber"), "{rejoined}");
+    let lost: Vec<serde_json::Value> = std::fs::read_to_string(&lost_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut lost_marks: Vec<i64> = lost
+        .iter()
+        .filter(|l| l["table"] == r#""public"."marks""# && l["change"] == "insert")
+        .map(|l| l["row"]["n"].as_i64().unwrap())
+        .collect();
+    lost_marks.sort();
+    assert_eq!(lost_marks, (101..=200).collect::<Vec<i64>>());
+    run(&rejoin, &["replay", "-d"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let committed = load.stop().await;
+    assert!(
+        committed > on_new,
+        "the load did not go on on the new provider"
+    );
+    run(&rejoin, &["wait-sync", "--timeout", "60"]);
+    run(&londiste2, &["wait-sync", "--timeout", "60"]);
+    let mut all: Vec<&str> = TABLES.to_vec();
+    all.push("marks");
+    for other in [&p, &s2] {
+        wait_identical(&s, other, &all, Duration::from_secs(60), || {
+            pair.replay_log()
+        })
+        .await;
+    }
+    let marks_now: i64 = ferry_testkit::connect(&p)
+        .await
+        .query_one("select count(*) from marks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(marks_now, 100, "the lost marks were applied after all");
 }

@@ -14,6 +14,7 @@ mod copy;
 mod error;
 pub mod event;
 pub mod execute;
+pub mod failover;
 pub mod names;
 pub mod progress;
 pub mod provider;

@@ -24,6 +24,10 @@ pub const PROVIDER: Component = Component {
             version: 3,
             sql: include_str!("../../../sql/provider/0003_subscribers.sql"),
         },
+        Migration {
+            version: 4,
+            sql: include_str!("../../../sql/provider/0004_failover.sql"),
+        },
     ],
     functions: include_str!("../../../sql/provider/functions.sql"),
 };
@@ -366,6 +370,56 @@ pub async fn subscribers(
         .await
         .context("reading where the subscribers are")?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Records that `queue` here was made by a failover from the provider at `old_location`,
+/// whose tick `old_tick` was the last applied here.
+pub async fn record_failover(
+    client: &impl GenericClient,
+    queue: &str,
+    old_location: &str,
+    old_tick: i64,
+) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            r#"insert into "ferry"."provider_failover" ("queue_name", "old_location", "old_tick")
+               values ($1, $2, $3)
+               on conflict ("queue_name") do update
+                  set "old_location" = excluded."old_location", "old_tick" = excluded."old_tick",
+                      "failed_over_at" = now()"#,
+            &[&queue, &old_location, &old_tick],
+        )
+        .await
+        .context("recording the failover")?;
+    Ok(())
+}
+
+/// Where `queue` here came from by a failover: (old provider's location, its last tick
+/// applied here), if it did.
+pub async fn failover_origin(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<Option<(String, i64)>, ReplicaError> {
+    Ok(client
+        .query_opt(
+            r#"select "old_location", "old_tick" from "ferry"."provider_failover" where "queue_name" = $1"#,
+            &[&queue],
+        )
+        .await
+        .context("reading the failover's record")?
+        .map(|r| (r.get(0), r.get(1))))
+}
+
+/// Forgets how `queue` here came to be (the old provider has rejoined).
+pub async fn forget_failover(client: &impl GenericClient, queue: &str) -> Result<(), ReplicaError> {
+    client
+        .execute(
+            r#"delete from "ferry"."provider_failover" where "queue_name" = $1"#,
+            &[&queue],
+        )
+        .await
+        .context("forgetting the failover")?;
+    Ok(())
 }
 
 /// Forgets where `consumer` is.

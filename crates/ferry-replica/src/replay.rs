@@ -192,6 +192,9 @@ pub async fn run(
                         ticker_checked = Instant::now();
                         watch_ticker(&link, &settings.queue, &mut ticker_silent).await;
                         observe_lag(&link, &settings, &counts).await;
+                        if let Err(e) = record_peers(&mut link, &settings).await {
+                            tracing::debug!(error = %report(&e), "could not record the other subscribers");
+                        }
                     }
                 }
                 Err(error) => {
@@ -511,8 +514,7 @@ async fn prepare(link: &mut Link, settings: &ReplaySettings) -> Result<(), Repli
         );
     }
     reconcile_position(link, settings).await?;
-    // where this subscriber is, for switchover and failover; and where the others are, for a
-    // failover when the provider is gone
+    // where this subscriber is, for switchover and failover
     crate::provider::record_subscriber(
         link.provider.client(),
         &settings.queue,
@@ -520,18 +522,27 @@ async fn prepare(link: &mut Link, settings: &ReplaySettings) -> Result<(), Repli
         &settings.subscriber.location(),
     )
     .await?;
+    record_peers(link, settings).await?;
+    link.provider
+        .client()
+        .batch_execute(&format!("listen {}", ferry_queue::TICK_CHANNEL))
+        .await
+        .context("listening for ticks")?;
+    Ok(())
+}
+
+/// Copies the provider's list of the queue's other subscribers to the subscriber: a failover
+/// reads it there when the provider is gone. Done at start and every idle check.
+async fn record_peers(link: &mut Link, settings: &ReplaySettings) -> Result<(), ReplicaError> {
     let peers: Vec<(String, String)> =
         crate::provider::subscribers(link.provider.client(), &settings.queue)
             .await?
             .into_iter()
             .filter(|(consumer, _)| consumer != &settings.job_name)
             .collect();
-    store::record_peers(link.subscriber.client_mut(), &settings.queue, &peers).await?;
-    link.provider
-        .client()
-        .batch_execute(&format!("listen {}", ferry_queue::TICK_CHANNEL))
-        .await
-        .context("listening for ticks")?;
+    if store::peers(link.subscriber.client(), &settings.queue).await? != peers {
+        store::record_peers(link.subscriber.client_mut(), &settings.queue, &peers).await?;
+    }
     Ok(())
 }
 

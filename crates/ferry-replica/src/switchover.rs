@@ -35,8 +35,9 @@ use crate::store::{self, TableState};
 
 /// Most events one batch may span while catching up.
 const MAX_BATCH_EVENTS: i64 = 100_000;
-/// The advisory lock key a switchover holds on the new provider (`ferry` in ASCII).
-const SWITCHOVER_LOCK: i64 = 0x0066_6572_7279;
+/// The advisory lock key a switchover, failover or rejoin holds on the node it promotes
+/// (`ferry` in ASCII): one such change at a time.
+pub(crate) const TOPOLOGY_LOCK: i64 = 0x0066_6572_7279;
 
 /// How a switchover waits.
 #[derive(Debug, Clone, Copy)]
@@ -73,11 +74,26 @@ struct Other {
     session: Session,
 }
 
-/// Turns replication of `settings` around: see the module's documentation.
-pub async fn switchover(
+/// A switchover checked and ready to run (see [`prepare`]).
+pub struct Switchover {
+    settings: ReplaySettings,
+    options: SwitchoverOptions,
+    provider: Session,
+    subscriber: Session,
+    old_location: String,
+    new_location: String,
+    names: Vec<RelName>,
+    seqs: Vec<RelName>,
+    others: Vec<Other>,
+}
+
+/// Checks a switchover of `settings` can run (step 1 but for a running replay, which the
+/// caller stops next) and holds the switchover lock; nothing is changed. Then
+/// [`Switchover::run`].
+pub async fn prepare(
     settings: &ReplaySettings,
     options: SwitchoverOptions,
-) -> Result<SwitchoverReport, ReplicaError> {
+) -> Result<Switchover, ReplicaError> {
     let (queue, consumer) = (settings.queue.as_str(), settings.job_name.as_str());
     let name = format!("ferry switchover {consumer}");
     let sides = open_sides(&settings.provider, &settings.subscriber, queue, &name).await?;
@@ -86,14 +102,14 @@ pub async fn switchover(
         None => settings.provider.location(),
     };
     let new_location = settings.subscriber.location();
-    let (mut provider, mut subscriber) = (sides.provider, sides.subscriber);
+    let (provider, subscriber) = (sides.provider, sides.subscriber);
     crate::provider::require_installed(provider.client()).await?;
     crate::subscriber::require_installed(subscriber.client(), queue).await?;
 
     // 1. checks
     let locked: bool = subscriber
         .client()
-        .query_one("select pg_try_advisory_lock($1)", &[&SWITCHOVER_LOCK])
+        .query_one("select pg_try_advisory_lock($1)", &[&TOPOLOGY_LOCK])
         .await
         .context("taking the switchover lock")?
         .get(0);
@@ -102,7 +118,6 @@ pub async fn switchover(
             "another switchover is in progress on the subscriber",
         ));
     }
-    refuse_running_replay(&provider, &subscriber, consumer).await?;
     let tables = store::tables(subscriber.client(), queue).await?;
     if let Some(t) = tables.iter().find(|t| t.state != TableState::Ok) {
         return Err(refused(&format!(
@@ -122,164 +137,204 @@ pub async fn switchover(
             "the provider's queue carries {missing}, which is not replicated here: add it here (or remove it there) first"
         )));
     }
-    let mut others = other_subscribers(&provider, queue, consumer, &name).await?;
+    let others = other_subscribers(&provider, queue, consumer, &name).await?;
     let seqs = store::seqs(subscriber.client(), queue).await?;
     let names: Vec<RelName> = tables.iter().map(|t| t.table.clone()).collect();
-
-    // 2. catalogs, and most of the catching up before the downtime
-    crate::provider::install(subscriber.client_mut(), queue).await?;
-    ferry_queue::install_component(provider.client_mut(), &crate::subscriber::SUBSCRIBER).await?;
-    enter_replica_mode(subscriber.client()).await?;
-    let mut applier = Applier::default();
-    catch_up(
-        &mut provider,
-        &mut subscriber,
-        &mut applier,
-        queue,
-        consumer,
-        None,
-        options.timeout,
-    )
-    .await?;
-
-    // 3. downtime: the old provider's writers stop, every subscriber gets everything
-    let down = Instant::now();
-    guard(
-        provider.client_mut(),
-        &names,
-        Some(queue),
-        options.lock_timeout,
-    )
-    .await?;
-    let drained = drain(
-        &mut provider,
-        &mut subscriber,
-        &mut applier,
-        &others,
-        queue,
-        consumer,
-        options.timeout,
-    )
-    .await;
-    let last_tick = match drained {
-        Ok(tick) => tick,
-        Err(error) => {
-            // nothing has changed direction yet: the old provider takes writes again
-            let lifted = guard(provider.client_mut(), &names, None, options.lock_timeout).await;
-            if let Err(e) = lifted {
-                tracing::error!(
-                    error = %ferry_daemon::logging::one_line(&e),
-                    "could not lift the write guard from the provider's tables after a failed switchover: run `ferry CONFIG switchover` again, or `select ferry.subscriber_protect(TABLE::regclass, null)` for each table there"
-                );
-            }
-            return Err(error);
-        }
-    };
-
-    // 4. the new provider captures, and knows its consumers
-    let start_tick = {
-        let stx = subscriber
-            .client_mut()
-            .transaction()
-            .await
-            .context("starting capture on the new provider")?;
-        for table in &names {
-            crate::provider::add_table(&stx, queue, &table.quoted()).await?;
-        }
-        for seq in &seqs {
-            crate::provider::add_seq(&stx, queue, &seq.quoted()).await?;
-        }
-        ferry_queue::register_consumer(&stx, queue, consumer).await?;
-        for other in &others {
-            ferry_queue::register_consumer(&stx, queue, &other.consumer).await?;
-        }
-        let start = ferry_queue::consumer_info(&stx, Some(queue))
-            .await?
-            .into_iter()
-            .find(|c| c.consumer == consumer)
-            .map(|c| c.last_tick)
-            .ok_or_else(|| ReplicaError::corrupt("the consumer registered a moment ago is gone"))?;
-        stx.commit()
-            .await
-            .context("starting capture on the new provider")?;
-        start
-    };
-
-    // 5. the other subscribers follow (before the old provider forgets them, so that a replay
-    // reconnecting meanwhile finds its consumer where it looks), then the old provider
-    for other in &mut others {
-        let tx = other
-            .session
-            .client_mut()
-            .transaction()
-            .await
-            .with_context(|| format!("moving subscriber \"{}\" along", other.consumer))?;
-        // locked: its replay applies no batch of the old provider's meanwhile
-        let (position, _) = store::lock_position(&tx, queue).await?;
-        if position.is_none_or(|p| p < last_tick) {
-            return Err(ReplicaError::corrupt(format!(
-                "subscriber \"{}\" went back from tick {last_tick} to {position:?}",
-                other.consumer
-            )));
-        }
-        store::set_position(&tx, queue, &other.consumer, start_tick).await?;
-        store::set_provider_location(&tx, queue, Some(&new_location)).await?;
-        tx.commit()
-            .await
-            .with_context(|| format!("moving subscriber \"{}\" along", other.consumer))?;
-    }
-    {
-        let ptx = provider
-            .client_mut()
-            .transaction()
-            .await
-            .context("turning the old provider into a subscriber")?;
-        store::set_position(&ptx, queue, consumer, start_tick).await?;
-        store::set_provider_location(&ptx, queue, Some(&new_location)).await?;
-        for table in &names {
-            store::adopt_table(&ptx, queue, table).await?;
-            crate::provider::remove_table(&ptx, queue, &table.quoted()).await?;
-        }
-        for seq in &seqs {
-            store::add_seq(&ptx, queue, seq).await?;
-            crate::provider::remove_seq(&ptx, queue, &seq.quoted()).await?;
-        }
-        for gone in std::iter::once(consumer).chain(others.iter().map(|o| o.consumer.as_str())) {
-            ferry_queue::unregister_consumer(&ptx, queue, gone).await?;
-            crate::provider::forget_subscriber(&ptx, queue, gone).await?;
-        }
-        ptx.commit()
-            .await
-            .context("turning the old provider into a subscriber")?;
-    }
-
-    // 6. the new provider takes writes
-    {
-        let stx = subscriber
-            .client_mut()
-            .transaction()
-            .await
-            .context("opening the new provider for writes")?;
-        store::forget_queue(&stx, queue).await?;
-        // where its subscribers are, for the next switchover
-        crate::provider::record_subscriber(&stx, queue, consumer, &old_location).await?;
-        for other in &others {
-            crate::provider::record_subscriber(&stx, queue, &other.consumer, &other.location)
-                .await?;
-        }
-        stx.commit()
-            .await
-            .context("opening the new provider for writes")?;
-    }
-    let downtime = down.elapsed();
-    Ok(SwitchoverReport {
-        last_tick,
-        start_tick,
-        tables: names.len(),
-        seqs: seqs.len(),
-        downtime_ms: downtime.as_secs_f64() * 1000.0,
-        moved: others.iter().map(|o| o.consumer.clone()).collect(),
+    Ok(Switchover {
+        settings: settings.clone(),
+        options,
+        provider,
+        subscriber,
+        old_location,
+        new_location,
+        names,
+        seqs,
+        others,
     })
+}
+
+impl Switchover {
+    /// Runs the switchover (steps 2 to 6); refused, with nothing changed, while a replay of
+    /// CONFIG is still connected.
+    pub async fn run(self) -> Result<SwitchoverReport, ReplicaError> {
+        let Switchover {
+            settings,
+            options,
+            mut provider,
+            mut subscriber,
+            old_location,
+            new_location,
+            names,
+            seqs,
+            mut others,
+        } = self;
+        let (queue, consumer) = (settings.queue.as_str(), settings.job_name.as_str());
+        refuse_running_replay(
+            "switchover",
+            &[("provider", &provider), ("subscriber", &subscriber)],
+            consumer,
+        )
+        .await?;
+
+        // 2. catalogs, and most of the catching up before the downtime
+        crate::provider::install(subscriber.client_mut(), queue).await?;
+        ferry_queue::install_component(provider.client_mut(), &crate::subscriber::SUBSCRIBER)
+            .await?;
+        enter_replica_mode(subscriber.client()).await?;
+        let mut applier = Applier::default();
+        catch_up(
+            &mut provider,
+            &mut subscriber,
+            &mut applier,
+            queue,
+            consumer,
+            None,
+            options.timeout,
+        )
+        .await?;
+
+        // 3. downtime: the old provider's writers stop, every subscriber gets everything
+        let down = Instant::now();
+        guard(
+            provider.client_mut(),
+            &names,
+            Some(queue),
+            options.lock_timeout,
+        )
+        .await?;
+        let drained = drain(
+            &mut provider,
+            &mut subscriber,
+            &mut applier,
+            &others,
+            queue,
+            consumer,
+            options.timeout,
+        )
+        .await;
+        let last_tick = match drained {
+            Ok(tick) => tick,
+            Err(error) => {
+                // nothing has changed direction yet: the old provider takes writes again
+                let lifted = guard(provider.client_mut(), &names, None, options.lock_timeout).await;
+                if let Err(e) = lifted {
+                    tracing::error!(
+                        error = %ferry_daemon::logging::one_line(&e),
+                        "could not lift the write guard from the provider's tables after a failed switchover: run `ferry CONFIG switchover` again, or `select ferry.subscriber_protect(TABLE::regclass, null)` for each table there"
+                    );
+                }
+                return Err(error);
+            }
+        };
+
+        // 4. the new provider captures, and knows its consumers
+        let start_tick = {
+            let stx = subscriber
+                .client_mut()
+                .transaction()
+                .await
+                .context("starting capture on the new provider")?;
+            for table in &names {
+                crate::provider::add_table(&stx, queue, &table.quoted()).await?;
+            }
+            for seq in &seqs {
+                crate::provider::add_seq(&stx, queue, &seq.quoted()).await?;
+            }
+            ferry_queue::register_consumer(&stx, queue, consumer).await?;
+            for other in &others {
+                ferry_queue::register_consumer(&stx, queue, &other.consumer).await?;
+            }
+            let start = ferry_queue::consumer_info(&stx, Some(queue))
+                .await?
+                .into_iter()
+                .find(|c| c.consumer == consumer)
+                .map(|c| c.last_tick)
+                .ok_or_else(|| {
+                    ReplicaError::corrupt("the consumer registered a moment ago is gone")
+                })?;
+            stx.commit()
+                .await
+                .context("starting capture on the new provider")?;
+            start
+        };
+
+        // 5. the other subscribers follow (before the old provider forgets them, so that a replay
+        // reconnecting meanwhile finds its consumer where it looks), then the old provider
+        for other in &mut others {
+            let tx = other
+                .session
+                .client_mut()
+                .transaction()
+                .await
+                .with_context(|| format!("moving subscriber \"{}\" along", other.consumer))?;
+            // locked: its replay applies no batch of the old provider's meanwhile
+            let (position, _) = store::lock_position(&tx, queue).await?;
+            if position.is_none_or(|p| p < last_tick) {
+                return Err(ReplicaError::corrupt(format!(
+                    "subscriber \"{}\" went back from tick {last_tick} to {position:?}",
+                    other.consumer
+                )));
+            }
+            store::set_position(&tx, queue, &other.consumer, start_tick).await?;
+            store::set_provider_location(&tx, queue, Some(&new_location)).await?;
+            tx.commit()
+                .await
+                .with_context(|| format!("moving subscriber \"{}\" along", other.consumer))?;
+        }
+        {
+            let ptx = provider
+                .client_mut()
+                .transaction()
+                .await
+                .context("turning the old provider into a subscriber")?;
+            store::set_position(&ptx, queue, consumer, start_tick).await?;
+            store::set_provider_location(&ptx, queue, Some(&new_location)).await?;
+            for table in &names {
+                store::adopt_table(&ptx, queue, table).await?;
+                crate::provider::remove_table(&ptx, queue, &table.quoted()).await?;
+            }
+            for seq in &seqs {
+                store::add_seq(&ptx, queue, seq).await?;
+                crate::provider::remove_seq(&ptx, queue, &seq.quoted()).await?;
+            }
+            for gone in std::iter::once(consumer).chain(others.iter().map(|o| o.consumer.as_str()))
+            {
+                ferry_queue::unregister_consumer(&ptx, queue, gone).await?;
+                crate::provider::forget_subscriber(&ptx, queue, gone).await?;
+            }
+            ptx.commit()
+                .await
+                .context("turning the old provider into a subscriber")?;
+        }
+
+        // 6. the new provider takes writes
+        {
+            let stx = subscriber
+                .client_mut()
+                .transaction()
+                .await
+                .context("opening the new provider for writes")?;
+            store::forget_queue(&stx, queue).await?;
+            // where its subscribers are, for the next switchover
+            crate::provider::record_subscriber(&stx, queue, consumer, &old_location).await?;
+            for other in &others {
+                crate::provider::record_subscriber(&stx, queue, &other.consumer, &other.location)
+                    .await?;
+            }
+            stx.commit()
+                .await
+                .context("opening the new provider for writes")?;
+        }
+        let downtime = down.elapsed();
+        Ok(SwitchoverReport {
+            last_tick,
+            start_tick,
+            tables: names.len(),
+            seqs: seqs.len(),
+            downtime_ms: downtime.as_secs_f64() * 1000.0,
+            moved: others.iter().map(|o| o.consumer.clone()).collect(),
+        })
+    }
 }
 
 /// Connects to every other subscriber of `queue` (where the provider records them) and checks
@@ -380,29 +435,43 @@ async fn drain(
 
 /// A refusal: nothing was changed.
 fn refused(why: &str) -> ReplicaError {
-    ReplicaError::invalid_input(format!("switchover refused, nothing changed: {why}"))
+    refusal("switchover", why)
 }
 
-/// Refuses while a replay of `consumer` has a session on either side: it would apply batches
-/// beside the switchover's own, and register itself again afterwards.
-async fn refuse_running_replay(
-    provider: &Session,
-    subscriber: &Session,
+/// `COMMAND refused, nothing changed: WHY`.
+pub(crate) fn refusal(command: &str, why: &str) -> ReplicaError {
+    ReplicaError::invalid_input(format!("{command} refused, nothing changed: {why}"))
+}
+
+/// Refuses (for `command`) while a replay of `consumer` has a session on one of `sides` (5 s
+/// after a stop at most): it would apply batches beside the command's own, and register
+/// itself again afterwards.
+pub(crate) async fn refuse_running_replay(
+    command: &str,
+    sides: &[(&str, &Session)],
     consumer: &str,
 ) -> Result<(), ReplicaError> {
     let application = format!("ferry replay {consumer}");
-    for (side, session) in [("provider", provider), ("subscriber", subscriber)] {
-        let running: bool = session
-            .client()
-            .query_one(
-                "select exists (select 1 from pg_stat_activity where application_name = $1)",
-                &[&application],
-            )
-            .await
-            .with_context(|| format!("looking for replay on the {side}"))?
-            .get(0);
+    for (side, session) in sides {
+        // a replay stopped a moment ago may still show for a little while
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let running = loop {
+            let running: bool = session
+                .client()
+                .query_one(
+                    "select exists (select 1 from pg_stat_activity where application_name = $1)",
+                    &[&application],
+                )
+                .await
+                .with_context(|| format!("looking for replay on the {side}"))?
+                .get(0);
+            if !running || Instant::now() >= deadline {
+                break running;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         if running {
-            return Err(refused(&format!(
+            return Err(refusal(command, &format!(
                 "replay of \"{consumer}\" is connected to the {side}: stop it first (`ferry -s CONFIG`)"
             )));
         }
@@ -412,7 +481,7 @@ async fn refuse_running_replay(
 
 /// Puts the write guard of `queue` on `tables` of the provider (`None`: lifts it), in one
 /// transaction whose locks wait at most `lock_timeout` for the writers in flight.
-async fn guard(
+pub(crate) async fn guard(
     provider: &mut Client,
     tables: &[RelName],
     queue: Option<&str>,

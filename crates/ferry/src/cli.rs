@@ -199,6 +199,30 @@ pub enum Command {
         #[command(flatten)]
         output: JsonOption,
     },
+    /// The provider of [londiste] is gone: its subscriber takes over (refused while the
+    /// provider answers). Prints the last tick applied: what came after may be lost. Other
+    /// subscribers move here, repaired where they applied more or less.
+    Failover {
+        /// Go on although the provider answers, another subscriber applied more, or one
+        /// cannot be reached (it is left behind).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        output: JsonOption,
+    },
+    /// Run on the old provider once it is back ([londiste]: provider_db the new provider,
+    /// subscriber_db the old one): it becomes a subscriber; what it committed that never
+    /// reached the new provider is written to --lost-file, never applied.
+    Rejoin {
+        /// Where to write the lost transactions (one json line per row change).
+        #[arg(long, value_name = "FILE")]
+        lost_file: PathBuf,
+        /// Longest wait for the locks on the new provider's tables (a consistent point).
+        #[arg(long, value_name = "MILLISECONDS", default_value_t = 5000)]
+        lock_timeout: u64,
+        #[command(flatten)]
+        output: JsonOption,
+    },
     /// The provider's side of [londiste]: what the queue carries.
     #[command(subcommand)]
     Provider(ProviderCommand),

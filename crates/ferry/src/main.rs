@@ -163,6 +163,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             timeout,
             output,
         } => replication_admin::switchover(&config, lock_timeout, timeout, output.json),
+        Command::Failover { force, output } => {
+            replication_admin::failover(&config, force, output.json)
+        }
+        Command::Rejoin {
+            lost_file,
+            lock_timeout,
+            output,
+        } => replication_admin::rejoin(&config, &lost_file, lock_timeout, output.json),
         Command::Pause => replication_admin::pause(&config, true),
         Command::Resume => replication_admin::pause(&config, false),
         Command::Provider(command) => replication_admin::provider(&config, command),
@@ -240,6 +248,8 @@ fn section_of(command: &Command) -> &'static str {
         | Command::Compare { .. }
         | Command::Execute { .. }
         | Command::Switchover { .. }
+        | Command::Failover { .. }
+        | Command::Rejoin { .. }
         | Command::Repair { .. }
         | Command::Provider(_)
         | Command::Subscriber(_) => REPLICATION_SECTION,

@@ -249,6 +249,23 @@ fn point_options(point: PointArgs) -> Result<compare::PointOptions, Failure> {
     })
 }
 
+/// A runtime for one command.
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(&e))
+}
+
+/// The failure for `error`: a usage error when the configuration is at fault.
+fn failure(error: &ReplicaError) -> Failure {
+    if error.is_configuration() {
+        Failure::usage(error)
+    } else {
+        Failure::runtime(error)
+    }
+}
+
 /// Runs `work` with `[londiste]`'s settings, on a runtime of its own (compare and repair
 /// open their own sessions).
 fn with_settings<T, F, Fut>(config: &Path, work: F) -> Result<T, Failure>
@@ -461,26 +478,25 @@ pub fn switchover(
             "--timeout {timeout}: give a number of seconds"
         )));
     }
-    // a replay daemon of CONFIG would apply batches beside the switchover's own
-    let (_, settings, _) = crate::settings::replication(config)?;
-    let daemon_section = ferry_config::REPLICATION_SECTION;
-    let stopped = if crate::daemon::has_pidfile(config, daemon_section)? {
-        crate::daemon::control_saying(config, Some(daemon_section), crate::daemon::Control::Stop)?
-    } else {
-        Vec::new()
+    let (_, settings, warnings) = crate::settings::replication(config)?;
+    crate::settings::print_warnings(&warnings);
+    let options = switchover::SwitchoverOptions {
+        lock_timeout: Duration::from_millis(lock_timeout),
+        timeout: Duration::from_secs_f64(timeout),
     };
+    let runtime = runtime()?;
+    let checked = runtime
+        .block_on(switchover::prepare(&settings, options))
+        .map_err(|e| failure(&e))?;
+    // a replay daemon of CONFIG would apply batches beside the switchover's own: it stops
+    // once the checks passed (a refused switchover changes nothing)
+    let stopped = stop_replay(config)?;
+    let report = runtime.block_on(checked.run()).map_err(|e| failure(&e))?;
     if !json {
         for line in &stopped {
             println!("{line}");
         }
     }
-    let options = switchover::SwitchoverOptions {
-        lock_timeout: Duration::from_millis(lock_timeout),
-        timeout: Duration::from_secs_f64(timeout),
-    };
-    let report = with_settings(config, |settings| async move {
-        switchover::switchover(&settings, options).await
-    })?;
     if json {
         println!(
             "{}",
@@ -516,6 +532,135 @@ pub fn switchover(
         config.display()
     );
     println!("  the other subscribers' configs may keep their provider_db: their store records where the provider is now (`status` shows it)");
+    Ok(())
+}
+
+/// Stops the replay daemon of `config`, if it names a pid file; what it said.
+fn stop_replay(config: &Path) -> Result<Vec<String>, Failure> {
+    let section = ferry_config::REPLICATION_SECTION;
+    if crate::daemon::has_pidfile(config, section)? {
+        crate::daemon::control_saying(config, Some(section), crate::daemon::Control::Stop)
+    } else {
+        Ok(Vec::new())
+    }
+}
+
+/// `ferry CONFIG failover [--force]`.
+pub fn failover(config: &Path, force: bool, json: bool) -> Result<(), Failure> {
+    let (_, settings, warnings) = crate::settings::replication(config)?;
+    crate::settings::print_warnings(&warnings);
+    let options = ferry_replica::failover::FailoverOptions {
+        force,
+        lock_timeout: Duration::from_secs(5),
+    };
+    let runtime = runtime()?;
+    let checked = runtime
+        .block_on(ferry_replica::failover::prepare_failover(
+            &settings, options,
+        ))
+        .map_err(|e| failure(&e))?;
+    // its replay stops once the checks passed (a refused failover changes nothing)
+    let stopped = stop_replay(config)?;
+    let report = runtime
+        .block_on(checked.run(|peer, row| {
+            if !json {
+                println!(
+                    "  {peer}: {} {} {} (repaired)",
+                    row.table,
+                    row.key,
+                    row.difference.name()
+                );
+            }
+        }))
+        .map_err(|e| failure(&e))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("plain data")
+        );
+        return Ok(());
+    }
+    for line in stopped {
+        println!("{line}");
+    }
+    println!(
+        "failed over: this node captures {} tables and takes writes now",
+        report.tables
+    );
+    println!(
+        "  it had applied the old provider's tick {} ({:.1} s before): what the old provider committed after it may be lost; `rejoin` on the old provider, once it is back, writes it to a file",
+        report
+            .applied_tick
+            .map_or_else(|| "none".to_string(), |t| t.to_string()),
+        report.applied_secs_ago
+    );
+    for moved in &report.moved {
+        let rows: u64 = moved
+            .repaired
+            .iter()
+            .map(|t| t.missing + t.extra + t.different)
+            .sum();
+        println!(
+            "  subscriber {} moved here ({} rows repaired; their replay reconnects by itself)",
+            moved.consumer, rows
+        );
+    }
+    for left in &report.left_behind {
+        println!("  subscriber {left} could not be reached and was left behind");
+    }
+    println!(
+        "next: point the application at this node; run a ticker on it ([pgqadm] db = this node)"
+    );
+    Ok(())
+}
+
+/// `ferry CONFIG rejoin --lost-file FILE`.
+pub fn rejoin(
+    config: &Path,
+    lost_file: &Path,
+    lock_timeout: u64,
+    json: bool,
+) -> Result<(), Failure> {
+    if lock_timeout == 0 {
+        return Err(Failure::Usage(
+            "--lock-timeout 0 would let writers wait forever: give milliseconds".into(),
+        ));
+    }
+    let stopped = stop_replay(config)?;
+    let options = ferry_replica::failover::FailoverOptions {
+        force: false,
+        lock_timeout: Duration::from_millis(lock_timeout),
+    };
+    let file = lost_file.to_path_buf();
+    let report = with_settings(config, |settings| async move {
+        ferry_replica::failover::rejoin(&settings, &file, options).await
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("plain data")
+        );
+        return Ok(());
+    }
+    for line in stopped {
+        println!("{line}");
+    }
+    let repaired: u64 = report
+        .repaired
+        .iter()
+        .map(|t| t.missing + t.extra + t.different)
+        .sum();
+    println!(
+        "rejoined as a subscriber from the new provider's tick {}: {} rows repaired, no copy",
+        report.start_tick, repaired
+    );
+    println!(
+        "  {} transactions ({} row changes) committed here never reached the new provider: written to {}, not applied anywhere",
+        report.lost_transactions,
+        report.lost_changes,
+        lost_file.display()
+    );
+    println!("next: `ferry CONFIG replay -d`");
     Ok(())
 }
 
@@ -667,13 +812,22 @@ pub fn subscriber(config: &Path, command: SubscriberCommand) -> Result<(), Failu
         SubscriberCommand::Install => {
             let done = with_sides(config, true, |mut s| async move {
                 let subscriber = s.subscriber.as_mut().expect("subscriber connected");
-                subscriber::install(
+                let done = subscriber::install(
                     subscriber.client_mut(),
                     s.provider.client(),
                     &s.settings.queue,
                     &s.settings.job_name,
                 )
-                .await
+                .await?;
+                // where this subscriber is, for switchover and failover
+                provider::record_subscriber(
+                    s.provider.client(),
+                    &s.settings.queue,
+                    &s.settings.job_name,
+                    &s.settings.subscriber.location(),
+                )
+                .await?;
+                Ok(done)
             })?;
             println!(
                 "subscriber installed (version {}); consumer {}",

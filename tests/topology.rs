@@ -323,6 +323,16 @@ async fn failover_and_rejoin_under_load() {
         .stop(ferry_testkit::StopMode::Immediate)
         .unwrap();
 
+    // status, with the provider gone, says how much each subscriber has applied
+    let status: serde_json::Value =
+        serde_json::from_str(&run(&londiste, &["status", "--json"])).unwrap();
+    assert_eq!(status["provider_reachable"], false, "{status}");
+    let peer = &status["peers"][0];
+    assert_eq!(peer["consumer"], "test-londiste2", "{status}");
+    assert!(
+        peer["applied_tick"].as_i64().unwrap() > status["applied_tick"].as_i64().unwrap(),
+        "{status}"
+    );
     let out = ferry(&[config, "failover"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

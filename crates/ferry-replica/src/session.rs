@@ -51,17 +51,26 @@ pub async fn open_sides(
 ) -> Result<Sides, ReplicaError> {
     let subscriber = open_session(subscriber, "subscriber", application_name).await?;
     let moved_to = crate::store::provider_location(subscriber.client(), queue).await?;
-    let target = match &moved_to {
-        Some(location) => ConnInfo::parse(location)
-            .map_err(|e| ReplicaError::connect("provider (as the subscriber records it)", e))?,
-        None => provider.clone(),
-    };
+    let target = provider_for(provider, moved_to.as_deref())?;
     let provider = open_session(&target, "provider", application_name).await?;
     Ok(Sides {
         provider,
         subscriber,
         moved_to,
     })
+}
+
+/// Where the provider is: `moved_to` (the subscriber's record of a switchover or failover,
+/// [`crate::store::provider_location`]) if any, else `configured`.
+pub fn provider_for(
+    configured: &ConnInfo,
+    moved_to: Option<&str>,
+) -> Result<ConnInfo, ReplicaError> {
+    match moved_to {
+        Some(location) => ConnInfo::parse(location)
+            .map_err(|e| ReplicaError::connect("provider (as the subscriber records it)", e)),
+        None => Ok(configured.clone()),
+    }
 }
 
 /// Puts replay's subscriber session in `session_replication_role = replica`, as native

@@ -80,9 +80,52 @@ pub struct ReplicationStatus {
     pub tables: Vec<TableLine>,
 }
 
-/// Where replication of `queue` into this subscriber, as `consumer`, stands.
+/// Another subscriber of the queue and how much it has applied (for choosing whom to promote
+/// when the provider is gone).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PeerLine {
+    /// Its consumer name.
+    pub consumer: String,
+    /// The provider's tick it has applied; `None` when it cannot be reached (see `error`).
+    pub applied_tick: Option<i64>,
+    /// Why it could not be read.
+    pub error: Option<String>,
+}
+
+/// The other subscribers of `queue` (as the provider last listed them to this one) and the
+/// tick each has applied; each given `wait` to answer.
+pub async fn peer_positions(
+    subscriber: &Client,
+    queue: &str,
+    wait: std::time::Duration,
+) -> Result<Vec<PeerLine>, ReplicaError> {
+    let mut lines = Vec::new();
+    for (consumer, location) in store::peers(subscriber, queue).await? {
+        let read = async {
+            let conninfo = ferry_connect::ConnInfo::parse(&location)
+                .map_err(|e| ReplicaError::connect("subscriber", e))?;
+            let session =
+                crate::session::open_session(&conninfo, "subscriber", "ferry status").await?;
+            store::position(session.client(), queue).await
+        };
+        let (applied_tick, error) = match tokio::time::timeout(wait, read).await {
+            Ok(Ok(tick)) => (tick, None),
+            Ok(Err(e)) => (None, Some(ferry_daemon::logging::one_line(&e))),
+            Err(_) => (None, Some("no answer".to_string())),
+        };
+        lines.push(PeerLine {
+            consumer,
+            applied_tick,
+            error,
+        });
+    }
+    Ok(lines)
+}
+
+/// Where replication of `queue` into this subscriber, as `consumer`, stands; `provider` is
+/// `None` when it cannot be reached (then what only it knows is missing).
 pub async fn status(
-    provider: &Client,
+    provider: Option<&Client>,
     subscriber: &Client,
     queue: &str,
     consumer: &str,
@@ -95,10 +138,13 @@ pub async fn status(
     let tables = store::tables(subscriber, queue).await?;
     let ages = store::state_ages(subscriber, queue).await?;
     let copies = store::copy_progress(subscriber, queue).await?;
-    let info = ferry_queue::consumer_info(provider, Some(queue))
-        .await?
-        .into_iter()
-        .find(|c| c.consumer == consumer);
+    let info = match provider {
+        Some(provider) => ferry_queue::consumer_info(provider, Some(queue))
+            .await?
+            .into_iter()
+            .find(|c| c.consumer == consumer),
+        None => None,
+    };
     let state = if record.paused {
         ReplayState::Paused
     } else if record.last_error.is_some() {

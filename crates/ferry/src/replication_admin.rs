@@ -114,21 +114,74 @@ fn report_each(results: Vec<(String, Result<String, ReplicaError>)>) -> Result<(
 /// `ferry CONFIG status [--json]` with a `[londiste]` config: what replay is doing, its lag,
 /// the error holding it up, each table's state and since when.
 pub fn status(config: &Path, json: bool) -> Result<(), Failure> {
-    let status = with_sides(config, true, |s| async move {
-        ferry_replica::status::status(
-            s.provider.client(),
-            s.subscriber().client(),
-            &s.settings.queue,
-            &s.settings.job_name,
+    let (status, peers) = with_settings(config, |settings| async move {
+        let name = format!("ferry admin {}", settings.job_name);
+        let subscriber =
+            ferry_replica::open_session(&settings.subscriber, "subscriber", &name).await?;
+        let location =
+            ferry_replica::store::provider_location(subscriber.client(), &settings.queue).await?;
+        let provider_conninfo =
+            ferry_replica::session::provider_for(&settings.provider, location.as_deref())?;
+        // the provider may be gone: then what the subscribers have applied helps choose
+        // which one to promote
+        let provider = tokio::time::timeout(
+            Duration::from_secs(5),
+            ferry_replica::open_session(&provider_conninfo, "provider", &name),
         )
         .await
+        .ok()
+        .and_then(Result::ok);
+        let status = ferry_replica::status::status(
+            provider.as_ref().map(|p| p.client()),
+            subscriber.client(),
+            &settings.queue,
+            &settings.job_name,
+        )
+        .await?;
+        let peers = if provider.is_none() {
+            Some(
+                ferry_replica::status::peer_positions(
+                    subscriber.client(),
+                    &settings.queue,
+                    Duration::from_secs(5),
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        Ok((status, peers))
     })?;
     if json {
+        let mut value = serde_json::to_value(&status).expect("plain data");
+        value["provider_reachable"] = peers.is_none().into();
+        if let Some(peers) = &peers {
+            value["peers"] = serde_json::to_value(peers).expect("plain data");
+        }
         println!(
             "{}",
-            serde_json::to_string_pretty(&status).expect("plain data")
+            serde_json::to_string_pretty(&value).expect("plain data")
         );
         return Ok(());
+    }
+    if let Some(peers) = &peers {
+        println!("provider: does not answer; `ferry CONFIG failover` promotes this subscriber, best the one that applied the most:");
+        println!(
+            "  this subscriber: applied tick {}",
+            status
+                .applied_tick
+                .map_or_else(|| "none".to_string(), |t| t.to_string())
+        );
+        for peer in peers {
+            match (&peer.applied_tick, &peer.error) {
+                (_, Some(error)) => println!("  {}: cannot be read ({error})", peer.consumer),
+                (tick, None) => println!(
+                    "  {}: applied tick {}",
+                    peer.consumer,
+                    tick.map_or_else(|| "none".to_string(), |t| t.to_string())
+                ),
+            }
+        }
     }
     let secs = |s: Option<f64>| s.map_or_else(|| "-".to_string(), |s| format!("{s:.1} s"));
     println!(

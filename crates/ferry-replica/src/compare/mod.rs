@@ -161,11 +161,7 @@ async fn open(settings: &ReplaySettings, what: &str) -> Result<Sessions, Replica
     )
     .await?;
     let (locker, subscriber) = (sides.provider, sides.subscriber);
-    let provider = match &sides.moved_to {
-        Some(location) => ferry_connect::ConnInfo::parse(location)
-            .map_err(|e| ReplicaError::connect("provider", e))?,
-        None => settings.provider.clone(),
-    };
+    let provider = crate::session::provider_for(&settings.provider, sides.moved_to.as_deref())?;
     let reader = open_session(&provider, "provider", &name).await?;
     crate::provider::require_installed(locker.client()).await?;
     crate::subscriber::require_installed(subscriber.client(), &settings.queue).await?;

@@ -119,9 +119,12 @@ async fn switchover_and_back_under_load() {
         .unwrap()
         .get(0);
     let target = Arc::new(Mutex::new(p.clone()));
-    let load = WriteLoad::start_on(target.clone(), 3).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let load = WriteLoad::start_on(target.clone(), 6).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (started, at_start) = (std::time::Instant::now(), load.committed());
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let before = load.committed();
+    let rate = (before - at_start) as f64 / started.elapsed().as_secs_f64();
     let report: serde_json::Value =
         serde_json::from_str(&run(&londiste, &["switchover", "--json"])).unwrap();
     *target.lock().unwrap() = s.clone();
@@ -131,7 +134,7 @@ async fn switchover_and_back_under_load() {
         "{report}"
     );
     let downtime = report["downtime_ms"].as_f64().unwrap();
-    eprintln!("switchover: writes refused for {downtime:.0} ms");
+    eprintln!("switchover: writes refused for {downtime:.0} ms, load {rate:.0} transactions/s");
     assert!(downtime < 2000.0, "writes refused for {downtime} ms");
     assert!(before > 0);
     // the old provider is a replica now; the new one takes writes
@@ -151,6 +154,20 @@ async fn switchover_and_back_under_load() {
     run(&reverse, &["wait-sync", "--timeout", "60"]);
     // the second subscriber follows the provider by itself, with its config unchanged
     run(&londiste2, &["wait-sync", "--timeout", "60"]);
+    // identical in the new direction (meanwhile the load writes to the old provider, which
+    // refuses every write: nothing commits anywhere)
+    let paused = target.lock().unwrap().clone();
+    *target.lock().unwrap() = p.clone();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    run(&reverse, &["wait-sync", "--timeout", "60"]);
+    run(&londiste2, &["wait-sync", "--timeout", "60"]);
+    for other in [&p, &s2] {
+        wait_identical(&s, other, TABLES, Duration::from_secs(60), || {
+            pair.replay_log()
+        })
+        .await;
+    }
+    *target.lock().unwrap() = paused;
     for config in [&reverse, &londiste2] {
         let tables = run(config, &["subscriber", "tables"]);
         assert!(

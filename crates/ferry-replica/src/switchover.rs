@@ -24,6 +24,7 @@
 use std::time::{Duration, Instant};
 
 use ferry_connect::Session;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::apply::{sync_sequences, Applier, BatchOutcome};
@@ -33,6 +34,8 @@ use crate::replay::ReplaySettings;
 use crate::session::{enter_replica_mode, open_session, open_sides};
 use crate::store::{self, TableState};
 
+/// Longest wait of one attempt at the write guard's locks (see [`guard`]).
+const GUARD_ATTEMPT: Duration = Duration::from_millis(100);
 /// Most events one batch may span while catching up.
 const MAX_BATCH_EVENTS: i64 = 100_000;
 /// The advisory lock key a switchover, failover or rejoin holds on the node it promotes
@@ -480,41 +483,61 @@ pub(crate) async fn refuse_running_replay(
 }
 
 /// Puts the write guard of `queue` on `tables` of the provider (`None`: lifts it), in one
-/// transaction whose locks wait at most `lock_timeout` for the writers in flight.
+/// transaction that first locks them all. Writers hold their tables in any order, so a long
+/// wait could deadlock with one of them and cost PostgreSQL's `deadlock_timeout` (1 s) before
+/// either gives way: each attempt waits at most [`GUARD_ATTEMPT`], then lets go (writers go
+/// on) and tries again, until `lock_timeout` has passed.
 pub(crate) async fn guard(
     provider: &mut Client,
     tables: &[RelName],
     queue: Option<&str>,
     lock_timeout: Duration,
 ) -> Result<(), ReplicaError> {
-    let tx = provider
-        .transaction()
-        .await
-        .context("stopping the provider's writers")?;
-    tx.batch_execute(&format!(
-        "set local lock_timeout = {}",
-        lock_timeout.as_millis().max(1)
-    ))
-    .await
-    .context("stopping the provider's writers")?;
-    for table in tables {
-        tx.execute(
-            r#"select "ferry"."subscriber_protect"(to_regclass($1), $2)"#,
-            &[&table.quoted(), &queue],
-        )
-        .await
-        .map_err(|e| {
-            ReplicaError::with_cause(
-                ErrorKind::TimedOut,
-                format!(
-                    "could not put the write guard on {table} on the provider within {} ms (long transactions hold it?): nothing changed; try again",
-                    lock_timeout.as_millis()
-                ),
-                e,
-            )
-        })?;
+    let names: Vec<String> = tables.iter().map(RelName::quoted).collect();
+    let lock = format!(
+        "set local lock_timeout = {}; lock table {} in share row exclusive mode",
+        GUARD_ATTEMPT.as_millis(),
+        names.join(", ")
+    );
+    let deadline = Instant::now() + lock_timeout;
+    loop {
+        let tx = provider
+            .transaction()
+            .await
+            .context("stopping the provider's writers")?;
+        match tx.batch_execute(&lock).await {
+            Ok(()) => {
+                for table in tables {
+                    tx.execute(
+                        r#"select "ferry"."subscriber_protect"(to_regclass($1), $2)"#,
+                        &[&table.quoted(), &queue],
+                    )
+                    .await
+                    .with_context(|| format!("putting the write guard on {table}"))?;
+                }
+                return tx.commit().await.context("stopping the provider's writers");
+            }
+            Err(e)
+                if (e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                    || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED))
+                    && Instant::now() < deadline =>
+            {
+                drop(tx);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => {
+                return Err(ReplicaError::with_cause(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "could not lock {} on the provider within {} ms (long transactions hold them? see pg_locks): nothing changed; try again",
+                        names.join(", "),
+                        lock_timeout.as_millis()
+                    ),
+                    e,
+                ))
+            }
+        }
     }
-    tx.commit().await.context("stopping the provider's writers")
 }
 
 /// Applies batches of `queue` to the subscriber in this process until none is left, and, given

@@ -57,7 +57,9 @@ pub(crate) async fn make_tick<'r>(
         match ltx.batch_execute(&lock).await {
             Ok(()) => break (ltx, Instant::now()),
             Err(e)
-                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) && attempt < LOCK_ATTEMPTS =>
+                if (e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                    || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED))
+                    && attempt < LOCK_ATTEMPTS =>
             {
                 drop(ltx);
                 tracing::info!(
@@ -69,7 +71,10 @@ pub(crate) async fn make_tick<'r>(
                 // the dropped transaction rolls back with the next statement
                 continue;
             }
-            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+            Err(e)
+                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                    || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
+            {
                 return Err(ReplicaError::with_cause(
                     ErrorKind::TimedOut,
                     format!(

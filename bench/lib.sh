@@ -10,6 +10,7 @@ PGBIN=${PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1
 SCALE=${SCALE:-10}
 CLIENTS=${CLIENTS:-4}
 SECS=${SECS:-30}
+RATE=${RATE:-1000}
 
 say() { printf '%s  %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { say "FAILED: $*"; exit 1; }
@@ -157,3 +158,56 @@ rss_sampler_stop() { kill "$RSS_SAMPLER" 2>/dev/null; wait "$RSS_SAMPLER" 2>/dev
 
 # history_count: transactions so far (one pgbench_history row each)
 history_count() { qp "select count(*) from pgbench_history"; }
+
+# CPU seconds every process on the machine has used so far (user, nice, system, irq, softirq,
+# steal from /proc/stat): the cost of a phase is the difference, whoever spent it (provider
+# backends, ticker or walsender, replay or apply worker, subscriber backends, pgbench).
+cpu_seconds() {
+  awk -v hz="$(getconf CLK_TCK)" '/^cpu / { printf "%.3f\n", ($2 + $3 + $4 + $7 + $8 + $9) / hz }' /proc/stat
+}
+# the provider's WAL position, in bytes
+wal_bytes() { qp "select pg_current_wal_lsn() - '0/0'::pg_lsn"; }
+
+# run_fixed_rate [CONVERGE]: pgbench at RATE transactions/s for SECS seconds; with CONVERGE,
+# until the subscriber has them all. Prints "transactions cpu_seconds wal_bytes" of the phase.
+run_fixed_rate() {
+  local c0 w0 h0 h1 c1 w1
+  h0=$(history_count); w0=$(wal_bytes); c0=$(cpu_seconds)
+  pgbench -n -R "$RATE" -c "$CLIENTS" -j 2 -T "$SECS" -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres bench >/dev/null 2>&1
+  [ -n "${1:-}" ] && converge >/dev/null
+  c1=$(cpu_seconds); w1=$(wal_bytes); h1=$(history_count)
+  echo "$((h1 - h0)) $(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.3f", b - a }') $((w1 - w0))"
+}
+
+# converge_accounts: waits until the subscriber's pgbench_accounts has the provider's sum of
+# abalance (polled every 50 ms); prints the seconds it took.
+converge_accounts() {
+  local t0 want got
+  t0=$(now)
+  want=$(qp "select sum(abalance) from pgbench_accounts")
+  while :; do
+    got=$(qs "select sum(abalance) from pgbench_accounts")
+    [ "$got" = "$want" ] && break
+    if awk -v a="$t0" -v b="$(now)" 'BEGIN { exit !(b - a > 900) }'; then die "$PEER: accounts did not converge"; fi
+    sleep 0.05
+  done
+  since "$t0"
+}
+
+# run_bulk [WAIT]: one UPDATE of every pgbench_accounts row, then one INSERT ... SELECT of
+# 1 000 000 pgbench_history rows; for each the statement's seconds (capture included), the
+# WAL bytes it wrote and, with WAIT, the seconds from its commit until the subscriber has it.
+# Prints "update_s update_wal update_visible_s insert_s insert_wal insert_visible_s".
+run_bulk() {
+  local w0 t0 us uw uv is iw iv
+  w0=$(wal_bytes); t0=$(now)
+  qp "update pgbench_accounts set abalance = abalance + 1" >/dev/null
+  us=$(since "$t0"); uw=$(( $(wal_bytes) - w0 ))
+  uv=null; [ -n "${1:-}" ] && uv=$(converge_accounts)
+  w0=$(wal_bytes); t0=$(now)
+  qp "insert into pgbench_history (tid, bid, aid, delta, mtime)
+      select 1 + i % 10, 1, i, 1, now() from generate_series(1, 1000000) i" >/dev/null
+  is=$(since "$t0"); iw=$(( $(wal_bytes) - w0 ))
+  iv=null; [ -n "${1:-}" ] && iv=$(converge)
+  echo "$us $uw $uv $is $iw $iv"
+}

@@ -169,14 +169,23 @@ cpu_seconds() {
 wal_bytes() { qp "select pg_current_wal_lsn() - '0/0'::pg_lsn"; }
 
 # run_fixed_rate [CONVERGE]: pgbench at RATE transactions/s for SECS seconds; with CONVERGE,
-# until the subscriber has them all. Prints "transactions cpu_seconds wal_bytes" of the phase.
+# until the subscriber has them all. Prints "transactions cpu_seconds wal_bytes" of the phase
+# and, with CONVERGE, the CPU seconds of the provider's replication backends, of the
+# subscriber cluster and of the peer's daemons (see breakdown_pids).
 run_fixed_rate() {
-  local c0 w0 h0 h1 c1 w1
+  local c0 w0 h0 h1 c1 w1 r0 s0 d0 split=""
+  [ -n "${1:-}" ] && breakdown_pids
   h0=$(history_count); w0=$(wal_bytes); c0=$(cpu_seconds)
+  if [ -n "${1:-}" ]; then r0=$(pids_cpu $REPL_PIDS); s0=$(pids_cpu $SUB_PIDS); d0=$(pids_cpu $DAEMON_PIDS); fi
   pgbench -n -R "$RATE" -c "$CLIENTS" -j 2 -T "$SECS" -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres bench >/dev/null 2>&1
-  [ -n "${1:-}" ] && converge >/dev/null
+  if [ -n "${1:-}" ]; then
+    converge >/dev/null
+    split=$(awk -v r0="$r0" -v r1="$(pids_cpu $REPL_PIDS)" -v s0="$s0" -v s1="$(pids_cpu $SUB_PIDS)" \
+                -v d0="$d0" -v d1="$(pids_cpu $DAEMON_PIDS)" \
+                'BEGIN { printf " %.3f %.3f %.3f", r1 - r0, s1 - s0, d1 - d0 }')
+  fi
   c1=$(cpu_seconds); w1=$(wal_bytes); h1=$(history_count)
-  echo "$((h1 - h0)) $(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.3f", b - a }') $((w1 - w0))"
+  echo "$((h1 - h0)) $(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.3f", b - a }') $((w1 - w0))$split"
 }
 
 # converge_accounts: waits until the subscriber's pgbench_accounts has the provider's sum of
@@ -210,4 +219,20 @@ run_bulk() {
   is=$(since "$t0"); iw=$(( $(wal_bytes) - w0 ))
   iv=null; [ -n "${1:-}" ] && iv=$(converge)
   echo "$us $uw $uv $is $iw $iv"
+}
+
+# CPU seconds used so far by the processes PID... (one gone counts as nothing).
+pids_cpu() {
+  local hz; hz=$(getconf CLK_TCK)
+  for p in "$@"; do cat "/proc/$p/stat" 2>/dev/null; done \
+    | awk -v hz="$hz" '{ sub(/.*\) /, ""); s += $12 + $13 } END { printf "%.3f", s / hz }'
+}
+# The processes of a phase's CPU breakdown, sampled before it starts (all of them live through
+# it): the provider's client backends and walsenders (none are the writers yet: those are
+# pgbench's, started after), every process of the subscriber cluster, and the peer's own
+# daemons. Sets REPL_PIDS, SUB_PIDS, DAEMON_PIDS.
+breakdown_pids() {
+  REPL_PIDS=$(qp "select pid from pg_stat_activity where backend_type in ('client backend', 'walsender') and pid <> pg_backend_pid()" | tr '\n' ' ')
+  SUB_PIDS=$(pgrep -P "$(head -1 "$BENCH_ROOT/$SUB/data/postmaster.pid")" | tr '\n' ' ')
+  DAEMON_PIDS=$(peer_daemon_pids 2>/dev/null | tr '\n' ' ')
 }

@@ -43,3 +43,5 @@ peer_teardown() {
   "$FERRY" "$W/ticker.ini" ticker -s >/dev/null 2>&1
   return 0
 }
+# the ticker and replay daemons
+peer_daemon_pids() { cat "$W/replay.pid" "$W/ticker.pid" 2>/dev/null; }

@@ -60,3 +60,5 @@ peer_teardown() {
   as_pg pgqd -s "$W/pgqd.ini" >/dev/null 2>&1
   return 0
 }
+# pgqd and the two londiste workers
+peer_daemon_pids() { cat "$W/pgqd.pid" "$W/root.pid" "$W/leaf.pid" 2>/dev/null; }

@@ -18,3 +18,5 @@ peer_start_replay() { qs "alter subscription bench_sub enable"; }
 # the subscription's apply worker
 peer_replay_pid() { qs "select pid from pg_stat_subscription where subname = 'bench_sub' and relid is null and pid is not null limit 1"; }
 peer_teardown() { qs "drop subscription if exists bench_sub" >/dev/null 2>&1; return 0; }
+# none: the walsender is a provider backend, the apply worker a subscriber process
+peer_daemon_pids() { :; }

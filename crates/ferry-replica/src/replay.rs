@@ -618,10 +618,11 @@ async fn work(
     counts: &ReplayMetrics,
 ) -> Result<Round, ReplicaError> {
     let queue = settings.queue.as_str();
-    if store::provider_location(link.subscriber.client(), queue).await? != link.moved_to {
+    let (paused, moved_to) = store::round_flags(link.subscriber.client(), queue).await?;
+    if moved_to != link.moved_to {
         return Ok(Round::ProviderMoved);
     }
-    if store::is_paused(link.subscriber.client(), queue).await? {
+    if paused {
         return Ok(Round::Paused);
     }
     let now = Instant::now();

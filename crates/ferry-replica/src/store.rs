@@ -741,16 +741,21 @@ pub async fn set_paused(
     Ok(changed == 1)
 }
 
-/// Whether replay of `queue` is paused here.
-pub async fn is_paused(client: &impl GenericClient, queue: &str) -> Result<bool, ReplicaError> {
+/// What replay reads at the start of each round, in one round trip: whether it is paused,
+/// and where a switchover or failover moved the provider (see [`provider_location`]; the
+/// store must be installed, as replay checks at start).
+pub async fn round_flags(
+    client: &impl GenericClient,
+    queue: &str,
+) -> Result<(bool, Option<String>), ReplicaError> {
     Ok(client
         .query_opt(
-            r#"select "paused" from "ferry"."subscriber_position" where "queue_name" = $1"#,
+            r#"select "paused", "provider_location" from "ferry"."subscriber_position" where "queue_name" = $1"#,
             &[&queue],
         )
         .await
         .context("reading the pause")?
-        .is_some_and(|row| row.get(0)))
+        .map_or((false, None), |row| (row.get(0), row.get(1))))
 }
 
 /// Records the error holding replay of `queue` up (`None`: clears it, work goes on), for

@@ -124,13 +124,17 @@ pub fn status(config: &Path, json: bool) -> Result<(), Failure> {
             ferry_replica::session::provider_for(&settings.provider, location.as_deref())?;
         // the provider may be gone: then what the subscribers have applied helps choose
         // which one to promote
-        let provider = tokio::time::timeout(
+        let provider = match tokio::time::timeout(
             Duration::from_secs(5),
             ferry_replica::open_session(&provider_conninfo, "provider", &name),
         )
         .await
-        .ok()
-        .and_then(Result::ok);
+        {
+            Ok(Ok(session)) => Some(session),
+            // settings that cannot work are the config's fault, not a provider gone
+            Ok(Err(error)) if error.is_configuration() => return Err(error),
+            Ok(Err(_)) | Err(_) => None,
+        };
         let status = ferry_replica::status::status(
             provider.as_ref().map(|p| p.client()),
             subscriber.client(),

@@ -182,8 +182,11 @@ impl Prepared {
         F: FnOnce(ferry_daemon::Shutdown, ferry_daemon::Reload) -> Fut,
         Fut: std::future::Future<Output = Result<(), Failure>>,
     {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+        // one thread: a daemon's work is a chain of short round trips, and on a multi-thread
+        // runtime each one woke another thread (the connection's task and the job ping-pong
+        // between workers): perf showed half of replay's CPU in futex wake-ups and context
+        // switches (README, "Round two")
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| Failure::runtime(&e))?;

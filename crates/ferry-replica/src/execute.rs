@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Transaction};
 
 use crate::error::{ErrorKind, ReplicaError, ResultExt};
@@ -38,40 +37,54 @@ pub async fn execute_on_provider(
             "file \"{file}\" controls transactions ({statement}): execute runs each file in one transaction of its own; take that statement out"
         )));
     }
-    let tx = client
-        .transaction()
+    // the locks in short attempts: writers hold their tables in any order, and a long wait
+    // could deadlock with one of them (see switchover::guard)
+    let deadline = std::time::Instant::now() + lock_timeout;
+    let (tx, started) = loop {
+        let tx = client
+            .transaction()
+            .await
+            .context("starting the execute's transaction")?;
+        tx.batch_execute(&format!(
+            "set local lock_timeout = {}",
+            crate::switchover::GUARD_ATTEMPT.as_millis()
+        ))
         .await
-        .context("starting the execute's transaction")?;
-    tx.batch_execute(&format!(
-        "set local lock_timeout = {}",
-        lock_timeout.as_millis().max(1)
-    ))
-    .await
-    .context("setting the lock timeout")?;
-    let started = tx
-        .query_one(
-            r#"select "ferry"."provider_execute_start"($1, $2, $3)"#,
-            &[&queue, &file, &sql],
-        )
-        .await
-        .map_err(|e| {
-            if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) {
-                ReplicaError::with_cause(
+        .context("setting the lock timeout")?;
+        match tx
+            .query_one(
+                r#"select "ferry"."provider_execute_start"($1, $2, $3)"#,
+                &[&queue, &file, &sql],
+            )
+            .await
+        {
+            Ok(row) => break (tx, row),
+            Err(e)
+                if crate::switchover::is_lock_conflict(&e)
+                    && std::time::Instant::now() < deadline =>
+            {
+                drop(tx);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) if crate::switchover::is_lock_conflict(&e) => {
+                return Err(ReplicaError::with_cause(
                     ErrorKind::TimedOut,
                     format!(
                         "could not lock the tables of queue \"{queue}\" within {} ms to run file \"{file}\": long transactions hold them (see pg_locks); try again, or with a longer --lock-timeout",
                         lock_timeout.as_millis()
                     ),
                     e,
-                )
-            } else {
-                ReplicaError::with_cause(
+                ))
+            }
+            Err(e) => {
+                return Err(ReplicaError::with_cause(
                     ErrorKind::InvalidInput,
                     format!("file \"{file}\" cannot be executed"),
                     e,
-                )
+                ))
             }
-        })?;
+        }
+    };
     if !started.get::<_, bool>(0) {
         return Ok(Executed::Before);
     }

@@ -412,22 +412,41 @@ pub async fn rejoin(
         write_lost(old.client(), queue, old_tick, lost_file).await?;
 
     // one consistent point on the new provider: this node's consumer starts there
-    let ltx = locker
-        .client_mut()
-        .transaction()
-        .await
-        .context("locking the new provider's tables")?;
-    ltx.batch_execute(&format!(
+    // in short attempts: writers there hold their tables in any order (see switchover::guard)
+    let lock = format!(
         "set local lock_timeout = {}; lock table {} in share mode",
-        options.lock_timeout.as_millis().max(1),
+        crate::switchover::GUARD_ATTEMPT.as_millis(),
         tables
             .iter()
             .map(RelName::quoted)
             .collect::<Vec<_>>()
             .join(", ")
-    ))
-    .await
-    .context("locking the new provider's tables")?;
+    );
+    let deadline = std::time::Instant::now() + options.lock_timeout;
+    let ltx = loop {
+        let ltx = locker
+            .client_mut()
+            .transaction()
+            .await
+            .context("locking the new provider's tables")?;
+        match ltx.batch_execute(&lock).await {
+            Ok(()) => break ltx,
+            Err(e) if crate::switchover::is_lock_conflict(&e) && std::time::Instant::now() < deadline => {
+                drop(ltx);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => {
+                return Err(ReplicaError::with_cause(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "could not lock the new provider's tables within {} ms (long transactions hold them?): this node's writers stay stopped; run rejoin again",
+                        options.lock_timeout.as_millis()
+                    ),
+                    e,
+                ))
+            }
+        }
+    };
     let start_tick = ferry_queue::tick(&ltx, queue).await?;
     ferry_queue::register_consumer(&ltx, queue, consumer).await?;
     let ntx = reader

@@ -35,7 +35,7 @@ use crate::session::{enter_replica_mode, open_session, open_sides};
 use crate::store::{self, TableState};
 
 /// Longest wait of one attempt at the write guard's locks (see [`guard`]).
-const GUARD_ATTEMPT: Duration = Duration::from_millis(100);
+pub(crate) const GUARD_ATTEMPT: Duration = Duration::from_millis(100);
 /// Most events one batch may span while catching up.
 const MAX_BATCH_EVENTS: i64 = 100_000;
 /// The advisory lock key a switchover, failover or rejoin holds on the node it promotes
@@ -517,11 +517,7 @@ pub(crate) async fn guard(
                 }
                 return tx.commit().await.context("stopping the provider's writers");
             }
-            Err(e)
-                if (e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
-                    || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED))
-                    && Instant::now() < deadline =>
-            {
+            Err(e) if is_lock_conflict(&e) && Instant::now() < deadline => {
                 drop(tx);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -538,6 +534,13 @@ pub(crate) async fn guard(
             }
         }
     }
+}
+
+/// Whether `error` is a lock not granted in time or a deadlock with other sessions: worth
+/// another attempt.
+pub(crate) fn is_lock_conflict(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+        || error.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
 }
 
 /// Applies batches of `queue` to the subscriber in this process until none is left, and, given

@@ -8,7 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, IsolationLevel, Transaction};
 
 use crate::error::{ErrorKind, ReplicaError, ResultExt};
@@ -56,11 +55,7 @@ pub(crate) async fn make_tick<'r>(
             .context("starting the provider's lock transaction")?;
         match ltx.batch_execute(&lock).await {
             Ok(()) => break (ltx, Instant::now()),
-            Err(e)
-                if (e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
-                    || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED))
-                    && attempt < LOCK_ATTEMPTS =>
-            {
+            Err(e) if crate::switchover::is_lock_conflict(&e) && attempt < LOCK_ATTEMPTS => {
                 drop(ltx);
                 tracing::info!(
                     attempt,
@@ -71,10 +66,7 @@ pub(crate) async fn make_tick<'r>(
                 // the dropped transaction rolls back with the next statement
                 continue;
             }
-            Err(e)
-                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
-                    || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
-            {
+            Err(e) if crate::switchover::is_lock_conflict(&e) => {
                 return Err(ReplicaError::with_cause(
                     ErrorKind::TimedOut,
                     format!(

@@ -270,9 +270,9 @@ pub struct JsonOption {
 /// How compare and repair wait for their consistent point.
 #[derive(Debug, Clone, Copy, Args)]
 pub struct PointArgs {
-    /// Longest wait, per attempt, for the lock on the provider's tables (writers of those
-    /// tables wait at most this long).
-    #[arg(long, value_name = "MILLISECONDS", default_value_t = 1000)]
+    /// Longest wait for the lock on the provider's tables, taken in attempts of at most
+    /// 100 ms (a writer of those tables waits at most one attempt).
+    #[arg(long, value_name = "MILLISECONDS", default_value_t = 5000)]
     pub lock_timeout: u64,
     /// Longest wait for replay to reach the compared point.
     #[arg(long, value_name = "SECONDS", default_value_t = 300.0)]

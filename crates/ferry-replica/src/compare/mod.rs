@@ -35,8 +35,8 @@ const FIX_BATCH: usize = 500;
 /// How compare and repair wait.
 #[derive(Debug, Clone, Copy)]
 pub struct PointOptions {
-    /// Longest wait for the provider's lock, per attempt: the longest time writers of the
-    /// compared tables can be held up.
+    /// Longest wait for the provider's lock, taken in attempts of at most 100 ms (the
+    /// longest a writer of the compared tables is held up by one).
     pub lock_timeout: Duration,
     /// Longest wait for replay to reach the compared tick.
     pub wait: Duration,

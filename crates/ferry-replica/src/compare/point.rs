@@ -14,8 +14,6 @@ use crate::error::{ErrorKind, ReplicaError, ResultExt};
 use crate::names::RelName;
 use crate::store::{self, TableState};
 
-/// Attempts at the provider lock before giving up (each bounded by the lock timeout).
-const LOCK_ATTEMPTS: u32 = 5;
 /// How often the wait for replay looks at the subscriber's position.
 const POLL: Duration = Duration::from_millis(50);
 /// How long a hold outlives the longest wait for replay (a killed command's hold lapses).
@@ -28,10 +26,11 @@ pub(crate) struct Tick {
     pub lock_held: Duration,
 }
 
-/// Locks `tables` on the provider (`locker`, SHARE mode, each attempt bounded by
-/// `lock_timeout`), makes a tick of `queue`, holds `consumer` at it for `wait` plus a margin,
-/// and starts the read-only snapshot the provider side is read in (on `reader`) before the
-/// lock goes.
+/// Locks `tables` on the provider (`locker`, SHARE mode, in attempts of at most 100 ms until
+/// `lock_timeout` has passed: writers hold their tables in any order, and a long wait could
+/// deadlock with one of them), makes a tick of `queue`, holds `consumer` at it for `wait` plus
+/// a margin, and starts the read-only snapshot the provider side is read in (on `reader`)
+/// before the lock goes.
 pub(crate) async fn make_tick<'r>(
     locker: &mut Client,
     reader: &'r mut Client,
@@ -44,10 +43,13 @@ pub(crate) async fn make_tick<'r>(
     let names: Vec<String> = tables.iter().map(RelName::quoted).collect();
     let lock = format!(
         "set local lock_timeout = {}; lock table {} in share mode",
-        lock_timeout.as_millis().max(1),
+        crate::switchover::GUARD_ATTEMPT
+            .min(lock_timeout)
+            .as_millis()
+            .max(1),
         names.join(", ")
     );
-    let mut attempt = 1;
+    let deadline = Instant::now() + lock_timeout;
     let (ltx, locked_at) = loop {
         let ltx = locker
             .transaction()
@@ -55,22 +57,16 @@ pub(crate) async fn make_tick<'r>(
             .context("starting the provider's lock transaction")?;
         match ltx.batch_execute(&lock).await {
             Ok(()) => break (ltx, Instant::now()),
-            Err(e) if crate::switchover::is_lock_conflict(&e) && attempt < LOCK_ATTEMPTS => {
+            Err(e) if crate::switchover::is_lock_conflict(&e) && Instant::now() < deadline => {
+                // the dropped transaction rolls back with the next statement; writers go on
                 drop(ltx);
-                tracing::info!(
-                    attempt,
-                    "the provider's tables are busy; trying the lock again"
-                );
-                tokio::time::sleep(lock_timeout.min(Duration::from_secs(1)) * attempt).await;
-                attempt += 1;
-                // the dropped transaction rolls back with the next statement
-                continue;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err(e) if crate::switchover::is_lock_conflict(&e) => {
                 return Err(ReplicaError::with_cause(
                     ErrorKind::TimedOut,
                     format!(
-                        "could not lock {} on the provider within {} ms, {LOCK_ATTEMPTS} times: long transactions hold them (see pg_locks); try again, or with a longer --lock-timeout",
+                        "could not lock {} on the provider within {} ms: long transactions hold them (see pg_locks); try again, or with a longer --lock-timeout",
                         names.join(", "),
                         lock_timeout.as_millis()
                     ),

@@ -29,7 +29,7 @@ use crate::names::RelName;
 use crate::replay::ReplaySettings;
 use crate::session::{enter_replica_mode, open_session};
 use crate::store::{self, TableState};
-use crate::switchover::{guard, refusal, refuse_running_replay, TOPOLOGY_LOCK};
+use crate::switchover::{all_ok, guard, refusal, refuse_running_replay, take_topology_lock};
 
 /// How long a connection to a node that may be down is given.
 const REACH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -118,17 +118,7 @@ pub async fn prepare_failover(
     let name = format!("ferry failover {consumer}");
     let subscriber = open_session(&settings.subscriber, "subscriber", &name).await?;
     crate::subscriber::require_installed(subscriber.client(), queue).await?;
-    let locked: bool = subscriber
-        .client()
-        .query_one("select pg_try_advisory_lock($1)", &[&TOPOLOGY_LOCK])
-        .await
-        .context("taking the failover lock")?
-        .get(0);
-    if !locked {
-        return Err(refused(
-            "a switchover or failover is in progress on this subscriber",
-        ));
-    }
+    take_topology_lock(&subscriber, "failover").await?;
     let old_location = store::provider_location(subscriber.client(), queue)
         .await?
         .unwrap_or_else(|| settings.provider.location());
@@ -139,16 +129,13 @@ pub async fn prepare_failover(
             "the provider answers: use `ferry CONFIG switchover`, which loses nothing (or --force, if it must not be used any more)",
         ));
     }
-    let tables = store::tables(subscriber.client(), queue).await?;
-    if let Some(t) = tables.iter().find(|t| t.state != TableState::Ok) {
-        return Err(refused(&format!(
-            "table {} is {} here: its rows are incomplete, so this subscriber cannot take over",
-            t.table, t.state
-        )));
-    }
-    if tables.is_empty() {
-        return Err(refused("no table is replicated here"));
-    }
+    let tables = all_ok(
+        &subscriber,
+        queue,
+        "failover",
+        "its rows are incomplete, so this subscriber cannot take over",
+    )
+    .await?;
     let record = store::replay_record(subscriber.client(), queue)
         .await?
         .ok_or_else(|| refused("this subscriber has not applied anything yet"))?;

@@ -110,27 +110,14 @@ pub async fn prepare(
     crate::subscriber::require_installed(subscriber.client(), queue).await?;
 
     // 1. checks
-    let locked: bool = subscriber
-        .client()
-        .query_one("select pg_try_advisory_lock($1)", &[&TOPOLOGY_LOCK])
-        .await
-        .context("taking the switchover lock")?
-        .get(0);
-    if !locked {
-        return Err(refused(
-            "another switchover is in progress on the subscriber",
-        ));
-    }
-    let tables = store::tables(subscriber.client(), queue).await?;
-    if let Some(t) = tables.iter().find(|t| t.state != TableState::Ok) {
-        return Err(refused(&format!(
-            "table {} is {}: switch over once every table is ok (`ferry CONFIG wait-sync`)",
-            t.table, t.state
-        )));
-    }
-    if tables.is_empty() {
-        return Err(refused("no table is replicated here"));
-    }
+    take_topology_lock(&subscriber, "switchover").await?;
+    let tables = all_ok(
+        &subscriber,
+        queue,
+        "switchover",
+        "switch over once every table is ok (`ferry CONFIG wait-sync`)",
+    )
+    .await?;
     let carried = crate::provider::tables(provider.client(), queue).await?;
     if let Some(missing) = carried
         .iter()
@@ -434,6 +421,49 @@ async fn drain(
         }
     }
     Ok(last_tick)
+}
+
+/// Takes the lock one switchover, failover or rejoin at a time holds on the node it
+/// promotes, for the session's life; `command` is refused when another holds it.
+pub(crate) async fn take_topology_lock(
+    session: &Session,
+    command: &str,
+) -> Result<(), ReplicaError> {
+    let locked: bool = session
+        .client()
+        .query_one("select pg_try_advisory_lock($1)", &[&TOPOLOGY_LOCK])
+        .await
+        .with_context(|| format!("taking the {command} lock"))?
+        .get(0);
+    if locked {
+        Ok(())
+    } else {
+        Err(refusal(
+            command,
+            "another switchover is in progress on this node (or a failover)",
+        ))
+    }
+}
+
+/// The tables of `queue` on `session`'s subscriber, each `ok`; else `command` is refused,
+/// saying `remedy`.
+pub(crate) async fn all_ok(
+    session: &Session,
+    queue: &str,
+    command: &str,
+    remedy: &str,
+) -> Result<Vec<store::StoredTable>, ReplicaError> {
+    let tables = store::tables(session.client(), queue).await?;
+    if let Some(t) = tables.iter().find(|t| t.state != TableState::Ok) {
+        return Err(refusal(
+            command,
+            &format!("table {} is {} here: {remedy}", t.table, t.state),
+        ));
+    }
+    if tables.is_empty() {
+        return Err(refusal(command, "no table is replicated here"));
+    }
+    Ok(tables)
 }
 
 /// A refusal: nothing was changed.

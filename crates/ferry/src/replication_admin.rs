@@ -33,45 +33,31 @@ where
     F: FnOnce(Sides) -> Fut,
     Fut: Future<Output = Result<T, ReplicaError>>,
 {
-    let (_, settings, warnings) = crate::settings::replication(config)?;
-    crate::settings::print_warnings(&warnings);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::runtime(&e))?;
-    runtime
-        .block_on(async {
-            let name = format!("ferry admin {}", settings.job_name);
-            let (provider, subscriber) = if with_subscriber {
-                // the provider where a switchover or failover moved it, if it did
-                let sides = ferry_replica::session::open_sides(
-                    &settings.provider,
-                    &settings.subscriber,
-                    &settings.queue,
-                    &name,
-                )
-                .await?;
-                (sides.provider, Some(sides.subscriber))
-            } else {
-                (
-                    ferry_replica::open_session(&settings.provider, "provider", &name).await?,
-                    None,
-                )
-            };
-            work(Sides {
-                settings,
-                provider,
-                subscriber,
-            })
-            .await
+    with_settings(config, |settings| async move {
+        let name = format!("ferry admin {}", settings.job_name);
+        let (provider, subscriber) = if with_subscriber {
+            // the provider where a switchover or failover moved it, if it did
+            let sides = ferry_replica::session::open_sides(
+                &settings.provider,
+                &settings.subscriber,
+                &settings.queue,
+                &name,
+            )
+            .await?;
+            (sides.provider, Some(sides.subscriber))
+        } else {
+            (
+                ferry_replica::open_session(&settings.provider, "provider", &name).await?,
+                None,
+            )
+        };
+        work(Sides {
+            settings,
+            provider,
+            subscriber,
         })
-        .map_err(|e| {
-            if e.is_configuration() {
-                Failure::usage(&e)
-            } else {
-                Failure::runtime(&e)
-            }
-        })
+        .await
+    })
 }
 
 /// Prints names one per line, or as a json array.
@@ -323,8 +309,7 @@ fn failure(error: &ReplicaError) -> Failure {
     }
 }
 
-/// Runs `work` with `[londiste]`'s settings, on a runtime of its own (compare and repair
-/// open their own sessions).
+/// Runs `work` with `[londiste]`'s settings, on a runtime of its own.
 fn with_settings<T, F, Fut>(config: &Path, work: F) -> Result<T, Failure>
 where
     F: FnOnce(ReplaySettings) -> Fut,
@@ -332,17 +317,7 @@ where
 {
     let (_, settings, warnings) = crate::settings::replication(config)?;
     crate::settings::print_warnings(&warnings);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::runtime(&e))?;
-    runtime.block_on(work(settings)).map_err(|e| {
-        if e.is_configuration() {
-            Failure::usage(&e)
-        } else {
-            Failure::runtime(&e)
-        }
-    })
+    runtime()?.block_on(work(settings)).map_err(|e| failure(&e))
 }
 
 /// `ferry CONFIG compare [TABLE... | --all] [--count-only]`: exit 1 on a difference.

@@ -27,6 +27,38 @@ fn reversed_ini(pair: &Pair, name: &str, provider: &str, subscriber: &str) -> st
     path
 }
 
+/// Writes a `[pgqadm]` config ticking `db` as `job_name`.
+fn ticker_ini(pair: &Pair, job_name: &str, db: &str) -> std::path::PathBuf {
+    let path = pair.dir.path().join(format!("{job_name}.ini"));
+    std::fs::write(
+        &path,
+        format!(
+            "[pgqadm]\njob_name = {job_name}\ndb = {db}\nloop_delay = 0.05\nmaint_delay = 600\n\
+             logfile = %(job_name)s.log\npidfile = %(job_name)s.pid\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A second subscriber database on the shared cluster with `schema`, and its `[londiste]`
+/// config (job `test-londiste2`).
+async fn second_subscriber(
+    pair: &Pair,
+    name: &str,
+    schema: &str,
+) -> (ferry_testkit::TestDb, std::path::PathBuf) {
+    let second = ferry_testkit::Cluster::shared().database(name).await;
+    ferry_testkit::connect(&second.conninfo)
+        .await
+        .batch_execute(schema)
+        .await
+        .unwrap();
+    let config = pair.dir.path().join("londiste2.ini");
+    pair.write_londiste_ini(&config, "test-londiste2", &second);
+    (second, config)
+}
+
 /// Under a write load that follows the provider: a switchover (the replay daemon stopped by
 /// the command, writes on the old provider refused with the guard's error, the downtime
 /// reported and under 2 s), the old provider replicating from the new one with no copy, both
@@ -41,15 +73,7 @@ async fn switchover_and_back_under_load() {
         pair.subscriber.conninfo.clone(),
     );
     let reverse = reversed_ini(&pair, "reverse", &s, &p);
-    let ticker_s = pair.dir.path().join("ticker_s.ini");
-    std::fs::write(
-        &ticker_s,
-        format!(
-            "[pgqadm]\njob_name = ticker-s\ndb = {s}\nloop_delay = 0.05\nmaint_delay = 600\n\
-             logfile = %(job_name)s.log\npidfile = %(job_name)s.pid\n"
-        ),
-    )
-    .unwrap();
+    let ticker_s = ticker_ini(&pair, "ticker-s", &s);
     let _stop = [
         KillDaemonOnDrop(ticker.clone()),
         KillDaemonOnDrop(londiste.clone()),
@@ -63,17 +87,8 @@ async fn switchover_and_back_under_load() {
     pair.add_everything();
     let config = londiste.to_str().unwrap();
     // a second subscriber, which moves along with every switchover
-    let second = ferry_testkit::Cluster::shared()
-        .database("switchover_s2")
-        .await;
+    let (second, londiste2) = second_subscriber(&pair, "switchover_s2", SCHEMA).await;
     let s2 = second.conninfo.clone();
-    ferry_testkit::connect(&s2)
-        .await
-        .batch_execute(SCHEMA)
-        .await
-        .unwrap();
-    let londiste2 = pair.dir.path().join("londiste2.ini");
-    pair.write_londiste_ini(&londiste2, "test-londiste2", &second);
     let _stop2 = KillDaemonOnDrop(londiste2.clone());
     run(&londiste2, &["subscriber", "install"]);
     run(&londiste2, &["subscriber", "add", "--all"]);
@@ -253,28 +268,11 @@ async fn failover_and_rejoin_under_load() {
         pair.provider.conninfo.clone(),
         pair.subscriber.conninfo.clone(),
     );
-    let second = ferry_testkit::Cluster::shared()
-        .database("failover_s2")
-        .await;
+    let (second, londiste2) = second_subscriber(&pair, "failover_s2", &schema).await;
     let s2 = second.conninfo.clone();
-    ferry_testkit::connect(&s2)
-        .await
-        .batch_execute(&schema)
-        .await
-        .unwrap();
-    let londiste2 = pair.dir.path().join("londiste2.ini");
-    pair.write_londiste_ini(&londiste2, "test-londiste2", &second);
     let rejoin = reversed_ini(&pair, "rejoin", &s, &p);
     let never = reversed_ini(&pair, "never", &s, &s2);
-    let ticker_s = pair.dir.path().join("ticker_s.ini");
-    std::fs::write(
-        &ticker_s,
-        format!(
-            "[pgqadm]\njob_name = ticker-s\ndb = {s}\nloop_delay = 0.05\nmaint_delay = 600\n\
-             logfile = %(job_name)s.log\npidfile = %(job_name)s.pid\n"
-        ),
-    )
-    .unwrap();
+    let ticker_s = ticker_ini(&pair, "ticker-s", &s);
     let _stop = [
         KillDaemonOnDrop(ticker.clone()),
         KillDaemonOnDrop(londiste.clone()),

@@ -87,13 +87,178 @@ $$;
 comment on function "ferry"."capture_function_name"(text, oid) is
     'ferry: the qualified name of a table''s capture function for a queue';
 
+-- The names of a queue's capture triggers (row and truncate), at most 63 bytes each.
+create or replace function "ferry"."capture_trigger_names"(i_queue_name text, out row_trigger text, out truncate_trigger text)
+language sql immutable as $$
+    select left('ferry_capture_' || i_queue_name, 63), left('ferry_truncate_' || i_queue_name, 63)
+$$;
+comment on function "ferry"."capture_trigger_names"(text) is
+    'ferry: names of the capture triggers a queue puts on its tables';
+
+-- The names of a queue's statement capture triggers, one per operation (a trigger with
+-- transition tables may fire on one operation only), at most 63 bytes each.
+-- key_trigger: the row trigger that notes an update changing a primary key.
+create or replace function "ferry"."capture_statement_trigger_names"(i_queue_name text,
+    out insert_trigger text, out update_trigger text, out delete_trigger text, out key_trigger text)
+language sql immutable as $$
+    select left('ferry_insert_' || i_queue_name, 63), left('ferry_update_' || i_queue_name, 63),
+           left('ferry_delete_' || i_queue_name, 63), left('ferry_rekey_' || i_queue_name, 63)
+$$;
+comment on function "ferry"."capture_statement_trigger_names"(text) is
+    'ferry: names of the statement capture triggers a queue puts on plain tables';
+
+-- The transaction-local setting that says an update of table i_table changed a primary key
+-- in this transaction ('on'), set by "ferry"."capture_key_change".
+create or replace function "ferry"."key_change_setting"(i_table oid) returns text
+language sql immutable as $$ select 'ferry.key_changed_' || i_table::bigint $$;
+comment on function "ferry"."key_change_setting"(oid) is
+    'ferry: name of the setting that marks a primary-key update of a table in this transaction';
+
+-- Row trigger, fired only for updates that change the primary key (its WHEN clause, checked
+-- without a function call): marks the table for the rest of the transaction, so the
+-- statement capture pairs every update's old and new rows by position to get the old keys
+-- (otherwise it takes each old key from the new row, the same key, without pairing).
+create or replace function "ferry"."capture_key_change"() returns trigger
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+begin
+    perform set_config("ferry"."key_change_setting"(TG_RELID), 'on', true);
+    return null;
+end $$;
+comment on function "ferry"."capture_key_change"() is
+    'ferry: notes a primary-key update for the statement capture (transaction-local setting)';
+
+-- (Re)creates the row trigger of table i_table for queue i_queue_name that notes a primary-key
+-- update ("ferry"."capture_key_change"), comparing the table's primary key columns now; its
+-- arguments name them, so a later primary-key change shows (see
+-- "ferry"."provider_refresh_capture_functions").
+create or replace function "ferry"."create_key_change_trigger"(i_queue_name text, i_table oid)
+returns void language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    v_name text := ("ferry"."capture_statement_trigger_names"(i_queue_name)).key_trigger;
+    v_pk text[] := "ferry"."primary_key_columns"(i_table);
+begin
+    execute format('drop trigger if exists %I on %s', v_name, i_table::regclass);
+    execute format('create trigger %I after update on %s for each row when (row(%s) is distinct from row(%s)) execute function "ferry"."capture_key_change"(%s)',
+                   v_name, i_table::regclass,
+                   (select string_agg(format('OLD.%I', k), ', ') from unnest(v_pk) k),
+                   (select string_agg(format('NEW.%I', k), ', ') from unnest(v_pk) k),
+                   (select string_agg(quote_literal(k), ', ') from unnest(v_pk) k));
+end $$;
+comment on function "ferry"."create_key_change_trigger"(text, oid) is
+    'ferry: (re)create the row trigger that notes primary-key updates for the statement capture';
+
+-- Whether table i_table has the key-change trigger for queue i_queue_name, comparing the
+-- columns of its primary key now (the trigger's arguments name them).
+create or replace function "ferry"."key_change_trigger_current"(i_queue_name text, i_table oid) returns boolean
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select exists (
+        select 1 from pg_trigger g
+         where g.tgrelid = i_table
+           and g.tgname = ("ferry"."capture_statement_trigger_names"(i_queue_name)).key_trigger
+           and g.tgargs = (select string_agg(convert_to(k, getdatabaseencoding()) || '\x00'::bytea, ''::bytea order by o)
+                             from unnest("ferry"."primary_key_columns"(i_table)) with ordinality as x(k, o)))
+$$;
+comment on function "ferry"."key_change_trigger_current"(text, oid) is
+    'ferry: whether a table''s key-change trigger compares the columns of its primary key now';
+
+-- How a table is best captured: 'statement' (one call per statement, reading its transition
+-- tables) for a plain table that is neither a partition nor in an inheritance tree; 'row'
+-- otherwise. A statement trigger fires only for statements naming its own table, and its
+-- transition tables hold the rows of every child table the statement reached, so for
+-- partitioned tables (whose partitions may be written directly) and inheritance trees only a
+-- row trigger, which fires on the table a row is in, captures exactly the table's rows.
+create or replace function "ferry"."capture_mode"(i_table oid) returns text
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select case when c.relkind = 'r' and not c.relispartition and not c.relhassubclass
+                     and not exists (select 1 from pg_inherits i
+                                      where i.inhrelid = c.oid or i.inhparent = c.oid)
+                then 'statement' else 'row' end
+      from pg_class c where c.oid = i_table
+$$;
+comment on function "ferry"."capture_mode"(oid) is
+    'ferry: statement for plain tables outside partition and inheritance trees, else row';
+
+-- The capture mode of table i_table's triggers for queue i_queue_name: 'statement', 'row', or
+-- null when it has none.
+create or replace function "ferry"."installed_capture_mode"(i_queue_name text, i_table oid) returns text
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select case
+        when exists (select 1 from pg_trigger g where g.tgrelid = i_table
+                        and g.tgname = ("ferry"."capture_statement_trigger_names"(i_queue_name)).insert_trigger)
+            then 'statement'
+        when exists (select 1 from pg_trigger g where g.tgrelid = i_table
+                        and g.tgname = ("ferry"."capture_trigger_names"(i_queue_name)).row_trigger)
+            then 'row'
+    end
+$$;
+comment on function "ferry"."installed_capture_mode"(text, oid) is
+    'ferry: whether a table''s capture triggers for a queue are statement or row triggers (null: none)';
+
+-- Drops every capture trigger of queue i_queue_name from table i_table (row, statement and
+-- truncate triggers, those of its partitions included).
+create or replace function "ferry"."drop_capture_triggers"(i_queue_name text, i_table oid)
+returns void language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    v_trg record := "ferry"."capture_trigger_names"(i_queue_name);
+    v_stmt record := "ferry"."capture_statement_trigger_names"(i_queue_name);
+begin
+    execute format('drop trigger if exists %I on %s', v_trg.row_trigger, i_table::regclass);
+    execute format('drop trigger if exists %I on %s', v_stmt.insert_trigger, i_table::regclass);
+    execute format('drop trigger if exists %I on %s', v_stmt.update_trigger, i_table::regclass);
+    execute format('drop trigger if exists %I on %s', v_stmt.delete_trigger, i_table::regclass);
+    execute format('drop trigger if exists %I on %s', v_stmt.key_trigger, i_table::regclass);
+    perform "ferry"."drop_truncate_triggers"(i_queue_name, i_table);
+end $$;
+comment on function "ferry"."drop_capture_triggers"(text, oid) is
+    'ferry: drop a queue''s row, statement and truncate capture triggers from a table';
+
+-- Creates the insert, update and delete capture triggers of table i_table for queue
+-- i_queue_name, calling i_function: one row trigger, or (mode 'statement') three statement
+-- triggers with their transition tables ("ferry_new", "ferry_old").
+create or replace function "ferry"."create_capture_triggers"(i_queue_name text, i_table oid,
+    i_function text, i_mode text)
+returns void language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    v_trg record := "ferry"."capture_trigger_names"(i_queue_name);
+    v_stmt record := "ferry"."capture_statement_trigger_names"(i_queue_name);
+begin
+    if i_mode = 'statement' then
+        execute format('create trigger %I after insert on %s referencing new table as "ferry_new" for each statement execute function %s()',
+                       v_stmt.insert_trigger, i_table::regclass, i_function);
+        execute format('create trigger %I after update on %s referencing old table as "ferry_old" new table as "ferry_new" for each statement execute function %s()',
+                       v_stmt.update_trigger, i_table::regclass, i_function);
+        execute format('create trigger %I after delete on %s referencing old table as "ferry_old" for each statement execute function %s()',
+                       v_stmt.delete_trigger, i_table::regclass, i_function);
+        perform "ferry"."create_key_change_trigger"(i_queue_name, i_table);
+    else
+        -- on a partitioned table, PostgreSQL clones it to every partition, present and future
+        execute format('create trigger %I after insert or update or delete on %s for each row execute function %s()',
+                       v_trg.row_trigger, i_table::regclass, i_function);
+    end if;
+end $$;
+comment on function "ferry"."create_capture_triggers"(text, oid, text, text) is
+    'ferry: create a table''s insert/update/delete capture triggers (row or statement) for a queue';
+
+drop function if exists "ferry"."create_capture_function"(text, oid, text[]);
 -- (Re)creates the capture function of table i_table for queue i_queue_name, whose primary key
--- is i_pk. Returns its qualified name.
-create or replace function "ferry"."create_capture_function"(i_queue_name text, i_table oid, i_pk text[])
+-- is i_pk, for capture mode i_mode ('row' or 'statement', see "ferry"."capture_mode"); null
+-- means the mode of the triggers the table has (so that regenerating never changes what a
+-- trigger calls), or, without any, the table's best mode. Returns its qualified name.
+--
+-- The statement form writes, per statement, one INSERT ... SELECT over the statement's
+-- transition table: the same events as the row form, in the order the rows were changed (the
+-- transition tables keep it; an update's old and new rows are paired by position, as
+-- PostgreSQL appends both for each row), one PL/pgSQL call per statement instead of per row.
+-- It refuses to capture (raises) once the table has inheritance children or has become a
+-- partition: its transition tables could then hold other tables' rows, or miss them.
+create or replace function "ferry"."create_capture_function"(i_queue_name text, i_table oid,
+    i_pk text[], i_mode text default null)
 returns text language plpgsql set search_path = pg_catalog, pg_temp as $$
 declare
     v_queue   record;
     v_name    text := "ferry"."capture_function_name"(i_queue_name, i_table);
+    v_mode    text := coalesce(i_mode, "ferry"."installed_capture_mode"(i_queue_name, i_table),
+                               "ferry"."capture_mode"(i_table));
     v_label   text;
     v_key     text;
     v_money   boolean;
@@ -101,12 +266,19 @@ declare
     v_insert  text := '';
     v_seq     text;
     v_jnull   text;
+    v_columns text := '"ev_queue", "ev_part", "ev_id", "ev_time", "ev_txid", "ev_type", "ev_data", "ev_extra1", "ev_extra2", "ev_extra3"';
+    v_ops     text := '';
+    v_row     text;
+    v_first   text;
+    v_target  text;
+    v_insert_sql text;
+    v_update_sql text;
+    v_paired_sql text;
+    v_delete_sql text;
 begin
     select "queue_id", "queue_ntables", "queue_event_seq" into v_queue
       from "ferry"."queue" where "queue_name" = i_queue_name;
     v_label := "ferry"."table_label"(i_table);
-    -- json_build_object('a', OLD."a", ...): the old primary key
-    select string_agg(format('%L, OLD.%I', k, k), ', ') into v_key from unnest(i_pk) k;
     -- does the table hold money anywhere (directly, in a domain, an array)?
     select exists (
         select 1 from pg_attribute a
@@ -119,6 +291,114 @@ begin
     if v_money then
         v_check := v_check || ' and pg_catalog.current_setting(''lc_monetary'') operator(pg_catalog.=) any (''{C,POSIX}''::pg_catalog.text[])';
     end if;
+    v_seq := format('pg_catalog.nextval(%L::pg_catalog.regclass)', v_queue."queue_event_seq");
+
+    if v_mode = 'statement' then
+        -- Templates over a transition table's alias (%1$s), which always qualifies a column
+        -- or takes the whole row (alias.*), so no column name of the table can be mistaken
+        -- for it. The new row as json:
+        v_row := 'case when v_fast then pg_catalog.row_to_json(%1$s.*)::pg_catalog.text else "ferry"."capture_row_json"(%1$s.*) end';
+        -- the old primary key as json, json_build_object('a', o."a", ...) on the fast path:
+        select format('case when v_fast then pg_catalog.json_build_object(%s)::pg_catalog.text else "ferry"."capture_key_json"(%%1$s.*, %L::pg_catalog.text[]) end',
+                      string_agg(format('%L, %%1$s.%I', k, k), ', '), i_pk)
+          into v_key from unnest(i_pk) k;
+        -- the json and jsonb columns holding the JSON value null, as a json array, or null
+        select 'nullif(pg_catalog.array_to_json(pg_catalog.array_remove(array['
+               || string_agg(format(
+                      'case when %%1$s.%1$I is not null and pg_catalog.%2$s(%%1$s.%1$I::pg_catalog.%3$s) operator(pg_catalog.=) ''null'' then %4$L::pg_catalog.text end',
+                      a.attname,
+                      case when coalesce(nullif(t.typbasetype, 0), t.oid) = 'pg_catalog.jsonb'::regtype
+                           then 'jsonb_typeof' else 'json_typeof' end,
+                      case when coalesce(nullif(t.typbasetype, 0), t.oid) = 'pg_catalog.jsonb'::regtype
+                           then 'jsonb' else 'json' end,
+                      a.attname::text), ', ' order by a.attnum)
+               || '], null))::pg_catalog.text, ''[]''::pg_catalog.text)'
+          into v_jnull
+          from pg_attribute a join pg_type t on t.oid = a.atttypid
+         where a.attrelid = i_table and a.attnum > 0 and not a.attisdropped
+           and coalesce(nullif(t.typbasetype, 0), t.oid) in ('pg_catalog.json'::regtype, 'pg_catalog.jsonb'::regtype);
+        v_jnull := coalesce(v_jnull, 'null');
+        -- each operation's events (from its first column, %1$s, to its last), the
+        -- statement's rows in the order they were changed
+        v_first := '%1$s, %2$s, ' || v_seq || ', pg_catalog.now(), pg_catalog.txid_current()';
+        v_insert_sql := format('select %s, ''I'', %s, %L, null, %s from "ferry_new" n',
+            v_first, format(v_row, 'n'), v_label, format(v_jnull, 'n'));
+        v_delete_sql := format('select %s, ''D'', %s, %L, null, null from "ferry_old" o',
+            v_first, format(v_key, 'o'), v_label);
+        -- an update that changed no key (the common case): the old key is the new row's,
+        -- and the rows need no pairing
+        v_update_sql := format('select %s, ''U'', %s, %L, %s, %s from "ferry_new" n',
+            v_first, format(v_row, 'n'), v_label, format(v_key, 'n'), format(v_jnull, 'n'));
+        -- one that may have: old and new rows paired by position
+        v_paired_sql := format('select %s, ''U'', s.d, %L, s.k, s.j
+                from (select n.d, n.j, o.k
+                        from (select %s as d, %s as j, pg_catalog.row_number() over () as i from "ferry_new" r) n
+                        join (select %s as k, pg_catalog.row_number() over () as i from "ferry_old" r) o
+                          on o.i operator(pg_catalog.=) n.i
+                       order by n.i) s',
+            v_first, v_label, format(v_row, 'r'), format(v_jnull, 'r'), format(v_key, 'r'));
+        for v_op in 1 .. 3 loop
+            v_insert := '';
+            for v_part in 0 .. v_queue."queue_ntables" - 1 loop
+                v_target := format('insert into %I.%I (%s)
+                ', 'ferry', 'event_' || v_queue."queue_id" || '_' || v_part, v_columns);
+                v_insert := v_insert || format('%s v_part operator(pg_catalog.=) %s then
+            ', case when v_part = 0 then 'if' else 'elsif' end, v_part)
+                    || case v_op
+                       when 1 then v_target || format(v_insert_sql, v_queue."queue_id", v_part) || ';'
+                       when 2 then 'if v_rekeyed then
+                ' || v_target || format(v_paired_sql, v_queue."queue_id", v_part) || ';
+            else
+                ' || v_target || format(v_update_sql, v_queue."queue_id", v_part) || ';
+            end if;'
+                       else v_target || format(v_delete_sql, v_queue."queue_id", v_part) || ';'
+                       end || '
+        ';
+            end loop;
+            v_ops := v_ops || format('%s TG_OP operator(pg_catalog.=) %L then
+        %s else
+            -- never lose a change silently: no queue, no write
+            raise exception ''ferry: queue %% of table %% is gone; the change cannot be captured'', %L, %L
+                using errcode = ''undefined_object'',
+                      hint = ''run "ferry CONF provider install" and "provider add" again, or "provider remove" the table'';
+        end if;
+    ', case when v_op = 1 then 'if' else 'elsif' end,
+               case v_op when 1 then 'INSERT' when 2 then 'UPDATE' else 'DELETE' end,
+               v_insert, i_queue_name, v_label);
+        end loop;
+        execute format($f$
+create or replace function %s() returns trigger
+language plpgsql security definer as $body$
+#variable_conflict use_variable
+declare
+    v_part pg_catalog.int4;
+    v_fast pg_catalog.bool;
+    v_tree pg_catalog.bool;
+    v_rekeyed pg_catalog.bool;
+begin
+    select q."queue_cur_table", c.relhassubclass or c.relispartition
+      into v_part, v_tree
+      from "ferry"."queue" q, pg_catalog.pg_class c
+     where q."queue_id" operator(pg_catalog.=) %s and c.oid operator(pg_catalog.=) %s::pg_catalog.oid;
+    if v_tree then
+        raise exception 'ferry: %% has inheritance children or is a partition: its statement capture cannot tell its rows apart', %L
+            using errcode = 'object_not_in_prerequisite_state',
+                  hint = 'run "ferry CONF provider add" for the table again: it is then captured row by row';
+    end if;
+    v_fast := %s;
+    -- set by "ferry"."capture_key_change" once an update in this transaction changed a key
+    v_rekeyed := pg_catalog.current_setting(%L, true) is not distinct from 'on';
+    %s end if;
+    return null;
+end $body$ $f$, v_name, v_queue."queue_id", i_table::bigint, v_label, v_check,
+           "ferry"."key_change_setting"(i_table), v_ops);
+        execute format('comment on function %s() is %L', v_name,
+            'ferry: statement capture trigger of ' || v_label || ' for queue ' || i_queue_name || ' (generated by provider add)');
+        return v_name;
+    end if;
+
+    -- row mode. json_build_object('a', OLD."a", ...): the old primary key
+    select string_agg(format('%L, OLD.%I', k, k), ', ') into v_key from unnest(i_pk) k;
     -- json and jsonb columns (or domains over them): a JSON null there renders as SQL NULL
     -- does in row_to_json, so the event names them in ev_extra3
     select string_agg(format(
@@ -141,7 +421,6 @@ begin
         v_extra3 := pg_catalog.array_to_json(v_jnull)::pg_catalog.text;
     end if;', v_jnull);
     end if;
-    v_seq := format('pg_catalog.nextval(%L::pg_catalog.regclass)', v_queue."queue_event_seq");
     for v_part in 0 .. v_queue."queue_ntables" - 1 loop
         v_insert := v_insert || format(
             '%s v_part operator(pg_catalog.=) %s then
@@ -202,7 +481,7 @@ end $body$ $f$, v_name, v_check, v_key, i_pk, coalesce(v_jnull, ''), v_queue."qu
         'ferry: capture trigger of ' || v_label || ' for queue ' || i_queue_name || ' (generated by provider add)');
     return v_name;
 end $$;
-comment on function "ferry"."create_capture_function"(text, oid, text[]) is
+comment on function "ferry"."create_capture_function"(text, oid, text[], text) is
     'ferry: (re)create a table''s capture function for a queue; returns its name';
 
 -- Statement trigger: one T event per TRUNCATE of a replicated table.
@@ -216,13 +495,6 @@ end $$;
 comment on function "ferry"."capture_truncate"() is
     'ferry: statement trigger writing one T event per TRUNCATE';
 
--- The names of a queue's capture triggers (row and truncate), at most 63 bytes each.
-create or replace function "ferry"."capture_trigger_names"(i_queue_name text, out row_trigger text, out truncate_trigger text)
-language sql immutable as $$
-    select left('ferry_capture_' || i_queue_name, 63), left('ferry_truncate_' || i_queue_name, 63)
-$$;
-comment on function "ferry"."capture_trigger_names"(text) is
-    'ferry: names of the capture triggers a queue puts on its tables';
 
 -- Partitioned tables replicate as one unit, their root: the root's row trigger (cloned by
 -- PostgreSQL to every partition, also those created later) writes events naming the root, so
@@ -583,6 +855,7 @@ declare
     v_pk text[];
     v_trg record;
     v_function text;
+    v_mode text;
     v_new integer;
 begin
     if not exists (select 1 from "ferry"."queue" where "queue_name" = i_queue_name) then
@@ -613,12 +886,10 @@ begin
                   hint = 'replication finds rows on the subscriber by primary key: add one (ALTER TABLE ... ADD PRIMARY KEY) and run the add again';
     end if;
     v_trg := "ferry"."capture_trigger_names"(i_queue_name);
-    execute format('drop trigger if exists %I on %I.%I', v_trg.row_trigger, v_schema, v_name);
-    perform "ferry"."drop_truncate_triggers"(i_queue_name, v_oid);
-    v_function := "ferry"."create_capture_function"(i_queue_name, v_oid, v_pk);
-    -- on a partitioned table, PostgreSQL clones it to every partition, present and future
-    execute format('create trigger %I after insert or update or delete on %I.%I for each row execute function %s()',
-                   v_trg.row_trigger, v_schema, v_name, v_function);
+    perform "ferry"."drop_capture_triggers"(i_queue_name, v_oid);
+    v_mode := "ferry"."capture_mode"(v_oid);
+    v_function := "ferry"."create_capture_function"(i_queue_name, v_oid, v_pk, v_mode);
+    perform "ferry"."create_capture_triggers"(i_queue_name, v_oid, v_function, v_mode);
     if v_kind = 'p' then
         perform "ferry"."create_partition_truncate_triggers"(i_queue_name, v_oid);
     else
@@ -638,16 +909,13 @@ comment on function "ferry"."provider_add_table"(text, text) is
 create or replace function "ferry"."provider_remove_table"(i_queue_name text, i_schema text, i_name text)
 returns integer language plpgsql set search_path = pg_catalog, pg_temp as $$
 declare
-    v_trg record;
     v_gone integer;
 begin
     delete from "ferry"."provider_table"
      where "queue_name" = i_queue_name and "table_schema" = i_schema and "table_name" = i_name;
     get diagnostics v_gone = row_count;
     if to_regclass(format('%I.%I', i_schema, i_name)) is not null then
-        v_trg := "ferry"."capture_trigger_names"(i_queue_name);
-        execute format('drop trigger if exists %I on %I.%I', v_trg.row_trigger, i_schema, i_name);
-        perform "ferry"."drop_truncate_triggers"(i_queue_name, to_regclass(format('%I.%I', i_schema, i_name)));
+        perform "ferry"."drop_capture_triggers"(i_queue_name, to_regclass(format('%I.%I', i_schema, i_name)));
         execute format('drop function if exists %s()',
             "ferry"."capture_function_name"(i_queue_name, to_regclass(format('%I.%I', i_schema, i_name))));
     end if;
@@ -789,6 +1057,12 @@ begin
         v_pk := "ferry"."primary_key_columns"(v_table.oid);
         continue when v_pk is null;
         perform "ferry"."create_capture_function"(v_table."queue_name", v_table.oid, v_pk);
+        -- a primary key changed since the statement capture's key-change trigger was made:
+        -- it must compare the new key's columns (a lock on this table only then)
+        if "ferry"."installed_capture_mode"(v_table."queue_name", v_table.oid) = 'statement'
+           and not "ferry"."key_change_trigger_current"(v_table."queue_name", v_table.oid) then
+            perform "ferry"."create_key_change_trigger"(v_table."queue_name", v_table.oid);
+        end if;
         v_count := v_count + 1;
     end loop;
     return v_count;

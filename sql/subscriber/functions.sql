@@ -148,7 +148,7 @@ begin
           join pg_proc p on p.oid = g.tgfoid
           join pg_namespace pn on pn.oid = p.pronamespace
          where not g.tgisinternal and pn.nspname = 'ferry'
-           and (p.proname ~ '^capture_truncate(_root|_partition|_end)?$' or p.proname ~ '^capture_[0-9]+_[0-9]+$')
+           and (p.proname ~ '^capture_(truncate(_root|_partition|_end)?|key_change)$' or p.proname ~ '^capture_[0-9]+_[0-9]+$')
            -- not a partition's clone of its root's trigger (PostgreSQL 13+; 12 marks clones
            -- internal): it goes with the root's
            and coalesce((to_jsonb(g) ->> 'tgparentid')::oid, 0) = 0

@@ -150,7 +150,8 @@ pub async fn replicate_under_load(pair: &Pair, subscriber_schema: SubscriberSche
     let installed = run(&londiste, &["subscriber", "install"]);
     if subscriber_schema == SubscriberSchema::DumpedAfterAdd {
         for trigger in [
-            "\"ferry_capture_test-queue\" on public.film,",
+            "\"ferry_insert_test-queue\" on public.film,",
+            "\"ferry_rekey_test-queue\" on public.film,",
             "\"ferry_truncate_test-queue\" on public.payment,",
             "\"ferry_truncate_test-queue\" on public.payment_2024,",
             "\"ferry_truncated_test-queue\" on public.payment,",

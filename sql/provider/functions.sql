@@ -118,10 +118,12 @@ comment on function "ferry"."key_change_setting"(oid) is
 -- without a function call): marks the table for the rest of the transaction, so the
 -- statement capture pairs every update's old and new rows by position to get the old keys
 -- (otherwise it takes each old key from the new row, the same key, without pairing).
+-- No SET clause (a function's SET clause would undo the setting at its exit, and cost a
+-- settings switch per call): every name it calls is schema-qualified.
 create or replace function "ferry"."capture_key_change"() returns trigger
-language plpgsql set search_path = pg_catalog, pg_temp as $$
+language plpgsql as $$
 begin
-    perform set_config("ferry"."key_change_setting"(TG_RELID), 'on', true);
+    perform pg_catalog.set_config("ferry"."key_change_setting"(TG_RELID), 'on', true);
     return null;
 end $$;
 comment on function "ferry"."capture_key_change"() is

@@ -1423,7 +1423,7 @@ fn demo_runs_to_identical() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statement_capture_keeps_multi_row_statements_exact() {
     let schema = "create table acct (id int primary key, n int not null, doc jsonb, t timestamptz, note text);
-         create table shape (id int primary key, v text);
+         create table shape (id int primary key, v text, doc jsonb);
          create table shape_child (extra int) inherits (shape);
          alter table shape_child add primary key (id);
          create table later (id int primary key, v text);";
@@ -1493,8 +1493,8 @@ async fn statement_capture_keeps_multi_row_statements_exact() {
              with moved as (update acct set n = 0 where id <= 20 returning id)
                  insert into acct (id, n, note) select id + 100000, 1, 'from cte' from moved;
              delete from acct where id % 5 = 0;
-             insert into shape values (1, 'parent row');
-             insert into shape_child values (2, 'child row', 7);
+             insert into shape values (1, 'parent row', 'null');
+             insert into shape_child values (2, 'child row', 'null', 7);
              update shape set v = v || '!';",
         )
         .await
@@ -1515,6 +1515,15 @@ async fn statement_capture_keeps_multi_row_statements_exact() {
         .unwrap()
         .get(0);
     assert!(json_nulls > 1000, "JSON nulls lost: {json_nulls}");
+    let row_captured_json_nulls: i64 = subscriber
+        .query_one("select count(*) from shape where doc = 'null'::jsonb", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        row_captured_json_nulls, 2,
+        "JSON nulls lost by the row capture"
+    );
 
     // the primary key changes by hand; `provider install` makes the key-change trigger compare
     // the new key's columns, so updates of them arrive with their old keys

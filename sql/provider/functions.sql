@@ -277,6 +277,8 @@ declare
     v_update_sql text;
     v_paired_sql text;
     v_delete_sql text;
+    v_json_columns text[];
+    v_json_types text[];
 begin
     select "queue_id", "queue_ntables", "queue_event_seq" into v_queue
       from "ferry"."queue" where "queue_name" = i_queue_name;
@@ -294,6 +296,15 @@ begin
         v_check := v_check || ' and pg_catalog.current_setting(''lc_monetary'') operator(pg_catalog.=) any (''{C,POSIX}''::pg_catalog.text[])';
     end if;
     v_seq := format('pg_catalog.nextval(%L::pg_catalog.regclass)', v_queue."queue_event_seq");
+    -- json and jsonb columns (or domains over them): a JSON null there renders as SQL NULL
+    -- does in row_to_json, so the event names them in ev_extra3. Each one's name and type.
+    select array_agg(a.attname::text order by a.attnum),
+           array_agg(case when coalesce(nullif(t.typbasetype, 0), t.oid) = 'pg_catalog.jsonb'::regtype
+                          then 'jsonb' else 'json' end order by a.attnum)
+      into v_json_columns, v_json_types
+      from pg_attribute a join pg_type t on t.oid = a.atttypid
+     where a.attrelid = i_table and a.attnum > 0 and not a.attisdropped
+       and coalesce(nullif(t.typbasetype, 0), t.oid) in ('pg_catalog.json'::regtype, 'pg_catalog.jsonb'::regtype);
 
     if v_mode = 'statement' then
         -- Templates over a transition table's alias (%1$s), which always qualifies a column
@@ -307,18 +318,11 @@ begin
         -- the json and jsonb columns holding the JSON value null, as a json array, or null
         select 'nullif(pg_catalog.array_to_json(pg_catalog.array_remove(array['
                || string_agg(format(
-                      'case when %%1$s.%1$I is not null and pg_catalog.%2$s(%%1$s.%1$I::pg_catalog.%3$s) operator(pg_catalog.=) ''null'' then %4$L::pg_catalog.text end',
-                      a.attname,
-                      case when coalesce(nullif(t.typbasetype, 0), t.oid) = 'pg_catalog.jsonb'::regtype
-                           then 'jsonb_typeof' else 'json_typeof' end,
-                      case when coalesce(nullif(t.typbasetype, 0), t.oid) = 'pg_catalog.jsonb'::regtype
-                           then 'jsonb' else 'json' end,
-                      a.attname::text), ', ' order by a.attnum)
+                      'case when %%1$s.%1$I is not null and pg_catalog.%2$s_typeof(%%1$s.%1$I::pg_catalog.%2$s) operator(pg_catalog.=) ''null'' then %1$L::pg_catalog.text end',
+                      j.name, j.type), ', ' order by j.n)
                || '], null))::pg_catalog.text, ''[]''::pg_catalog.text)'
           into v_jnull
-          from pg_attribute a join pg_type t on t.oid = a.atttypid
-         where a.attrelid = i_table and a.attnum > 0 and not a.attisdropped
-           and coalesce(nullif(t.typbasetype, 0), t.oid) in ('pg_catalog.json'::regtype, 'pg_catalog.jsonb'::regtype);
+          from unnest(v_json_columns, v_json_types) with ordinality as j(name, type, n);
         v_jnull := coalesce(v_jnull, 'null');
         -- each operation's events (from its first column, %1$s, to its last), the
         -- statement's rows in the order they were changed
@@ -401,22 +405,14 @@ end $body$ $f$, v_name, v_queue."queue_id", i_table::bigint, v_label, v_check,
 
     -- row mode. json_build_object('a', OLD."a", ...): the old primary key
     select string_agg(format('%L, OLD.%I', k, k), ', ') into v_key from unnest(i_pk) k;
-    -- json and jsonb columns (or domains over them): a JSON null there renders as SQL NULL
-    -- does in row_to_json, so the event names them in ev_extra3
+    -- the json and jsonb columns holding the JSON value null, collected into v_extra3
     select string_agg(format(
-               'if NEW.%1$I is not null and pg_catalog.%2$s(NEW.%1$I::pg_catalog.%3$s) operator(pg_catalog.=) ''null'' then
-            v_jnull := pg_catalog.array_append(v_jnull, %4$L::pg_catalog.text);
+               'if NEW.%1$I is not null and pg_catalog.%2$s_typeof(NEW.%1$I::pg_catalog.%2$s) operator(pg_catalog.=) ''null'' then
+            v_jnull := pg_catalog.array_append(v_jnull, %1$L::pg_catalog.text);
         end if;',
-               a.attname,
-               case when coalesce(nullif(t.typbasetype, 0), t.oid) = 'pg_catalog.jsonb'::regtype
-                    then 'jsonb_typeof' else 'json_typeof' end,
-               case when coalesce(nullif(t.typbasetype, 0), t.oid) = 'pg_catalog.jsonb'::regtype
-                    then 'jsonb' else 'json' end,
-               a.attname::text), E'\n        ' order by a.attnum)
+               j.name, j.type), E'\n        ' order by j.n)
       into v_jnull
-      from pg_attribute a join pg_type t on t.oid = a.atttypid
-     where a.attrelid = i_table and a.attnum > 0 and not a.attisdropped
-       and coalesce(nullif(t.typbasetype, 0), t.oid) in ('pg_catalog.json'::regtype, 'pg_catalog.jsonb'::regtype);
+      from unnest(v_json_columns, v_json_types) with ordinality as j(name, type, n);
     if v_jnull is not null then
         v_jnull := format('if v_type operator(pg_catalog.<>) ''D'' then
         %s
@@ -496,7 +492,6 @@ begin
 end $$;
 comment on function "ferry"."capture_truncate"() is
     'ferry: statement trigger writing one T event per TRUNCATE';
-
 
 -- Partitioned tables replicate as one unit, their root: the root's row trigger (cloned by
 -- PostgreSQL to every partition, also those created later) writes events naming the root, so

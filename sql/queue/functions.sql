@@ -148,26 +148,6 @@ begin
 end $$;
 comment on function "ferry"."ticker"(text) is 'ferry: tick one queue now; returns the tick_id';
 
--- Whether queue i_queue_id holds an event of a transaction with id i_from or later that is
--- visible in i_snapshot (the ticker's rare check, see below). Planned for its values each
--- time (EXECUTE): a cached generic plan cannot tell that i_from is near the newest ids and
--- scanned every event partition (10 ms a call under load, measured) instead of the ev_txid
--- index.
-create or replace function "ferry"."events_since"(i_queue_id integer, i_from bigint, i_snapshot txid_snapshot)
-returns boolean language plpgsql stable as $$
-declare
-    v_found boolean;
-begin
-    execute format('select exists (select 1 from "ferry"."event" e
-                                    where e."ev_queue" = %s and e."ev_txid" >= %s
-                                      and pg_catalog.txid_visible_in_snapshot(e."ev_txid", %L::pg_catalog.txid_snapshot))',
-                   i_queue_id, i_from, i_snapshot)
-       into v_found;
-    return v_found;
-end $$;
-comment on function "ferry"."events_since"(integer, bigint, txid_snapshot) is
-    'ferry: whether a queue holds events of transactions from an id on, visible in a snapshot';
-
 -- Tick every queue that needs it: new events since its last tick, a transaction that the
 -- last tick did not see has committed since with events (it was running, or it started
 -- before the tick but at or past its xmax), or the idle period has passed. Returns how many
@@ -188,16 +168,11 @@ begin
         select "tick_time", "tick_snapshot", "tick_event_seq" into v_last
           from "ferry"."tick" where "tick_queue" = v_queue."queue_id"
          order by "tick_id" desc limit 1;
-        -- the cheap checks alone first: an expression with subqueries starts a plan over
-        -- every event partition each time it runs (0.6 ms per call under load, measured)
         if not found
            or coalesce(pg_catalog.pg_sequence_last_value(v_queue."queue_event_seq"::regclass), 0)
               <> v_last."tick_event_seq"
            or now() - v_last."tick_time" >= v_queue."queue_ticker_idle_period"
-        then
-            perform "ferry"."tick_queue"(v_queue."queue_id");
-            v_ticked := v_ticked + 1;
-        elsif exists (select 1 from pg_catalog.txid_snapshot_xip(v_last."tick_snapshot") as x
+           or exists (select 1 from pg_catalog.txid_snapshot_xip(v_last."tick_snapshot") as x
                        where pg_catalog.txid_visible_in_snapshot(x, v_now_snap))
            -- A writer whose id is at or past the last tick's xmax was not listed as running
            -- even if it had its id already (xmax is the latest completed id + 1), and it may
@@ -205,8 +180,10 @@ begin
            -- past that xmax has completed, look for such events (the ev_txid index; new
            -- events would have moved the sequence, so there are few to look at).
            or (pg_catalog.txid_snapshot_xmax(v_now_snap) > pg_catalog.txid_snapshot_xmax(v_last."tick_snapshot")
-               and "ferry"."events_since"(v_queue."queue_id",
-                                          pg_catalog.txid_snapshot_xmax(v_last."tick_snapshot"), v_now_snap))
+               and exists (select 1 from "ferry"."event" e
+                            where e."ev_queue" = v_queue."queue_id"
+                              and e."ev_txid" >= pg_catalog.txid_snapshot_xmax(v_last."tick_snapshot")
+                              and pg_catalog.txid_visible_in_snapshot(e."ev_txid", v_now_snap)))
         then
             perform "ferry"."tick_queue"(v_queue."queue_id");
             v_ticked := v_ticked + 1;

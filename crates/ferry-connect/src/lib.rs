@@ -212,16 +212,7 @@ impl Session {
 
     /// Drops notifications that arrived so far (they are wake-ups, not data).
     pub fn drain_notifications(&mut self) {
-        self.take_notifications();
-    }
-
-    /// Drops notifications that arrived so far; says whether there were any.
-    pub fn take_notifications(&mut self) -> bool {
-        let mut any = false;
-        while self.notifications.try_recv().is_ok() {
-            any = true;
-        }
-        any
+        while self.notifications.try_recv().is_ok() {}
     }
 }
 

@@ -692,7 +692,6 @@ async fn work(
         if shutdown.requested().is_some() {
             return Ok(Round::Stopped);
         }
-        // a tick announced from here on may lie beyond the batch cut now
         link.provider.drain_notifications();
         let Some(batch) = ferry_queue::next_batch(
             link.provider.client(),
@@ -728,15 +727,7 @@ async fn work(
                     applied,
                     skipped,
                     "batch applied"
-                );
-                // Caught up: the batch took every tick there was (it is well under the merge
-                // limit) and no tick was announced since the batch was cut. Asking for the
-                // next batch now would find none; the ticker's NOTIFY (or loop_delay) wakes
-                // replay for the next one instead, saving a provider call per batch.
-                let span = batch.cur_tick.event_seq - batch.prev_tick.event_seq;
-                if span < MAX_BATCH_EVENTS / 2 && !link.provider.take_notifications() {
-                    return Ok(Round::Idle);
-                }
+                )
             }
             BatchOutcome::Paused => return Ok(Round::Paused),
             BatchOutcome::AlreadyApplied => tracing::info!(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::fidelity;
 use common::replication::{
     assert_sequences_caught_up, assert_write_refused, dump_schema_into, run, wait_all_ok,
-    wait_identical, Pair, WriteLoad, SCHEMA, SEED_DATA, TABLES,
+    wait_identical, wait_table_state, Pair, WriteLoad, SCHEMA, SEED_DATA, TABLES,
 };
 use common::{ferry, ferry_bin, ChildProcess, KillDaemonOnDrop};
 use ferry_testkit::Cluster;
@@ -1582,4 +1582,165 @@ async fn statement_capture_keeps_multi_row_statements_exact() {
         || pair.replay_log(),
     )
     .await;
+}
+
+/// Copies run beside the batch stream: while two tables' copies are held up (a subscriber
+/// session holds a lock their TRUNCATE needs; `parallel_copies = 2`), a table already `ok`
+/// keeps replicating, and every change to the tables being copied (inserts, updates, a moved
+/// key, deletes, a transaction open when the copy's snapshot was taken) arrives exactly once
+/// after the copy; then again across a kill of replay while events are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_run_beside_the_batch_stream() {
+    let schema = "create table small (id int primary key, v text);
+                  create table big (id int primary key, v text, n int);
+                  create table other (id int primary key, v text);
+                  insert into small values (1, 'a');
+                  insert into big select i, md5(i::text), i from generate_series(1, 20000) i;
+                  insert into other select i, 'o' from generate_series(1, 1000) i;";
+    let pair = Pair::new(
+        "beside",
+        schema,
+        Some(schema.split("insert").next().unwrap()),
+    )
+    .await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    let ini = std::fs::read_to_string(&londiste).unwrap();
+    std::fs::write(&londiste, format!("{ini}parallel_copies = 2\n")).unwrap();
+    pair.install_and_start_ticker();
+    run(&londiste, &["provider", "add", "--all"]);
+    run(&londiste, &["subscriber", "add", "small"]);
+    run(&londiste, &["replay", "-d"]);
+    wait_table_state(
+        &londiste,
+        "public.small",
+        "ok",
+        Duration::from_secs(60),
+        || pair.replay_log(),
+    );
+
+    let provider = ferry_testkit::connect(&pair.provider.conninfo).await;
+    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    // holds up the copies of big and other: their TRUNCATE waits for these locks
+    let mut holder = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    let hold = holder.transaction().await.unwrap();
+    hold.batch_execute("lock table big, other in access share mode")
+        .await
+        .unwrap();
+    // a transaction running when the copy's snapshot is taken: the copy cannot contain it
+    let mut early = ferry_testkit::connect(&pair.provider.conninfo).await;
+    let early_tx = early.transaction().await.unwrap();
+    early_tx
+        .batch_execute(
+            "update big set v = 'early' where id = 7; insert into big values (-1, 'early', 0)",
+        )
+        .await
+        .unwrap();
+    run(&londiste, &["subscriber", "add", "big", "other"]);
+    let stashed = "select count(*) from ferry.subscriber_stash";
+    let copying = "select count(*) from ferry.subscriber_table
+                    where state = 'in-copy' and copy_snapshot is not null";
+    let wait_for = |sql: &'static str, want: i64| {
+        let subscriber = &subscriber;
+        let log = pair.replay_log();
+        async move {
+            for _ in 0..300 {
+                let n: i64 = subscriber.query_one(sql, &[]).await.unwrap().get(0);
+                if n >= want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("{sql}: fewer than {want}\nreplay log:\n{log}");
+        }
+    };
+    // a table already ok keeps replicating while copies wait
+    let identical = |tables: &'static [&'static str]| {
+        wait_identical(
+            &pair.provider.conninfo,
+            &pair.subscriber.conninfo,
+            tables,
+            Duration::from_secs(30),
+            || pair.replay_log(),
+        )
+    };
+    let small_replicates = || identical(&["small"]);
+    wait_for(copying, 2).await;
+    early_tx.commit().await.unwrap();
+    provider
+        .batch_execute(
+            "insert into big select i, 'new', i from generate_series(20001, 20100) i;
+             update big set n = n + 1 where id between 100 and 199;
+             update big set id = 30000 where id = 5;
+             delete from big where id between 300 and 349;
+             update other set v = 'changed' where id <= 10;
+             update small set v = 'while big copies' where id = 1;
+             insert into small values (2, 'b');",
+        )
+        .await
+        .unwrap();
+    small_replicates().await;
+    wait_for(stashed, 1).await;
+
+    // the copies go on under the snapshots they took before those changes: the changes come
+    // from the kept events
+    hold.rollback().await.unwrap();
+    wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
+    identical(&["small", "big", "other"]).await;
+    assert!(
+        pair.replay_log()
+            .contains("events kept during copies applied"),
+        "{}",
+        pair.replay_log()
+    );
+
+    // copied again, held up again, and replay killed while events are kept; the copy after
+    // the restart takes a later snapshot, which holds what was kept before: applied once
+    let hold = holder.transaction().await.unwrap();
+    hold.batch_execute("lock table big in access share mode")
+        .await
+        .unwrap();
+    run(&londiste, &["subscriber", "resync", "big"]);
+    wait_for(copying, 1).await;
+    provider
+        .batch_execute(
+            "insert into big select i, 'second', i from generate_series(40001, 40100) i;
+             update big set v = 'second' where id between 3000 and 3009;",
+        )
+        .await
+        .unwrap();
+    wait_for(stashed, 1).await;
+    let pid: i32 = std::fs::read_to_string(pair.dir.path().join("test-londiste.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) with a valid signal number
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    provider
+        .batch_execute(
+            "update big set v = 'while replay is down' where id between 1000 and 1009;
+             delete from big where id = 30000;
+             insert into small values (3, 'c');",
+        )
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(pair.dir.path().join("test-londiste.pid"));
+    run(&londiste, &["replay", "-d"]);
+    small_replicates().await;
+    provider
+        .batch_execute("update big set v = 'after the restart' where id between 2000 and 2009")
+        .await
+        .unwrap();
+    pair.wait_replay_rounds_after_writes().await;
+    let tables = run(&londiste, &["subscriber", "tables"]);
+    assert!(tables.contains("public.big in-copy"), "{tables}");
+    hold.rollback().await.unwrap();
+    wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
+    identical(&["small", "big", "other"]).await;
+    let left: i64 = subscriber.query_one(stashed, &[]).await.unwrap().get(0);
+    assert_eq!(left, 0, "the kept events are deleted once applied");
 }

@@ -80,6 +80,9 @@ begin
     delete from "ferry"."subscriber_table"
      where "queue_name" = i_queue_name and "table_schema" = i_schema and "table_name" = i_name;
     get diagnostics v_gone = row_count;
+    -- events kept for a copy that will never be applied now
+    delete from "ferry"."subscriber_stash"
+     where "queue_name" = i_queue_name and "table_schema" = i_schema and "table_name" = i_name;
     if to_regclass(format('%I.%I', i_schema, i_name)) is not null then
         perform "ferry"."subscriber_protect"(to_regclass(format('%I.%I', i_schema, i_name)), null);
     end if;
@@ -89,9 +92,14 @@ comment on function "ferry"."subscriber_remove_table"(text, text, text) is
     'ferry: stop replicating a table into this subscriber (1 removed, 0 was not registered)';
 
 -- Sends a table back to in-copy: replay copies it again. Returns 0 when it is not registered.
+-- The snapshot of a copy running or cut short is forgotten with the events kept for it: the
+-- next copy starts afresh (its snapshot sees every transaction committed before this call).
 create or replace function "ferry"."subscriber_resync_table"(i_queue_name text, i_schema text, i_name text)
 returns integer language sql as $$
-    with changed as (
+    with forgotten as (
+        delete from "ferry"."subscriber_stash"
+         where "queue_name" = i_queue_name and "table_schema" = i_schema and "table_name" = i_name),
+    changed as (
         update "ferry"."subscriber_table"
            set "state" = 'in-copy', "copy_snapshot" = null, "copied_rows" = null, "state_changed" = now()
          where "queue_name" = i_queue_name and "table_schema" = i_schema and "table_name" = i_name

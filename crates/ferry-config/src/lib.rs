@@ -141,6 +141,9 @@ pub struct ReplicationConfig {
     pub queue_name: String,
     /// `loop_delay`: longest wait for a new batch when no wake-up arrives (default 1 s).
     pub loop_delay: Duration,
+    /// `parallel_copies`: how many tables are copied at once, beside the batch stream
+    /// (default 1, as Londiste's; 0 is taken as 1).
+    pub parallel_copies: u32,
 }
 
 impl ReplicationConfig {
@@ -155,6 +158,7 @@ impl ReplicationConfig {
                 "subscriber_db",
                 "pgq_queue_name",
                 "pgq_lazy_fetch",
+                "parallel_copies",
             ],
         );
         let config = ReplicationConfig {
@@ -163,6 +167,7 @@ impl ReplicationConfig {
             subscriber_db: section.require("subscriber_db")?,
             queue_name: section.require("pgq_queue_name")?,
             loop_delay: seconds_or(&section, "loop_delay", 1.0)?,
+            parallel_copies: parse_or(&section, "parallel_copies", 1u32)?.max(1),
         };
         Ok((config, warnings))
     }
@@ -436,6 +441,29 @@ mod tests {
         assert_eq!(c.queue_name, "db1-londiste-queue");
         assert_eq!(c.provider_db, "dbname=db1 port=5432 host=host1");
         assert_eq!(c.daemon.log_count, 3);
+        assert_eq!(
+            c.parallel_copies, 1,
+            "Londiste's default: one copy at a time"
+        );
+    }
+
+    #[test]
+    fn parallel_copies_is_read_and_checked() {
+        let base =
+            "[londiste]\njob_name = j\nprovider_db = a\nsubscriber_db = b\npgq_queue_name = q\n";
+        let (c, warnings) =
+            ReplicationConfig::from_ini(&ini(&format!("{base}parallel_copies = 3\n"))).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(c.parallel_copies, 3);
+        let (c, _) =
+            ReplicationConfig::from_ini(&ini(&format!("{base}parallel_copies = 0\n"))).unwrap();
+        assert_eq!(c.parallel_copies, 1);
+        let err = ReplicationConfig::from_ini(&ini(&format!("{base}parallel_copies = many\n")))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("[londiste] parallel_copies"),
+            "{err}"
+        );
     }
 
     #[test]

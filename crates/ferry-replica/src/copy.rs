@@ -28,8 +28,10 @@ pub struct CopyDone {
 
 /// Copies `table` from the provider into the subscriber and moves it to `catching-up` with
 /// the copy's snapshot, all in one subscriber transaction: a copy cut short leaves the table
-/// `in-copy` with its old rows, to be copied again. Returns `None` when the table is no longer
-/// waiting for a copy. Its progress goes to `reporter`.
+/// `in-copy` with its old rows, to be copied again. Batches go on being applied meanwhile (on
+/// other sessions): the snapshot is recorded first, between two batches, so that they keep
+/// the table's events it does not see (see [`store::register_copy`]). Returns `None` when the
+/// table is no longer waiting for a copy. Its progress goes to `reporter`.
 pub async fn copy_table(
     provider: &mut Client,
     subscriber: &mut Client,
@@ -67,6 +69,42 @@ async fn copy_reported(
         .collect();
     let column_list = columns.join(", ");
 
+    // The snapshot is taken and recorded while this holds the position's row lock: no batch
+    // is being applied, every batch applied before holds only transactions it sees, and every
+    // batch after it reads it and keeps the table's events it does not see.
+    let registration = subscriber
+        .transaction()
+        .await
+        .context("recording the copy's snapshot")?;
+    // the table's state first, without waiting, then the position (a batch takes the
+    // position and never the state of a table waiting for its copy)
+    if !store::lock_for_copy(&registration, queue, table).await? {
+        return Ok(None);
+    }
+    store::lock_position(&registration, queue).await?;
+    let ptx = provider
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .context("starting the copy on the provider")?;
+    // the first statement fixes the transaction's snapshot: the COPY below reads under it
+    let snapshot: Snapshot = ptx
+        .query_one("select txid_current_snapshot()::text", &[])
+        .await
+        .context("taking the copy's snapshot")?
+        .get::<_, &str>(0)
+        .parse()
+        .map_err(ReplicaError::corrupt)?;
+    if !store::register_copy(&registration, queue, table, &snapshot).await? {
+        return Ok(None);
+    }
+    registration
+        .commit()
+        .await
+        .context("recording the copy's snapshot")?;
+
     let stx = subscriber
         .transaction()
         .await
@@ -74,7 +112,7 @@ async fn copy_reported(
     stx.batch_execute("set local ferry.replay = 'on'")
         .await
         .context("starting the copy on the subscriber")?;
-    let Some(skip_truncate) = store::claim_for_copy(&stx, queue, table).await? else {
+    let Some(skip_truncate) = store::claim_for_copy(&stx, queue, table, &snapshot).await? else {
         return Ok(None);
     };
     // A table other tables refer to by foreign key cannot be truncated (not even in replica
@@ -94,21 +132,6 @@ async fn copy_reported(
         true
     };
 
-    let ptx = provider
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .context("starting the copy on the provider")?;
-    // the first statement fixes the transaction's snapshot: the COPY below reads under it
-    let snapshot: Snapshot = ptx
-        .query_one("select txid_current_snapshot()::text", &[])
-        .await
-        .context("taking the copy's snapshot")?
-        .get::<_, &str>(0)
-        .parse()
-        .map_err(ReplicaError::corrupt)?;
     // a plain table straight (COPY of a table reads it alone, as ONLY would, and skips the
     // executor); a partitioned table through a query over its partitions
     let source_plain: bool = ptx

@@ -10,6 +10,7 @@ mod apply;
 pub mod catalog;
 pub mod columns;
 pub mod compare;
+mod copies;
 mod copy;
 mod error;
 pub mod event;

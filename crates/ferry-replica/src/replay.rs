@@ -1,9 +1,8 @@
-//! The replay daemon: copies tables waiting for their copy, applies each batch of the queue to
-//! the subscriber, and waits for the ticker's wake-up (or `loop_delay`) when there is nothing
-//! to do. Failures are retried with backoff, nothing is skipped; a lost connection is
-//! re-established.
+//! The replay daemon: applies each batch of the queue to the subscriber while tables waiting
+//! for their copy are copied beside it ([`crate::copies`]), and waits for the ticker's wake-up
+//! (or `loop_delay`) when there is nothing to do. Failures are retried with backoff, nothing
+//! is skipped; a lost connection is re-established.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use ferry_connect::{ConnInfo, Session};
@@ -14,11 +13,11 @@ use tokio::time::sleep;
 
 use crate::apply::{Applier, BatchOutcome};
 use crate::catalog::table_shape;
-use crate::copy::copy_table;
+use crate::copies::{log_ended, Copies, CopyTarget};
 use crate::error::{ReplicaError, ResultExt};
 use crate::names::RelName;
-use crate::progress::{CopyGauges, CopyReporter};
-use crate::session::open_sides;
+use crate::progress::CopyGauges;
+use crate::session::{open_sides, provider_for};
 use crate::store::{self, BatchStep, TableState};
 use crate::subscriber;
 
@@ -29,8 +28,6 @@ const PROBLEM_RETRY_MAX: Duration = Duration::from_secs(30);
 /// First and longest wait between reconnection attempts.
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
-/// A table whose copy was refused (missing there, a column missing) is tried again after this.
-const COPY_RETRY: Duration = Duration::from_secs(30);
 /// Most events one batch may span when replay is behind (several ticks merged).
 const MAX_BATCH_EVENTS: i64 = 100_000;
 /// How often an idle replay looks at the age of the queue's newest tick.
@@ -49,6 +46,8 @@ pub struct ReplaySettings {
     pub queue: String,
     /// Longest wait for a new batch without a wake-up.
     pub loop_delay: Duration,
+    /// How many tables are copied at once, beside the batch stream (at least 1).
+    pub parallel_copies: usize,
 }
 
 /// Errors that stop replay: ones waiting cannot fix (see [`ReplicaError::remedy`]).
@@ -126,6 +125,8 @@ pub async fn run(
     // the wait after a failure that is not a lost connection, doubled while it lasts
     let mut problem_retry = PROBLEM_RETRY_MIN;
     let mut connected_before = false;
+    // copies run on sessions of their own: they outlive a reconnect of replay's sessions
+    let mut copies = Copies::default();
     'connect: loop {
         let Some(mut link) = connect(&settings, &mut shutdown, &mut health).await? else {
             break 'connect;
@@ -135,7 +136,6 @@ pub async fn run(
         }
         connected_before = true;
         let mut applier = Applier::default();
-        let mut copy_retry = HashMap::new();
         let mut ticker_checked = Instant::now();
         // the table differences last logged, so a stuck batch logs them once
         let mut explained: Vec<String> = Vec::new();
@@ -161,12 +161,13 @@ pub async fn run(
             let round = tokio::select! {
                 biased;
                 _ = shutdown.wait_immediate() => break 'connect,
-                round = work(&mut link, &mut applier, &mut copy_retry, &settings, &stop_watch, &counts) => round,
+                round = work(&mut link, &mut applier, &mut copies, &settings, &stop_watch, &counts) => round,
             };
             match round {
                 Ok(Round::Stopped) => break 'connect,
                 Ok(Round::ProviderMoved) => {
                     tracing::info!(queue = %settings.queue, "the provider moved (a switchover or failover): connecting to it");
+                    copies.abandon();
                     continue 'connect;
                 }
                 Ok(Round::Paused) => {
@@ -241,8 +242,9 @@ pub async fn run(
                             || new.queue != settings.queue
                             || new.job_name != settings.job_name;
                         settings = new;
-                        tracing::info!(loop_delay = ?settings.loop_delay, "configuration reloaded");
+                        tracing::info!(loop_delay = ?settings.loop_delay, parallel_copies = settings.parallel_copies, "configuration reloaded");
                         if reconnect {
+                            copies.abandon();
                             continue 'connect;
                         }
                     }
@@ -254,6 +256,11 @@ pub async fn run(
                 _ = sleep(settings.loop_delay) => {}
             }
         }
+    }
+    // a graceful stop lets the copies in hand finish; an immediate one abandons them
+    match shutdown.requested() {
+        Some(StopMode::Graceful) => copies.finish(&mut shutdown).await,
+        _ => copies.abandon(),
     }
     tracing::info!(job = %settings.job_name, "replay stopped");
     Ok(())
@@ -591,7 +598,10 @@ async fn reconcile_position(link: &Link, settings: &ReplaySettings) -> Result<()
         }
     } else if recorded < consumer.last_tick {
         let tables = store::tables(link.subscriber.client(), queue).await?;
-        if tables.iter().all(|t| t.state == TableState::InCopy) {
+        if tables.iter().all(|t| t.state.in_copy()) {
+            // copies running or cut short may have left events out that batches finished
+            // without reaching here held: every copy starts afresh
+            store::send_all_to_copy(link.subscriber.client(), queue).await?;
             store::forget_position(link.subscriber.client(), queue).await?;
             tracing::info!(
                 queue,
@@ -607,12 +617,12 @@ async fn reconcile_position(link: &Link, settings: &ReplaySettings) -> Result<()
     Ok(())
 }
 
-/// One round: copy every table waiting for it, then apply batches until none is left.
-/// A graceful stop is honoured between units.
+/// One round: start copies of tables waiting for one (they run beside), then apply batches
+/// until none is left, reaping copies as they end. A graceful stop is honoured between units.
 async fn work(
     link: &mut Link,
     applier: &mut Applier,
-    copy_retry: &mut HashMap<RelName, Instant>,
+    copies: &mut Copies,
     settings: &ReplaySettings,
     shutdown: &Shutdown,
     counts: &ReplayMetrics,
@@ -625,72 +635,21 @@ async fn work(
     if paused {
         return Ok(Round::Paused);
     }
-    let now = Instant::now();
-    let tables = store::tables(link.subscriber.client(), queue).await?;
-    counts
-        .tables_not_ok
-        .set(tables.iter().filter(|t| t.state != TableState::Ok).count() as f64);
-    let waiting: Vec<_> = tables
-        .into_iter()
-        .filter(|t| t.state == TableState::InCopy)
-        .filter(|t| copy_retry.get(&t.table).is_none_or(|at| *at <= now))
-        .collect();
-    let mut copies = 0;
-    let mut reporter = CopyReporter::new(
-        &settings.subscriber,
-        &format!("ferry replay {} progress", settings.job_name),
-        Some(counts.copy.clone()),
-    );
-    for table in waiting {
-        if shutdown.requested() == Some(StopMode::Graceful) {
-            return Ok(Round::Stopped);
-        }
-        tracing::info!(table = %table.table, "copy started");
-        let started = Instant::now();
-        let copied = copy_table(
-            link.provider.client_mut(),
-            link.subscriber.client_mut(),
-            queue,
-            &table.table,
-            &mut reporter,
-        )
-        .await;
-        match copied {
-            Ok(Some(done)) => {
-                copies += 1;
-                copy_retry.remove(&table.table);
-                tracing::info!(
-                    table = %table.table,
-                    rows = done.rows,
-                    secs = started.elapsed().as_secs_f64(),
-                    snapshot = %done.snapshot,
-                    "copy done: catching-up"
-                );
-            }
-            Ok(None) => {}
-            // one table that cannot be copied (missing there, a column missing) must not hold
-            // up the others: it stays in-copy, its events are not applied, it is tried again
-            Err(error) if error.needs_user() => {
-                tracing::warn!(
-                    table = %table.table,
-                    error = %report(&error),
-                    retry_secs = COPY_RETRY.as_secs(),
-                    "copy failed; the table stays in-copy"
-                );
-                copy_retry.insert(table.table.clone(), Instant::now() + COPY_RETRY);
-            }
-            Err(error) => return Err(error),
-        }
-    }
-    counts.tables_copied.add(copies as f64);
-    if copies > 0 {
-        // a tick after the copies lets their tables become ok with the next batch, instead of
-        // waiting for the queue's next event or idle tick
-        ferry_queue::tick(link.provider.client(), queue).await?;
-    }
+    let target = CopyTarget {
+        provider: provider_for(&settings.provider, link.moved_to.as_deref())?,
+        subscriber: settings.subscriber.clone(),
+        queue: settings.queue.clone(),
+        job_name: settings.job_name.clone(),
+        gauges: counts.copy.clone(),
+    };
+    reap_copies(copies, counts).await?;
+    start_copies(link, copies, settings, &target, counts).await?;
     loop {
         if shutdown.requested().is_some() {
             return Ok(Round::Stopped);
+        }
+        if copies.any_running() && reap_copies(copies, counts).await? {
+            start_copies(link, copies, settings, &target, counts).await?;
         }
         link.provider.drain_notifications();
         let Some(batch) = ferry_queue::next_batch(
@@ -713,7 +672,11 @@ async fn work(
             .await?;
         match outcome {
             BatchOutcome::Applied {
-                applied, skipped, ..
+                applied,
+                skipped,
+                kept,
+                unstashed,
+                ..
             } => {
                 counts.batches.inc();
                 counts.events_applied.add(applied as f64);
@@ -726,6 +689,8 @@ async fn work(
                     tick = batch.cur_tick.id,
                     applied,
                     skipped,
+                    kept,
+                    unstashed,
                     "batch applied"
                 )
             }
@@ -746,4 +711,37 @@ async fn work(
             }
         }
     }
+}
+
+/// Starts copies of the tables waiting for one, up to `parallel_copies` at once; the count
+/// of tables not `ok` is refreshed on the way.
+async fn start_copies(
+    link: &Link,
+    copies: &mut Copies,
+    settings: &ReplaySettings,
+    target: &CopyTarget,
+    counts: &ReplayMetrics,
+) -> Result<(), ReplicaError> {
+    let tables = store::tables(link.subscriber.client(), &settings.queue).await?;
+    counts
+        .tables_not_ok
+        .set(tables.iter().filter(|t| t.state != TableState::Ok).count() as f64);
+    copies.start(&tables, settings.parallel_copies, target);
+    Ok(())
+}
+
+/// Reports the copies that ended. `true` when any did; an error replay must stop for (corrupt
+/// data, a broken invariant) is returned.
+async fn reap_copies(copies: &mut Copies, counts: &ReplayMetrics) -> Result<bool, ReplicaError> {
+    let ended = copies.reap().await;
+    let any = !ended.is_empty();
+    for ended in ended {
+        if matches!(ended.result, Ok(Some(_))) {
+            counts.tables_copied.inc();
+        }
+        if let Some(error) = log_ended(ended) {
+            return Err(error);
+        }
+    }
+    Ok(any)
 }

@@ -149,7 +149,7 @@ pub async fn status(
         ReplayState::Paused
     } else if record.last_error.is_some() {
         ReplayState::StoppedOnError
-    } else if tables.iter().any(|t| t.state == TableState::InCopy) {
+    } else if tables.iter().any(|t| t.state.in_copy()) {
         ReplayState::Copying
     } else if tables
         .iter()

@@ -1,15 +1,22 @@
 //! The subscriber's store: the only code that reads or writes `ferry.subscriber_position`,
-//! `ferry.subscriber_table` and `ferry.subscriber_seq` (see `sql/subscriber/`).
+//! `ferry.subscriber_table`, `ferry.subscriber_seq` and `ferry.subscriber_stash` (see
+//! `sql/subscriber/`).
 //!
 //! A table's state is parsed once, into [`TableState`], and changes only through the
 //! transitions here, each of which names the state it leaves in its `where` clause, so a
 //! transition that races with another (a `resync` during a copy, say) changes nothing:
 //!
 //! ```text
-//!  add ──▶ InCopy ──record_copied──▶ CatchingUp(snapshot) ──mark_ok──▶ Ok
-//!            ▲                                                          │
-//!            └──────────── resync / send_all_to_copy ◀──────────────────┘
+//!  add ──▶ InCopy ──register_copy──▶ Copying(snapshot) ──record_copied──▶ CatchingUp(snapshot) ──mark_ok──▶ Ok
+//!            ▲                            │  ▲  register_copy again                                   │
+//!            │                            └──┘  (a copy cut short)                                    │
+//!            └──────────────────────────── resync / send_all_to_copy ◀───────────────────────────────┘
 //! ```
+//!
+//! Copies run beside the batch stream. A table is `Copying` from the moment a copy recorded
+//! its snapshot (under the position's row lock, so between two batches); from then on every
+//! batch keeps the table's events its copy cannot contain in the stash ([`stash_events`]), and
+//! the first batch to find the table `CatchingUp` applies them first ([`stashed_events`]).
 //!
 //! The position (the tick of the last batch applied here) is written in the same
 //! transaction as each batch's changes; [`batch_step`] is the one rule comparing it with a
@@ -24,9 +31,13 @@ use crate::snapshot::Snapshot;
 /// A replicated table's state on the subscriber.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TableState {
-    /// Waiting for (or in) its initial copy: replay skips its events, which the copy will
-    /// contain.
+    /// Waiting for its initial copy: replay skips its events, which the copy will contain
+    /// (a copy's snapshot is taken after every batch applied so far).
     InCopy,
+    /// A copy reads (or read, and was cut short) under this provider snapshot: replay keeps
+    /// the events of transactions it does not see in the stash, to be applied after the copy.
+    /// Stored as `in-copy` with the snapshot.
+    Copying(Snapshot),
     /// Copied under this provider snapshot: events of transactions it saw are skipped.
     CatchingUp(Snapshot),
     /// Every event is applied.
@@ -37,7 +48,7 @@ impl TableState {
     /// The name stored in `subscriber_table.state` and shown by `subscriber tables`.
     pub fn name(&self) -> &'static str {
         match self {
-            TableState::InCopy => "in-copy",
+            TableState::InCopy | TableState::Copying(_) => "in-copy",
             TableState::CatchingUp(_) => "catching-up",
             TableState::Ok => "ok",
         }
@@ -46,7 +57,8 @@ impl TableState {
     /// The state stored as `state` with `copy_snapshot`; anything else is corrupt.
     fn parse(state: &str, copy_snapshot: Option<&str>) -> Result<TableState, String> {
         match (state, copy_snapshot) {
-            ("in-copy", _) => Ok(TableState::InCopy),
+            ("in-copy", None) => Ok(TableState::InCopy),
+            ("in-copy", Some(snapshot)) => Ok(TableState::Copying(snapshot.parse()?)),
             ("catching-up", Some(snapshot)) => Ok(TableState::CatchingUp(snapshot.parse()?)),
             ("catching-up", None) => Err("catching-up without the copy's snapshot".into()),
             ("ok", _) => Ok(TableState::Ok),
@@ -57,10 +69,24 @@ impl TableState {
     /// Whether an event of transaction `txid` is applied to a table in this state.
     pub fn applies(&self, txid: i64) -> bool {
         match self {
-            TableState::InCopy => false,
+            TableState::InCopy | TableState::Copying(_) => false,
             TableState::CatchingUp(copy) => !copy.sees(txid),
             TableState::Ok => true,
         }
+    }
+
+    /// Whether an event of transaction `txid` is kept in the stash: the table's copy runs
+    /// under a snapshot that does not see the transaction.
+    pub fn keeps(&self, txid: i64) -> bool {
+        match self {
+            TableState::Copying(copy) => !copy.sees(txid),
+            _ => false,
+        }
+    }
+
+    /// Whether the table waits for its copy (none has finished since it was added or sent back).
+    pub fn in_copy(&self) -> bool {
+        matches!(self, TableState::InCopy | TableState::Copying(_))
     }
 }
 
@@ -115,29 +141,86 @@ pub async fn tables(
         .collect()
 }
 
-/// Locks `table`'s state for its copy, in the copy's transaction. `None` when the table is
-/// no longer waiting for a copy (removed, or copied meanwhile); otherwise whether to keep the
-/// rows already here.
+/// Locks `table`'s state for recording a copy's snapshot, without waiting: `false` when the
+/// table is no longer waiting for a copy. Another session holding the state (a copy of a
+/// replay killed while its TRUNCATE waited for a lock: its session lives on until the lock
+/// comes) is an error to try again later, so that the position's row lock, taken next, is
+/// never held while waiting for it.
+pub async fn lock_for_copy(
+    stx: &Transaction<'_>,
+    queue: &str,
+    table: &RelName,
+) -> Result<bool, ReplicaError> {
+    let locked = stx
+        .query_opt(
+            r#"select 1 from "ferry"."subscriber_table"
+                where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3
+                  and "state" = 'in-copy'
+                  for update nowait"#,
+            &[&queue, &table.schema, &table.name],
+        )
+        .await;
+    match locked {
+        Ok(row) => Ok(row.is_some()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+            Err(ReplicaError::new(
+                crate::error::ErrorKind::Db,
+                format!("another session holds the state of {table} (a copy of an earlier replay, still waiting for a lock on the table?); the copy is tried again later"),
+            )
+            .about(table))
+        }
+        Err(e) => Err(e).with_context(|| format!("locking the state of {table}")),
+    }
+}
+
+/// `InCopy` or `Copying` → `Copying(snapshot)`: a copy of `table` is about to read under
+/// `snapshot`. Call it in a transaction that holds the position's row lock
+/// ([`lock_position`]) from before `snapshot` was taken until it commits: no batch is being
+/// applied then, so every batch applied before saw only transactions the snapshot sees, and
+/// every batch after reads the snapshot and keeps what it does not see. `false` when the
+/// table is no longer waiting for a copy.
+pub async fn register_copy(
+    stx: &Transaction<'_>,
+    queue: &str,
+    table: &RelName,
+    snapshot: &Snapshot,
+) -> Result<bool, ReplicaError> {
+    let changed = stx
+        .execute(
+            r#"update "ferry"."subscriber_table" set "copy_snapshot" = $4
+                where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3
+                  and "state" = 'in-copy'"#,
+            &[&queue, &table.schema, &table.name, &snapshot.to_string()],
+        )
+        .await
+        .with_context(|| format!("recording the snapshot of the copy of {table}"))?;
+    Ok(changed == 1)
+}
+
+/// Locks `table`'s state for its copy under `snapshot`, in the copy's transaction. `None`
+/// when the table is no longer `Copying(snapshot)` (removed, sent back to copy, copied
+/// meanwhile); otherwise whether to keep the rows already here.
 pub async fn claim_for_copy(
     stx: &Transaction<'_>,
     queue: &str,
     table: &RelName,
+    snapshot: &Snapshot,
 ) -> Result<Option<bool>, ReplicaError> {
     Ok(stx
         .query_opt(
             r#"select "skip_truncate" from "ferry"."subscriber_table"
                 where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3
-                  and "state" = 'in-copy'
+                  and "state" = 'in-copy' and "copy_snapshot" = $4
                   for update"#,
-            &[&queue, &table.schema, &table.name],
+            &[&queue, &table.schema, &table.name, &snapshot.to_string()],
         )
         .await
         .with_context(|| format!("locking the state of {table}"))?
         .map(|row| row.get(0)))
 }
 
-/// `InCopy` → `CatchingUp(snapshot)`: the copy of `rows` rows under `snapshot` is in this
-/// transaction.
+/// `Copying(snapshot)` → `CatchingUp(snapshot)`: the copy of `rows` rows under `snapshot`
+/// is in this transaction.
 pub async fn record_copied(
     stx: &Transaction<'_>,
     queue: &str,
@@ -148,10 +231,9 @@ pub async fn record_copied(
     let changed = stx
         .execute(
             r#"update "ferry"."subscriber_table"
-                  set "state" = 'catching-up', "copy_snapshot" = $4, "copied_rows" = $5,
-                      "state_changed" = now()
+                  set "state" = 'catching-up', "copied_rows" = $5, "state_changed" = now()
                 where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3
-                  and "state" = 'in-copy'"#,
+                  and "state" = 'in-copy' and "copy_snapshot" = $4"#,
             &[
                 &queue,
                 &table.schema,
@@ -340,21 +422,33 @@ fn expect_one(changed: u64, table: &RelName, from: &str, to: &str) -> Result<(),
 }
 
 /// Every table of `queue` here back to `InCopy` (the consumer had to be registered anew:
-/// events before that are lost to it). Returns how many tables changed.
+/// events before that are lost to it), forgetting the snapshots of copies and the events
+/// kept for them. Returns how many tables were not waiting for a copy before.
 pub async fn send_all_to_copy(
     client: &impl GenericClient,
     queue: &str,
 ) -> Result<u64, ReplicaError> {
-    client
-        .execute(
-            r#"update "ferry"."subscriber_table"
-                  set "state" = 'in-copy', "copy_snapshot" = null, "copied_rows" = null,
-                      "state_changed" = now()
-                where "queue_name" = $1 and "state" <> 'in-copy'"#,
+    let rows = client
+        .query(
+            r#"with forgotten as (
+                   delete from "ferry"."subscriber_stash" where "queue_name" = $1),
+               changed as (
+                   update "ferry"."subscriber_table" t
+                      set "state" = 'in-copy', "copy_snapshot" = null, "copied_rows" = null,
+                          "state_changed" = case when t."state" = 'in-copy'
+                                                 then t."state_changed" else now() end
+                     from "ferry"."subscriber_table" before
+                    where t."queue_name" = $1
+                      and (before."queue_name", before."table_schema", before."table_name")
+                          = (t."queue_name", t."table_schema", t."table_name")
+                      and (t."state" <> 'in-copy' or t."copy_snapshot" is not null)
+                   returning before."state")
+               select count(*) filter (where "state" <> 'in-copy') from changed"#,
             &[&queue],
         )
         .await
-        .context("sending tables back to in-copy")
+        .context("sending tables back to in-copy")?;
+    Ok(rows[0].get::<_, i64>(0) as u64)
 }
 
 /// Adds `table` for `queue` (`InCopy`) and protects it from writers other than replay
@@ -867,6 +961,148 @@ pub fn batch_step(recorded: Option<i64>, prev: i64, cur: i64) -> BatchStep {
     }
 }
 
+/// The schemas and the names of `tables`, as two arrays for `unnest`.
+fn name_arrays<'a>(tables: &[&'a RelName]) -> (Vec<&'a str>, Vec<&'a str>) {
+    tables
+        .iter()
+        .map(|t| (t.schema.as_str(), t.name.as_str()))
+        .unzip()
+}
+
+/// An event kept in the stash for a table whose copy runs: its place (the tick of the batch
+/// that kept it, its position in that batch) and the event as the queue held it.
+#[derive(Debug, Clone)]
+pub struct StashedEvent {
+    /// The tick of the batch that kept it.
+    pub tick: i64,
+    /// Its position among the events that batch kept.
+    pub pos: i32,
+    /// The table it changes.
+    pub table: RelName,
+    /// The event.
+    pub event: ferry_queue::Event,
+}
+
+/// Keeps `events` in the stash, in the batch's transaction (see the module documentation).
+pub async fn stash_events(
+    stx: &Transaction<'_>,
+    queue: &str,
+    events: &[StashedEvent],
+) -> Result<(), ReplicaError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut ticks = Vec::with_capacity(events.len());
+    let mut positions = Vec::with_capacity(events.len());
+    let mut schemas = Vec::with_capacity(events.len());
+    let mut names = Vec::with_capacity(events.len());
+    let mut ids = Vec::with_capacity(events.len());
+    let mut times = Vec::with_capacity(events.len());
+    let mut txids = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut datas = Vec::with_capacity(events.len());
+    let mut extras: [Vec<Option<&str>>; 4] = Default::default();
+    for e in events {
+        ticks.push(e.tick);
+        positions.push(e.pos);
+        schemas.push(e.table.schema.as_str());
+        names.push(e.table.name.as_str());
+        ids.push(e.event.id);
+        times.push(e.event.time);
+        txids.push(e.event.txid);
+        types.push(e.event.ev_type.as_deref());
+        datas.push(e.event.data.as_deref());
+        for (list, extra) in extras.iter_mut().zip(&e.event.extra) {
+            list.push(extra.as_deref());
+        }
+    }
+    stx.execute(
+        r#"insert into "ferry"."subscriber_stash"
+               ("queue_name", "stash_tick", "stash_pos", "table_schema", "table_name", "ev_id",
+                "ev_time", "ev_txid", "ev_type", "ev_data", "ev_extra1", "ev_extra2",
+                "ev_extra3", "ev_extra4")
+           select $1, * from unnest($2::bigint[], $3::int4[], $4::text[], $5::text[],
+                                    $6::bigint[], $7::timestamptz[], $8::bigint[], $9::text[],
+                                    $10::text[], $11::text[], $12::text[], $13::text[],
+                                    $14::text[])"#,
+        &[
+            &queue, &ticks, &positions, &schemas, &names, &ids, &times, &txids, &types, &datas,
+            &extras[0], &extras[1], &extras[2], &extras[3],
+        ],
+    )
+    .await
+    .context("keeping events for tables being copied")?;
+    Ok(())
+}
+
+/// Up to `limit` stashed events of `queue` for `tables` (ones the batch found copied: the
+/// caller's list, not the states now, which a copy's commit may change meanwhile), after
+/// place `after`, in the order they came.
+pub async fn stashed_events(
+    stx: &Transaction<'_>,
+    queue: &str,
+    tables: &[&RelName],
+    after: Option<(i64, i32)>,
+    limit: i64,
+) -> Result<Vec<StashedEvent>, ReplicaError> {
+    let (after_tick, after_pos) = after.unwrap_or((i64::MIN, i32::MIN));
+    let (schemas, names) = name_arrays(tables);
+    let rows = stx
+        .query(
+            r#"select s."stash_tick", s."stash_pos", s."table_schema", s."table_name",
+                      s."ev_id", s."ev_time", s."ev_txid", s."ev_type", s."ev_data",
+                      s."ev_extra1", s."ev_extra2", s."ev_extra3", s."ev_extra4"
+                 from "ferry"."subscriber_stash" s
+                where s."queue_name" = $1
+                  and (s."stash_tick", s."stash_pos") > ($2, $3)
+                  and (s."table_schema", s."table_name")
+                      in (select * from unnest($5::text[], $6::text[]))
+                order by s."stash_tick", s."stash_pos"
+                limit $4"#,
+            &[&queue, &after_tick, &after_pos, &limit, &schemas, &names],
+        )
+        .await
+        .context("reading the events kept for copied tables")?;
+    Ok(rows
+        .iter()
+        .map(|r| StashedEvent {
+            tick: r.get(0),
+            pos: r.get(1),
+            table: RelName::new(r.get::<_, String>(2), r.get::<_, String>(3)),
+            event: ferry_queue::Event {
+                id: r.get(4),
+                time: r.get(5),
+                txid: r.get(6),
+                retry: None,
+                ev_type: r.get(7),
+                data: r.get(8),
+                extra: [r.get(9), r.get(10), r.get(11), r.get(12)],
+            },
+        })
+        .collect())
+}
+
+/// Deletes the stashed events of `queue` for `tables` up to place `upto`: the ones
+/// [`stashed_events`] handed out for the same tables, in the same transaction.
+pub async fn forget_stashed(
+    stx: &Transaction<'_>,
+    queue: &str,
+    tables: &[&RelName],
+    upto: (i64, i32),
+) -> Result<(), ReplicaError> {
+    let (schemas, names) = name_arrays(tables);
+    stx.execute(
+        r#"delete from "ferry"."subscriber_stash" s
+            where s."queue_name" = $1 and (s."stash_tick", s."stash_pos") <= ($2, $3)
+              and (s."table_schema", s."table_name")
+                  in (select * from unnest($4::text[], $5::text[]))"#,
+        &[&queue, &upto.0, &upto.1, &schemas, &names],
+    )
+    .await
+    .context("forgetting the events kept for copied tables")?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -908,6 +1144,7 @@ mod tests {
     fn states_parse_once_and_print_their_stored_name() {
         for (name, snapshot) in [
             ("in-copy", None),
+            ("in-copy", Some("5:9:7")),
             ("catching-up", Some("5:9:7")),
             ("ok", None),
         ] {
@@ -926,6 +1163,16 @@ mod tests {
     #[test]
     fn which_events_a_state_applies() {
         assert!(!TableState::InCopy.applies(3));
+        assert!(
+            !TableState::InCopy.keeps(3),
+            "no copy yet: the copy will see it"
+        );
+        let copying = TableState::Copying("5:9:7".parse().unwrap());
+        assert!(!copying.applies(4) && !copying.applies(7));
+        assert!(!copying.keeps(4), "seen by the copy");
+        assert!(copying.keeps(7), "running when the copy was taken");
+        assert!(copying.keeps(9), "started after the copy");
+        assert!(!TableState::Ok.keeps(9));
         assert!(TableState::Ok.applies(3));
         let catching_up = TableState::CatchingUp("5:9:7".parse().unwrap());
         assert!(!catching_up.applies(4), "seen by the copy");

@@ -37,6 +37,10 @@ pub const SUBSCRIBER: Component = Component {
             version: 5,
             sql: include_str!("../../../sql/subscriber/0005_locations.sql"),
         },
+        Migration {
+            version: 6,
+            sql: include_str!("../../../sql/subscriber/0006_copy_stash.sql"),
+        },
     ],
     functions: include_str!("../../../sql/subscriber/functions.sql"),
 };

@@ -54,6 +54,7 @@ pub fn replication(
         )?,
         queue: replication.queue_name.clone(),
         loop_delay: replication.loop_delay,
+        parallel_copies: replication.parallel_copies as usize,
     };
     Ok((replication, settings, warnings))
 }

@@ -16,7 +16,7 @@ mod sql;
 use std::collections::HashMap;
 
 use ferry_daemon::failpoint::{self, failpoint};
-use ferry_queue::{Batch, BatchCursor};
+use ferry_queue::{Batch, BatchCursor, Event};
 use tokio_postgres::{Client, Transaction};
 
 use crate::error::{ErrorKind, ReplicaError, ResultExt};
@@ -39,6 +39,10 @@ pub enum BatchOutcome {
         applied: u64,
         /// Events skipped: of tables not (yet) replicated here, or already in a copy.
         skipped: u64,
+        /// Events kept for tables being copied, to be applied after their copy.
+        kept: u64,
+        /// Events kept by earlier batches, applied with this one (their table's copy is done).
+        unstashed: u64,
         /// Tables that became `ok` with this batch.
         tables_ok: u64,
     },
@@ -66,6 +70,53 @@ enum Mode {
 /// The subscriber's tables as one batch sees them, keyed the way events name them
 /// (`"schema"."name"`).
 type BatchTables = HashMap<String, (RelName, TableState)>;
+
+/// The events a batch keeps for tables being copied (see [`store::stash_events`]), written
+/// page by page in the batch's transaction.
+pub(crate) struct Stash {
+    /// The batch's tick: the first part of each kept event's place.
+    tick: i64,
+    /// The place of the next event kept.
+    next_pos: i32,
+    /// Kept and not yet written.
+    pending: Vec<store::StashedEvent>,
+    /// Kept in all.
+    kept: u64,
+}
+
+impl Stash {
+    fn new(tick: i64) -> Stash {
+        Stash {
+            tick,
+            next_pos: 0,
+            pending: Vec::new(),
+            kept: 0,
+        }
+    }
+
+    /// Keeps `event` of `table`.
+    pub(crate) fn keep(&mut self, table: &RelName, event: &Event) {
+        self.pending.push(store::StashedEvent {
+            tick: self.tick,
+            pos: self.next_pos,
+            table: table.clone(),
+            event: event.clone(),
+        });
+        self.next_pos += 1;
+        self.kept += 1;
+    }
+
+    /// Writes what was kept since the last call.
+    pub(crate) async fn write(
+        &mut self,
+        stx: &Transaction<'_>,
+        queue: &str,
+    ) -> Result<(), ReplicaError> {
+        store::stash_events(stx, queue, &self.pending).await?;
+        self.pending.clear();
+        Ok(())
+    }
+}
 
 /// Finishes batch `batch_id` on the provider without waiting for the provider's WAL flush.
 /// Safe because the subscriber's position, committed before, is what makes replay exactly
@@ -184,6 +235,9 @@ impl Applier {
         let (ptx, tables) = tokio::join!(provider.transaction(), batch_tables(&stx, queue));
         let ptx = ptx.context("starting the batch's provider transaction")?;
         let tables = tables?;
+        let mut stash = Stash::new(batch.cur_tick.id);
+        // events kept by earlier batches for tables whose copy is done come first
+        let unstashed = self.unstash(&stx, queue, &tables, mode, &mut stash).await?;
         let mut applied = 0;
         let mut skipped = 0;
         // parts of a chunk's size: the provider sorts a chunk's worth at a time, so the first
@@ -207,7 +261,7 @@ impl Applier {
                         }
                     },
                     reader.next_chunk(),
-                    self.prepare_page(&stx, queue, &tables, &chunk, mode)
+                    self.prepare_page(&stx, queue, &tables, &chunk, mode, &mut stash)
                 );
                 ran?;
                 let (statements, page_applied, page_skipped) = prepared?;
@@ -239,8 +293,54 @@ impl Applier {
         Ok(BatchOutcome::Applied {
             applied,
             skipped,
+            kept: stash.kept,
+            unstashed,
             tables_ok,
         })
+    }
+
+    /// Applies, in the batch's transaction and before its own events, the events earlier
+    /// batches kept for tables whose copy is done (`CatchingUp` now: the same rule as for
+    /// the batch's events says which the copy holds), in the order they came, and deletes
+    /// them. Returns how many were read.
+    async fn unstash(
+        &mut self,
+        stx: &Transaction<'_>,
+        queue: &str,
+        tables: &BatchTables,
+        mode: Mode,
+        stash: &mut Stash,
+    ) -> Result<u64, ReplicaError> {
+        // only the first batch after a copy finds anything: no query otherwise. The tables
+        // are the ones this batch found copied: a copy committing meanwhile changes nothing
+        // here (its table's kept events wait for the next batch).
+        let copied: Vec<&RelName> = tables
+            .values()
+            .filter(|(_, state)| matches!(state, TableState::CatchingUp(_)))
+            .map(|(table, _)| table)
+            .collect();
+        if copied.is_empty() {
+            return Ok(0);
+        }
+        let mut read = 0;
+        let mut after = None;
+        loop {
+            let page =
+                store::stashed_events(stx, queue, &copied, after, CHUNK_EVENTS as i64).await?;
+            let Some(last) = page.last() else { break };
+            after = Some((last.tick, last.pos));
+            read += page.len() as u64;
+            let events: Vec<Event> = page.into_iter().map(|e| e.event).collect();
+            let (statements, _, _) = self
+                .prepare_page(stx, queue, tables, &events, mode, stash)
+                .await?;
+            send_set_statements(stx, statements).await.await?;
+        }
+        if let Some(upto) = after {
+            store::forget_stashed(stx, queue, &copied, upto).await?;
+            tracing::info!(queue, events = read, "events kept during copies applied");
+        }
+        Ok(read)
     }
 }
 

@@ -9,7 +9,7 @@ use ferry_queue::Event;
 use tokio_postgres::Transaction;
 
 use super::pipeline::{run_set_statements, SetOp, SetStatement};
-use super::{sql, Applier, BatchTables, Mode};
+use super::{sql, Applier, BatchTables, Mode, Stash};
 use crate::catalog::Column;
 use crate::columns::{column_arrays, ColumnSpec};
 use crate::error::{ErrorKind, ReplicaError, ResultExt};
@@ -20,8 +20,8 @@ use crate::reduce::{Pushed, TableChanges};
 impl Applier {
     /// Applies one page of events: in event order, or with each independent table's changes
     /// reduced to statements that the caller runs after the page (see
-    /// [`super::pipeline::send_set_statements`]). Returns (those statements, applied,
-    /// skipped).
+    /// [`super::pipeline::send_set_statements`]). Events of tables being copied that their
+    /// copy will not contain go to `stash`. Returns (those statements, applied, skipped).
     pub(super) async fn prepare_page(
         &mut self,
         stx: &Transaction<'_>,
@@ -29,6 +29,7 @@ impl Applier {
         tables: &BatchTables,
         page: &[Event],
         mode: Mode,
+        stash: &mut Stash,
     ) -> Result<(Vec<SetStatement>, u64, u64), ReplicaError> {
         let mut applied = 0;
         let mut skipped = 0;
@@ -42,6 +43,13 @@ impl Applier {
             tables
                 .get(event.table)
                 .filter(|(_, state)| state.applies(event.txid))
+                .map(|(table, _)| table)
+        };
+        // the table of an event to keep for after its copy
+        let kept = |event: &TableEvent<'_>| {
+            tables
+                .get(event.table)
+                .filter(|(_, state)| state.keeps(event.txid))
                 .map(|(table, _)| table)
         };
         let mut at = 0;
@@ -69,7 +77,10 @@ impl Applier {
             };
             at += 1;
             let Some(table) = target(event) else {
-                skipped += 1;
+                match kept(event) {
+                    Some(table) => stash.keep(table, &page[at - 1]),
+                    None => skipped += 1,
+                }
                 continue;
             };
             applied += 1;
@@ -81,12 +92,13 @@ impl Applier {
                     matches!(next.change, RowChange::Truncate) && next.txid == event.txid
                 }) {
                     at += 1;
-                    match target(next) {
-                        Some(table) => {
+                    match (target(next), kept(next)) {
+                        (Some(table), _) => {
                             applied += 1;
                             group.push(table);
                         }
-                        None => skipped += 1,
+                        (None, Some(table)) => stash.keep(table, &page[at - 1]),
+                        (None, None) => skipped += 1,
                     }
                 }
                 for table in &group {
@@ -130,6 +142,7 @@ impl Applier {
                 }
             }
         }
+        stash.write(stx, queue).await?;
         // every table's statements, to be sent at once: the server runs them in order
         let mut statements = Vec::new();
         for (table, changes) in &mut gathered {

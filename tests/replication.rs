@@ -1588,14 +1588,16 @@ async fn statement_capture_keeps_multi_row_statements_exact() {
 /// session holds a lock their TRUNCATE needs; `parallel_copies = 2`), a table already `ok`
 /// keeps replicating, and every change to the tables being copied (inserts, updates, a moved
 /// key, deletes, a transaction open when the copy's snapshot was taken) arrives exactly once
-/// after the copy; then again across a kill of replay while events are kept.
+/// after the copy; then again across a kill of replay while events are kept. The big table
+/// (18 MB) is copied in two slices (`copy_slices = 2`) that must read under the copy's
+/// snapshot, or the changes made while it waited would arrive twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_run_beside_the_batch_stream() {
     let schema = "create table small (id int primary key, v text);
                   create table big (id int primary key, v text, n int);
                   create table other (id int primary key, v text);
                   insert into small values (1, 'a');
-                  insert into big select i, md5(i::text), i from generate_series(1, 20000) i;
+                  insert into big select i, md5(i::text), i from generate_series(1, 250000) i;
                   insert into other select i, 'o' from generate_series(1, 1000) i;";
     let pair = Pair::new(
         "beside",
@@ -1609,7 +1611,11 @@ async fn copies_run_beside_the_batch_stream() {
         KillDaemonOnDrop(londiste.clone()),
     ];
     let ini = std::fs::read_to_string(&londiste).unwrap();
-    std::fs::write(&londiste, format!("{ini}parallel_copies = 2\n")).unwrap();
+    std::fs::write(
+        &londiste,
+        format!("{ini}parallel_copies = 2\ncopy_slices = 2\n"),
+    )
+    .unwrap();
     pair.install_and_start_ticker();
     run(&londiste, &["provider", "add", "--all"]);
     run(&londiste, &["subscriber", "add", "small"]);
@@ -1672,9 +1678,9 @@ async fn copies_run_beside_the_batch_stream() {
     early_tx.commit().await.unwrap();
     provider
         .batch_execute(
-            "insert into big select i, 'new', i from generate_series(20001, 20100) i;
+            "insert into big select i, 'new', i from generate_series(300001, 300100) i;
              update big set n = n + 1 where id between 100 and 199;
-             update big set id = 30000 where id = 5;
+             update big set id = 330000 where id = 5;
              delete from big where id between 300 and 349;
              update other set v = 'changed' where id <= 10;
              update small set v = 'while big copies' where id = 1;
@@ -1690,6 +1696,19 @@ async fn copies_run_beside_the_batch_stream() {
     hold.rollback().await.unwrap();
     wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
     identical(&["small", "big", "other"]).await;
+    assert!(
+        pair.replay_log().lines().any(|l| l.contains("copy done")
+            && l.contains("table=public.big")
+            && l.contains("slices=2")),
+        "{}",
+        pair.replay_log()
+    );
+    // each copy worked the first time (a slice reading outside the snapshot breaks it)
+    assert!(
+        !pair.replay_log().contains("copy failed"),
+        "{}",
+        pair.replay_log()
+    );
     assert!(
         pair.replay_log()
             .contains("events kept during copies applied"),
@@ -1707,7 +1726,7 @@ async fn copies_run_beside_the_batch_stream() {
     wait_for(copying, 1).await;
     provider
         .batch_execute(
-            "insert into big select i, 'second', i from generate_series(40001, 40100) i;
+            "insert into big select i, 'second', i from generate_series(400001, 400100) i;
              update big set v = 'second' where id between 3000 and 3009;",
         )
         .await
@@ -1723,7 +1742,7 @@ async fn copies_run_beside_the_batch_stream() {
     provider
         .batch_execute(
             "update big set v = 'while replay is down' where id between 1000 and 1009;
-             delete from big where id = 30000;
+             delete from big where id = 330000;
              insert into small values (3, 'c');",
         )
         .await

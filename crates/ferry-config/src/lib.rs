@@ -144,6 +144,10 @@ pub struct ReplicationConfig {
     /// `parallel_copies`: how many tables are copied at once, beside the batch stream
     /// (default 1, as Londiste's; 0 is taken as 1).
     pub parallel_copies: u32,
+    /// `copy_slices`: how many slices (session pairs sharing the copy's snapshot) a big
+    /// table's copy is split into at most (default 1: one stream, invisible until it commits;
+    /// 0 is taken as 1).
+    pub copy_slices: u32,
 }
 
 impl ReplicationConfig {
@@ -159,6 +163,7 @@ impl ReplicationConfig {
                 "pgq_queue_name",
                 "pgq_lazy_fetch",
                 "parallel_copies",
+                "copy_slices",
             ],
         );
         let config = ReplicationConfig {
@@ -168,6 +173,7 @@ impl ReplicationConfig {
             queue_name: section.require("pgq_queue_name")?,
             loop_delay: seconds_or(&section, "loop_delay", 1.0)?,
             parallel_copies: parse_or(&section, "parallel_copies", 1u32)?.max(1),
+            copy_slices: parse_or(&section, "copy_slices", 1u32)?.max(1),
         };
         Ok((config, warnings))
     }
@@ -445,19 +451,26 @@ mod tests {
             c.parallel_copies, 1,
             "Londiste's default: one copy at a time"
         );
+        assert_eq!(c.copy_slices, 1, "one stream, invisible until it commits");
     }
 
     #[test]
     fn parallel_copies_is_read_and_checked() {
         let base =
             "[londiste]\njob_name = j\nprovider_db = a\nsubscriber_db = b\npgq_queue_name = q\n";
-        let (c, warnings) =
-            ReplicationConfig::from_ini(&ini(&format!("{base}parallel_copies = 3\n"))).unwrap();
+        let (c, warnings) = ReplicationConfig::from_ini(&ini(&format!(
+            "{base}parallel_copies = 3\ncopy_slices = 4\n"
+        )))
+        .unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(c.parallel_copies, 3);
+        assert_eq!(c.copy_slices, 4);
         let (c, _) =
             ReplicationConfig::from_ini(&ini(&format!("{base}parallel_copies = 0\n"))).unwrap();
         assert_eq!(c.parallel_copies, 1);
+        let err =
+            ReplicationConfig::from_ini(&ini(&format!("{base}copy_slices = -2\n"))).unwrap_err();
+        assert!(err.to_string().contains("[londiste] copy_slices"), "{err}");
         let err = ReplicationConfig::from_ini(&ini(&format!("{base}parallel_copies = many\n")))
             .unwrap_err();
         assert!(

@@ -12,7 +12,7 @@ use ferry_daemon::logging::one_line as report;
 use ferry_daemon::{Remedy, Shutdown};
 use tokio::task::JoinHandle;
 
-use crate::copy::{copy_table, CopyDone};
+use crate::copy::{copy_table, CopyDone, Slicing};
 use crate::error::ReplicaError;
 use crate::names::RelName;
 use crate::progress::{CopyGauges, CopyReporter};
@@ -39,6 +39,8 @@ pub(crate) struct CopyTarget {
     pub job_name: String,
     /// The gauges of the copy in progress.
     pub gauges: CopyGauges,
+    /// Slices a big table's copy is split into at most (`copy_slices`; 1: one stream).
+    pub slices: usize,
 }
 
 /// How a copy ended, as [`Copies::reap`] hands it back.
@@ -174,6 +176,7 @@ pub(crate) fn log_ended(ended: CopyEnded) -> Option<ReplicaError> {
             tracing::info!(
                 table = %ended.table,
                 rows = done.rows,
+                slices = done.slices,
                 secs = ended.elapsed.as_secs_f64(),
                 snapshot = %done.snapshot,
                 "copy done: catching-up"
@@ -216,12 +219,19 @@ async fn copy_in_task(
         &format!("ferry replay {} progress", target.job_name),
         Some(target.gauges.clone()),
     );
+    let slicing = (target.slices > 1).then(|| Slicing {
+        slices: target.slices,
+        provider: target.provider.clone(),
+        subscriber: target.subscriber.clone(),
+        application_name: application_name.clone(),
+    });
     let done = copy_table(
         provider.client_mut(),
         subscriber.client_mut(),
         &target.queue,
         &table,
         &mut reporter,
+        slicing.as_ref(),
     )
     .await?;
     if done.is_some() {

@@ -48,6 +48,9 @@ pub struct ReplaySettings {
     pub loop_delay: Duration,
     /// How many tables are copied at once, beside the batch stream (at least 1).
     pub parallel_copies: usize,
+    /// How many slices, each on a session pair of its own, a big table's copy is split into
+    /// at most (1: one stream).
+    pub copy_slices: usize,
 }
 
 /// Errors that stop replay: ones waiting cannot fix (see [`ReplicaError::remedy`]).
@@ -242,7 +245,7 @@ pub async fn run(
                             || new.queue != settings.queue
                             || new.job_name != settings.job_name;
                         settings = new;
-                        tracing::info!(loop_delay = ?settings.loop_delay, parallel_copies = settings.parallel_copies, "configuration reloaded");
+                        tracing::info!(loop_delay = ?settings.loop_delay, parallel_copies = settings.parallel_copies, copy_slices = settings.copy_slices, "configuration reloaded");
                         if reconnect {
                             copies.abandon();
                             continue 'connect;
@@ -641,6 +644,7 @@ async fn work(
         queue: settings.queue.clone(),
         job_name: settings.job_name.clone(),
         gauges: counts.copy.clone(),
+        slices: settings.copy_slices,
     };
     reap_copies(copies, counts).await?;
     start_copies(link, copies, settings, &target, counts).await?;

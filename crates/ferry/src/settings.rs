@@ -55,6 +55,7 @@ pub fn replication(
         queue: replication.queue_name.clone(),
         loop_delay: replication.loop_delay,
         parallel_copies: replication.parallel_copies as usize,
+        copy_slices: replication.copy_slices as usize,
     };
     Ok((replication, settings, warnings))
 }

@@ -30,8 +30,12 @@ peer_start_copy() {
   F "$W/londiste.ini" subscriber add --all
   F "$W/londiste.ini" replay -d
 }
+# polled with psql, as the other peers are (the ferry binary would open two sessions a poll)
 peer_wait_copied() {
-  while "$FERRY" "$W/londiste.ini" subscriber tables | tail -n +2 | awk '{ print $2 }' | grep -qv '^ok$'; do
+  local st
+  while :; do
+    st=$(qs "select count(*) filter (where state = 'ok') || '|' || count(*) from ferry.subscriber_table where queue_name = 'bench'")
+    [ "${st%|*}" = "${st#*|}" ] && [ "${st#*|}" -gt 0 ] && break
     sleep 0.05
   done
 }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use ferry_connect::ConnInfo;
+use ferry_connect::{ConnInfo, Session};
 use ferry_daemon::logging::one_line as report;
 use ferry_daemon::{Remedy, Shutdown};
 use tokio::task::JoinHandle;
@@ -53,19 +53,33 @@ pub(crate) struct CopyEnded {
     pub elapsed: Duration,
 }
 
-/// A running copy's task, and when it started.
-type RunningCopy = (JoinHandle<Result<Option<CopyDone>, ReplicaError>>, Instant);
+/// A copy's provider and subscriber sessions (the subscriber's in replica mode), handed from
+/// a copy that ended well to the next, so that a schema of many small tables does not pay two
+/// connections per table.
+struct CopySessions {
+    provider: Session,
+    subscriber: Session,
+}
 
-/// The running copies and when failed ones may be tried again.
+/// What a copy's task gives back: how it ended, and its sessions if they can serve again.
+type CopyOutput = (Result<Option<CopyDone>, ReplicaError>, Option<CopySessions>);
+
+/// A running copy's task, and when it started.
+type RunningCopy = (JoinHandle<CopyOutput>, Instant);
+
+/// The running copies, the sessions idle between copies, and when failed copies may be tried
+/// again.
 #[derive(Default)]
 pub(crate) struct Copies {
     running: HashMap<RelName, RunningCopy>,
+    idle: Vec<CopySessions>,
     retry_at: HashMap<RelName, Instant>,
 }
 
 impl Copies {
     /// Starts copies of `tables` that wait for one, are not running, and are not waiting to be
-    /// tried again, until `limit` run. Returns how many started.
+    /// tried again, until `limit` run, on idle sessions where there are. Returns how many
+    /// started.
     pub fn start(&mut self, tables: &[StoredTable], limit: usize, target: &CopyTarget) -> usize {
         let now = Instant::now();
         let mut started = 0;
@@ -79,9 +93,20 @@ impl Copies {
                 continue;
             }
             tracing::info!(table = %table.table, "copy started");
-            let task = tokio::spawn(copy_in_task(target.clone(), table.table.clone()));
+            // sessions closed while idle (a server restart) are not handed out
+            self.idle
+                .retain(|s| !s.provider.is_closed() && !s.subscriber.is_closed());
+            let task = tokio::spawn(copy_in_task(
+                target.clone(),
+                table.table.clone(),
+                self.idle.pop(),
+            ));
             self.running.insert(table.table.clone(), (task, now));
             started += 1;
+        }
+        if self.running.is_empty() {
+            // no copy left to run: idle sessions would only hold connections
+            self.idle.clear();
         }
         started
     }
@@ -104,7 +129,10 @@ impl Copies {
         for table in finished {
             let (task, started) = self.running.remove(&table).expect("listed above");
             let result = match task.await {
-                Ok(result) => result,
+                Ok((result, sessions)) => {
+                    self.idle.extend(sessions);
+                    result
+                }
                 Err(join) => Err(ReplicaError::corrupt(format!(
                     "the copy of {table} ended abnormally: {join}"
                 ))),
@@ -132,12 +160,13 @@ impl Copies {
     }
 
     /// Abandons every running copy: its sessions close and its transactions roll back, the
-    /// tables stay `in-copy`.
+    /// tables stay `in-copy`. The idle sessions close too (the provider may have moved).
     pub fn abandon(&mut self) {
         for (table, (task, _)) in self.running.drain() {
             task.abort();
             tracing::info!(table = %table, "copy abandoned; the table stays in-copy");
         }
+        self.idle.clear();
     }
 
     /// Lets the running copies finish (a graceful stop), unless an immediate stop comes
@@ -204,16 +233,55 @@ pub(crate) fn log_ended(ended: CopyEnded) -> Option<ReplicaError> {
     }
 }
 
-/// One table's copy, on sessions of its own; then a tick, so that the table can become `ok`
-/// with the next batch instead of waiting for the queue's next event or idle tick.
+/// One table's copy, on sessions of its own (`sessions`, or new ones); then a tick, so that the
+/// table can become `ok` with the next batch instead of waiting for the queue's next event or
+/// idle tick. The sessions are given back when the copy ended without an error.
 async fn copy_in_task(
     target: CopyTarget,
     table: RelName,
-) -> Result<Option<CopyDone>, ReplicaError> {
-    let application_name = format!("ferry replay {} copy", target.job_name);
-    let mut subscriber = open_session(&target.subscriber, "subscriber", &application_name).await?;
+    sessions: Option<CopySessions>,
+) -> CopyOutput {
+    let mut sessions = match sessions {
+        Some(sessions) => sessions,
+        None => match open_copy_sessions(&target).await {
+            Ok(sessions) => sessions,
+            Err(error) => return (Err(error), None),
+        },
+    };
+    match copy_on(&target, &table, &mut sessions).await {
+        Ok(done) => (Ok(done), Some(sessions)),
+        Err(error) => (Err(error), None),
+    }
+}
+
+/// The copy's name in `pg_stat_activity`.
+fn copy_application_name(target: &CopyTarget) -> String {
+    format!("ferry replay {} copy", target.job_name)
+}
+
+/// A provider and a subscriber session for copies, the subscriber's in replica mode.
+async fn open_copy_sessions(target: &CopyTarget) -> Result<CopySessions, ReplicaError> {
+    let application_name = copy_application_name(target);
+    let subscriber = open_session(&target.subscriber, "subscriber", &application_name).await?;
     enter_replica_mode(subscriber.client()).await?;
-    let mut provider = open_session(&target.provider, "provider", &application_name).await?;
+    let provider = open_session(&target.provider, "provider", &application_name).await?;
+    Ok(CopySessions {
+        provider,
+        subscriber,
+    })
+}
+
+/// `table`'s copy on `sessions`, then the tick.
+async fn copy_on(
+    target: &CopyTarget,
+    table: &RelName,
+    sessions: &mut CopySessions,
+) -> Result<Option<CopyDone>, ReplicaError> {
+    let application_name = copy_application_name(target);
+    let CopySessions {
+        provider,
+        subscriber,
+    } = sessions;
     let mut reporter = CopyReporter::new(
         &target.subscriber,
         &format!("ferry replay {} progress", target.job_name),
@@ -229,7 +297,7 @@ async fn copy_in_task(
         provider.client_mut(),
         subscriber.client_mut(),
         &target.queue,
-        &table,
+        table,
         &mut reporter,
         slicing.as_ref(),
     )

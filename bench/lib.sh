@@ -121,6 +121,28 @@ converge() {
   return 0
 }
 
+# wait_sub_true SQL [LIMIT]: polls SQL (one boolean) on the subscriber every 50 ms until it is
+# true, from ONE psql session: a new psql per poll would take a good part of a core from the
+# peer being timed (300 polls of a 15 s copy cost about 3 CPU seconds on the bench machine).
+wait_sub_true() {
+  local t0 limit=${2:-3600} got
+  t0=$(now)
+  coproc SUBPOLL { psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres -d bench 2>/dev/null; }
+  while :; do
+    echo "$1;" >&"${SUBPOLL[1]}"
+    read -r -t 60 got <&"${SUBPOLL[0]}" || got=""
+    [ "$got" = t ] && break
+    if awk -v a="$t0" -v b="$(now)" -v l="$limit" 'BEGIN { exit !(b - a > l) }'; then
+      kill "$SUBPOLL_PID" 2>/dev/null
+      die "$PEER: still waiting after ${limit}s for: $1"
+    fi
+    sleep 0.05
+  done
+  exec {SUBPOLL[1]}>&-
+  wait "$SUBPOLL_PID" 2>/dev/null
+  return 0
+}
+
 # pgbench with a lag probe: the provider's heartbeat row is updated every 20 ms, the subscriber
 # samples its age every 100 ms. Prints "tps p50_ms p99_ms"; the first 3 s of samples are dropped.
 run_pgbench_lag() {

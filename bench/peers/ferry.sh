@@ -30,14 +30,8 @@ peer_start_copy() {
   F "$W/londiste.ini" subscriber add --all
   F "$W/londiste.ini" replay -d
 }
-# polled with psql, as the other peers are (the ferry binary would open two sessions a poll)
 peer_wait_copied() {
-  local st
-  while :; do
-    st=$(qs "select count(*) filter (where state = 'ok') || '|' || count(*) from ferry.subscriber_table where queue_name = 'bench'")
-    [ "${st%|*}" = "${st#*|}" ] && [ "${st#*|}" -gt 0 ] && break
-    sleep 0.05
-  done
+  wait_sub_true "select count(*) > 0 and bool_and(state = 'ok') from ferry.subscriber_table where queue_name = 'bench'"
 }
 peer_stop_replay() { F "$W/londiste.ini" replay -s; }
 peer_start_replay() { F "$W/londiste.ini" replay -d; }

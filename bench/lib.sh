@@ -121,8 +121,8 @@ converge() {
   return 0
 }
 
-# wait_sub_true SQL [LIMIT]: polls SQL (one boolean) on the subscriber every 50 ms until it is
-# true, from ONE psql session: a new psql per poll would take a good part of a core from the
+# wait_sub_true SQL [LIMIT]: polls SQL (one boolean; mind that bool_and skips nulls) on the
+# subscriber every 50 ms until it is true, from ONE psql session: a new psql per poll would take a good part of a core from the
 # peer being timed (300 polls of a 15 s copy cost about 3 CPU seconds on the bench machine).
 wait_sub_true() {
   local t0 limit=${2:-3600} got

@@ -830,8 +830,9 @@ async fn run_until_failpoint(
     }
 }
 
-/// Under a write load, replay is SIGKILLed in the middle of a copy, after a batch is written
-/// but before the subscriber's commit, and after that commit but before the batch is finished
+/// Under a write load, replay is SIGKILLed in the middle of a copy (one stream, then a copy in
+/// slices of a table written meanwhile), after a batch is written but before the subscriber's
+/// commit, and after that commit but before the batch is finished
 /// on the provider; the ticker is SIGKILLed in the middle of a rotation. Each is started again
 /// and the tables end identical: nothing lost, nothing applied twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -867,6 +868,56 @@ async fn daemons_killed_at_named_points_lose_nothing() {
     assert_eq!(copied, 0, "a copy cut short left rows behind");
     run(&londiste, &["replay", "-d"]);
     wait_all_ok(&londiste, Duration::from_secs(90), log);
+
+    // a copy in slices (copy_slices = 2, an 18 MB table), cut short in the middle of a slice,
+    // while the load writes to the table: copied again, it ends identical
+    run(&londiste, &["-s"]);
+    let ini = std::fs::read_to_string(&londiste).unwrap();
+    std::fs::write(&londiste, format!("{ini}copy_slices = 2\n")).unwrap();
+    let big = "create table big (id int primary key, v text, n int)";
+    ferry_testkit::connect(s)
+        .await
+        .batch_execute(big)
+        .await
+        .unwrap();
+    let provider = ferry_testkit::connect(p).await;
+    provider
+        .batch_execute(&format!(
+            "{big}; insert into big select i, md5(i::text), i from generate_series(1, 250000) i"
+        ))
+        .await
+        .unwrap();
+    run(&londiste, &["provider", "add", "big"]);
+    run(&londiste, &["subscriber", "add", "big"]);
+    let big_writes = tokio::spawn({
+        let p = p.to_string();
+        async move {
+            let provider = ferry_testkit::connect(&p).await;
+            for i in 0..200 {
+                provider
+                    .batch_execute(&format!(
+                        "update big set n = n + 1 where id = {}; insert into big values ({}, 'new', 0)",
+                        i * 1000 + 1,
+                        300_000 + i
+                    ))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    run_until_failpoint(&londiste, "replay", REPLAY_DURING_COPY, log).await;
+    run(&londiste, &["replay", "-d"]);
+    big_writes.await.unwrap();
+    wait_all_ok(&londiste, Duration::from_secs(90), log);
+    wait_identical(p, s, &["big"], Duration::from_secs(60), log).await;
+    assert!(
+        pair.replay_log().lines().any(|l| l.contains("copy done")
+            && l.contains("table=public.big")
+            && l.contains("slices=2")),
+        "{}",
+        pair.replay_log()
+    );
 
     for point in [REPLAY_BEFORE_SUBSCRIBER_COMMIT, REPLAY_BEFORE_FINISH] {
         run(&londiste, &["-s"]);

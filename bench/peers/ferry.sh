@@ -31,7 +31,7 @@ peer_start_copy() {
   F "$W/londiste.ini" replay -d
 }
 peer_wait_copied() {
-  wait_sub_true "select count(*) > 0 and bool_and(state = 'ok') from ferry.subscriber_table where queue_name = 'bench'"
+  wait_sub_true "select count(*) > 0 and count(*) filter (where state = 'ok') = count(*) from ferry.subscriber_table where queue_name = 'bench'"
 }
 peer_stop_replay() { F "$W/londiste.ini" replay -s; }
 peer_start_replay() { F "$W/londiste.ini" replay -d; }

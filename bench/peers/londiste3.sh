@@ -44,7 +44,7 @@ peer_start_copy() {
   L "$W/leaf.ini" add-table --all
 }
 peer_wait_copied() {
-  wait_sub_true "select count(*) > 0 and bool_and(merge_state = 'ok') from londiste.table_info where queue_name = 'replika' and local"
+  wait_sub_true "select count(*) > 0 and count(*) filter (where merge_state = 'ok') = count(*) from londiste.table_info where queue_name = 'replika' and local"
 }
 peer_stop_replay() { L -s "$W/leaf.ini"; sleep 1; }
 peer_start_replay() { L -d "$W/leaf.ini" worker; }

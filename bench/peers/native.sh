@@ -6,7 +6,7 @@ peer_start_copy() {
   qs "create subscription bench_sub connection '$(pconn)' publication bench_pub" 2>&1 | grep -v NOTICE
 }
 peer_wait_copied() {
-  wait_sub_true "select count(*) > 0 and bool_and(srsubstate = 'r') from pg_subscription_rel"
+  wait_sub_true "select count(*) > 0 and count(*) filter (where srsubstate = 'r') = count(*) from pg_subscription_rel"
 }
 peer_stop_replay() { qs "alter subscription bench_sub disable"; sleep 1; }
 peer_start_replay() { qs "alter subscription bench_sub enable"; }

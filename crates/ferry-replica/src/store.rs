@@ -185,15 +185,25 @@ pub async fn register_copy(
     table: &RelName,
     snapshot: &Snapshot,
 ) -> Result<bool, ReplicaError> {
-    let changed = stx
-        .execute(
-            r#"update "ferry"."subscriber_table" set "copy_snapshot" = $4
-                where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3
-                  and "state" = 'in-copy'"#,
+    // Events kept for an earlier attempt are of transactions committed before the batches
+    // applied so far, all of which this snapshot sees: the new copy holds them, they go.
+    let changed: i64 = stx
+        .query_one(
+            r#"with changed as (
+                   update "ferry"."subscriber_table" set "copy_snapshot" = $4
+                    where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3
+                      and "state" = 'in-copy'
+                   returning 1),
+               forgotten as (
+                   delete from "ferry"."subscriber_stash"
+                    where "queue_name" = $1 and "table_schema" = $2 and "table_name" = $3
+                      and exists (select 1 from changed))
+               select count(*) from changed"#,
             &[&queue, &table.schema, &table.name, &snapshot.to_string()],
         )
         .await
-        .with_context(|| format!("recording the snapshot of the copy of {table}"))?;
+        .with_context(|| format!("recording the snapshot of the copy of {table}"))?
+        .get(0);
     Ok(changed == 1)
 }
 

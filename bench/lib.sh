@@ -144,14 +144,23 @@ wait_sub_true() {
 }
 
 # pgbench with a lag probe: the provider's heartbeat row is updated every 20 ms, the subscriber
-# samples its age every 100 ms. Prints "tps p50_ms p99_ms"; the first 3 s of samples are dropped.
+# samples its age at random moments, 50 to 140 ms apart (at a fixed period, a multiple of the
+# heartbeat's, the samples fell on the same phase of the heartbeat every time and the figures
+# depended on that phase). Prints "tps p50_ms p99_ms"; the first 30 samples are dropped.
 run_pgbench_lag() {
   local f=$BENCH_ROOT/$PEER.lag hb smp tps pct
   (echo "update hb set ts = clock_timestamp() \\watch 0.02" \
      | psql -X -q -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres bench >/dev/null 2>&1) 2>/dev/null & hb=$!
   sleep 1
-  (echo "select extract(epoch from clock_timestamp() - ts) * 1000 from hb \\watch 0.1" \
-     | psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres bench > "$f" 2>/dev/null) 2>/dev/null & smp=$!
+  (
+    coproc LAGPOLL { psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres bench 2>/dev/null; }
+    while :; do
+      echo "select extract(epoch from clock_timestamp() - ts) * 1000 from hb;" >&"${LAGPOLL[1]}"
+      read -r -t 10 age <&"${LAGPOLL[0]}" || break
+      echo "$age"
+      sleep "0.$(printf '%03d' $((50 + RANDOM % 91)))"
+    done > "$f"
+  ) 2>/dev/null & smp=$!
   tps=$(run_pgbench)
   pkill -P "$smp" 2>/dev/null; pkill -P "$hb" 2>/dev/null; kill "$smp" "$hb" 2>/dev/null; wait "$smp" "$hb" 2>/dev/null
   pct=$(grep -E '^-?[0-9.]+$' "$f" | tail -n +31 | sort -n \

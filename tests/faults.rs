@@ -911,13 +911,7 @@ async fn daemons_killed_at_named_points_lose_nothing() {
     big_writes.await.unwrap();
     wait_all_ok(&londiste, Duration::from_secs(90), log);
     wait_identical(p, s, &["big"], Duration::from_secs(60), log).await;
-    assert!(
-        pair.replay_log().lines().any(|l| l.contains("copy done")
-            && l.contains("table=public.big")
-            && l.contains("slices=2")),
-        "{}",
-        pair.replay_log()
-    );
+    common::replication::assert_copied_in_slices(&pair.replay_log(), "public.big", 2);
 
     for point in [REPLAY_BEFORE_SUBSCRIBER_COMMIT, REPLAY_BEFORE_FINISH] {
         run(&londiste, &["-s"]);

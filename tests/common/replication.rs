@@ -525,3 +525,16 @@ pub async fn assert_write_refused(subscriber: &tokio_postgres::Client, sql: &str
         "{sql}: {refused:?}"
     );
 }
+
+/// Asserts that `log` (replay's) says `table` (as logged, `public.t`) was copied in `slices`
+/// slices.
+#[allow(dead_code)]
+pub fn assert_copied_in_slices(log: &str, table: &str, slices: usize) {
+    let table = format!("table={table} ");
+    let slices = format!("slices={slices} ");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("copy done") && l.contains(&table) && l.contains(&slices)),
+        "no copy of {table} in {slices}:\n{log}"
+    );
+}

@@ -233,9 +233,6 @@ async fn copy_reported(
             rows_expected,
         )
         .await?;
-        ptx.commit()
-            .await
-            .context("ending the copy on the provider")?;
         let stx = subscriber
             .transaction()
             .await
@@ -246,16 +243,12 @@ async fn copy_reported(
         {
             return Ok(None);
         }
-        store::record_copied(&stx, queue, table, &snapshot, copied).await?;
-        store::forget_copy_progress(&stx, queue, table).await?;
-        stx.commit()
-            .await
-            .with_context(|| format!("committing the copy of {table}"))?;
-        return Ok(Some(CopyDone {
+        let done = CopyDone {
             rows: copied,
             snapshot,
             slices: ranges.len(),
-        }));
+        };
+        return record_copy(ptx, stx, queue, table, done).await;
     }
     // rows copied into a table emptied in this same transaction can be written frozen (no
     // later pass over them to set hint bits or freeze); partitioned tables refuse FREEZE
@@ -282,19 +275,33 @@ async fn copy_reported(
         rows_expected,
     )
     .await?;
+    let done = CopyDone {
+        rows,
+        snapshot,
+        slices: 1,
+    };
+    record_copy(ptx, stx, queue, table, done).await
+}
+
+/// Ends a copy whose rows are in: the provider's transaction ends, and `stx` (holding the
+/// table's state) records the table `catching-up` under the copy's snapshot, forgets its
+/// progress and commits.
+async fn record_copy(
+    ptx: Transaction<'_>,
+    stx: Transaction<'_>,
+    queue: &str,
+    table: &RelName,
+    done: CopyDone,
+) -> Result<Option<CopyDone>, ReplicaError> {
     ptx.commit()
         .await
         .context("ending the copy on the provider")?;
-    store::record_copied(&stx, queue, table, &snapshot, rows).await?;
+    store::record_copied(&stx, queue, table, &done.snapshot, done.rows).await?;
     store::forget_copy_progress(&stx, queue, table).await?;
     stx.commit()
         .await
         .with_context(|| format!("committing the copy of {table}"))?;
-    Ok(Some(CopyDone {
-        rows,
-        snapshot,
-        slices: 1,
-    }))
+    Ok(Some(done))
 }
 
 /// Rows and bytes copied so far, by every slice of a copy.

@@ -25,6 +25,15 @@ const RETRY_REFUSED: Duration = Duration::from_secs(30);
 /// A copy that failed otherwise (a lost connection, a timeout) is tried again after this.
 const RETRY_FAILED: Duration = Duration::from_secs(5);
 
+/// How long after `error` a copy is tried again.
+fn retry_after(error: &ReplicaError) -> Duration {
+    if error.needs_user() {
+        RETRY_REFUSED
+    } else {
+        RETRY_FAILED
+    }
+}
+
 /// Where and what the copies copy.
 #[derive(Clone)]
 pub(crate) struct CopyTarget {
@@ -142,12 +151,8 @@ impl Copies {
                     self.retry_at.remove(&table);
                 }
                 Err(error) => {
-                    let wait = if error.needs_user() {
-                        RETRY_REFUSED
-                    } else {
-                        RETRY_FAILED
-                    };
-                    self.retry_at.insert(table.clone(), Instant::now() + wait);
+                    self.retry_at
+                        .insert(table.clone(), Instant::now() + retry_after(error));
                 }
             }
             ended.push(CopyEnded {
@@ -217,15 +222,10 @@ pub(crate) fn log_ended(ended: CopyEnded) -> Option<ReplicaError> {
         // one table that cannot be copied (missing there, a column missing) must not hold up
         // the others: it stays in-copy, its events are kept, it is tried again
         Err(error) => {
-            let retry = if error.needs_user() {
-                RETRY_REFUSED
-            } else {
-                RETRY_FAILED
-            };
             tracing::warn!(
                 table = %ended.table,
                 error = %report(&error),
-                retry_secs = retry.as_secs(),
+                retry_secs = retry_after(&error).as_secs(),
                 "copy failed; the table stays in-copy"
             );
             None

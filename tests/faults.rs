@@ -1098,8 +1098,8 @@ fn sigkill_daemon(pidfile: &std::path::Path) {
 
 /// The soak: `FERRY_SOAK_SECS` (default 600) of mixed write load while, every few seconds,
 /// something fails: replay or the ticker SIGKILLed, ferry's sessions terminated, either
-/// server crashed (`pg_ctl -m immediate`), tables sent back to copy, a transaction held open
-/// for a minute. Ends with identical tables and sequences caught up. Off by default:
+/// server crashed (`pg_ctl -m immediate`), tables sent back to copy (two copies at a time,
+/// beside the batch stream), a transaction held open for a minute. Ends with identical tables and sequences caught up. Off by default:
 /// `cargo test --release --test faults -- --ignored soak --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a 10-minute soak; run it with --ignored"]
@@ -1124,6 +1124,9 @@ async fn soak_mixed_load_with_periodic_kills() {
         KillDaemonOnDrop(londiste.clone()),
     ];
     pair.set_maint_delay("1");
+    // the tables sent back to copy copy two at a time, beside the batch stream
+    let ini = std::fs::read_to_string(&londiste).unwrap();
+    std::fs::write(&londiste, format!("{ini}parallel_copies = 2\n")).unwrap();
     let (p, s) = (
         pair.provider.conninfo.as_str(),
         pair.subscriber.conninfo.as_str(),

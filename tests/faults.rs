@@ -872,8 +872,7 @@ async fn daemons_killed_at_named_points_lose_nothing() {
     // a copy in slices (copy_slices = 2, an 18 MB table), cut short in the middle of a slice,
     // while the load writes to the table: copied again, it ends identical
     run(&londiste, &["-s"]);
-    let ini = std::fs::read_to_string(&londiste).unwrap();
-    std::fs::write(&londiste, format!("{ini}copy_slices = 2\n")).unwrap();
+    pair.add_to_londiste_ini("copy_slices = 2\n");
     let big = "create table big (id int primary key, v text, n int)";
     ferry_testkit::connect(s)
         .await
@@ -1125,8 +1124,7 @@ async fn soak_mixed_load_with_periodic_kills() {
     ];
     pair.set_maint_delay("1");
     // the tables sent back to copy copy two at a time, beside the batch stream
-    let ini = std::fs::read_to_string(&londiste).unwrap();
-    std::fs::write(&londiste, format!("{ini}parallel_copies = 2\n")).unwrap();
+    pair.add_to_londiste_ini("parallel_copies = 2\n");
     let (p, s) = (
         pair.provider.conninfo.as_str(),
         pair.subscriber.conninfo.as_str(),

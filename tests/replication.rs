@@ -1025,12 +1025,7 @@ async fn status_says_what_replay_is_doing() {
         .local_addr()
         .unwrap()
         .port();
-    let ini = std::fs::read_to_string(&londiste).unwrap();
-    std::fs::write(
-        &londiste,
-        format!("{ini}metrics_address = 127.0.0.1:{port}\n"),
-    )
-    .unwrap();
+    pair.add_to_londiste_ini(&format!("metrics_address = 127.0.0.1:{port}\n"));
     let metric = |name: &str| -> f64 {
         let body = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
             .call()
@@ -1610,12 +1605,7 @@ async fn copies_run_beside_the_batch_stream() {
         KillDaemonOnDrop(ticker.clone()),
         KillDaemonOnDrop(londiste.clone()),
     ];
-    let ini = std::fs::read_to_string(&londiste).unwrap();
-    std::fs::write(
-        &londiste,
-        format!("{ini}parallel_copies = 2\ncopy_slices = 2\n"),
-    )
-    .unwrap();
+    pair.add_to_londiste_ini("parallel_copies = 2\ncopy_slices = 2\n");
     pair.install_and_start_ticker();
     run(&londiste, &["provider", "add", "--all"]);
     run(&londiste, &["subscriber", "add", "small"]);

@@ -43,8 +43,7 @@ async fn compare_and_repair_a_million_rows_under_load() {
         .local_addr()
         .unwrap()
         .port();
-    let ini = std::fs::read_to_string(&londiste).unwrap();
-    std::fs::write(&londiste, format!("{ini}metrics_port = {port}\n")).unwrap();
+    pair.add_to_londiste_ini(&format!("metrics_port = {port}\n"));
     run(&londiste, &["replay", "-d"]);
 
     // while big copies, status, `subscriber tables` and the metrics say how far it has got

@@ -86,8 +86,7 @@ async fn copy_in_slices(provider: u32, subscriber: u32) {
         KillDaemonOnDrop(ticker.clone()),
         KillDaemonOnDrop(londiste.clone()),
     ];
-    let ini = std::fs::read_to_string(&londiste).unwrap();
-    std::fs::write(&londiste, format!("{ini}copy_slices = 2\n")).unwrap();
+    pair.add_to_londiste_ini("copy_slices = 2\n");
     pair.install_and_start_ticker();
     run(&londiste, &["provider", "add", "big"]);
     run(&londiste, &["subscriber", "add", "big"]);

@@ -110,6 +110,14 @@ impl Pair {
         .expect("write londiste.ini");
     }
 
+    /// Appends `lines` (`key = value`, each ending in a newline) to londiste.ini.
+    #[allow(dead_code)]
+    pub fn add_to_londiste_ini(&self, lines: &str) {
+        let path = self.londiste_ini();
+        let ini = std::fs::read_to_string(&path).expect("read londiste.ini");
+        std::fs::write(&path, format!("{ini}{lines}")).expect("write londiste.ini");
+    }
+
     /// Installs the queue, starts the ticker detached, installs provider and subscriber: the
     /// setup every test shares before it adds tables.
     pub fn install_and_start_ticker(&self) {

@@ -55,14 +55,15 @@ qp() { psql -X -q -At -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres -d bench -v
 qs() { psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres -d bench -v ON_ERROR_STOP=1 -c "$1"; }
 
 # setup_pair: both clusters, pgbench data on the provider (pgbench_history with a primary key,
-# a heartbeat table for the lag probe), the same schema without data on the subscriber.
+# a heartbeat table for the lag probe: a row inserted every 20 ms while it runs), the same
+# schema without data on the subscriber.
 setup_pair() {
   pg_up "$PROV" "$PPORT"; pg_up "$SUB" "$SPORT"
   as_pg createdb -h "$BENCH_ROOT/$PROV" -p "$PPORT" bench
   as_pg createdb -h "$BENCH_ROOT/$SUB" -p "$SPORT" bench
   pgbench -q -i -s "$SCALE" -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres bench >/dev/null 2>&1 || die "pgbench -i"
   qp "alter table pgbench_history add column hid bigserial primary key"
-  qp "create table hb (id int primary key, ts timestamptz); insert into hb values (1, clock_timestamp())"
+  qp "create table hb (id bigserial primary key, ts timestamptz); insert into hb (ts) values (clock_timestamp())"
   qp "vacuum analyze"
   pg_dump -s -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres bench \
     | psql -X -q -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres bench >/dev/null || die "schema copy"
@@ -148,14 +149,15 @@ wait_sub_true() {
 # heartbeat's, the samples fell on the same phase of the heartbeat every time and the figures
 # depended on that phase). Prints "tps p50_ms p99_ms"; the first 30 samples are dropped.
 run_pgbench_lag() {
-  local f=$BENCH_ROOT/$PEER.lag hb smp tps pct
-  (echo "update hb set ts = clock_timestamp() \\watch 0.02" \
+  local f=$BENCH_ROOT/$PEER.lag hb smp tps lag age
+  lag_probe_install
+  (echo "insert into hb (ts) values (clock_timestamp()) \\watch 0.02" \
      | psql -X -q -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres bench >/dev/null 2>&1) 2>/dev/null & hb=$!
   sleep 1
   (
     coproc LAGPOLL { psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres bench 2>/dev/null; }
     while :; do
-      echo "select extract(epoch from clock_timestamp() - ts) * 1000 from hb;" >&"${LAGPOLL[1]}"
+      echo "select extract(epoch from clock_timestamp() - ts) * 1000 from hb order by id desc limit 1;" >&"${LAGPOLL[1]}"
       read -r -t 10 age <&"${LAGPOLL[0]}" || break
       echo "$age"
       sleep "0.$(printf '%03d' $((50 + RANDOM % 91)))"
@@ -163,9 +165,34 @@ run_pgbench_lag() {
   ) 2>/dev/null & smp=$!
   tps=$(run_pgbench)
   pkill -P "$smp" 2>/dev/null; pkill -P "$hb" 2>/dev/null; kill "$smp" "$hb" 2>/dev/null; wait "$smp" "$hb" 2>/dev/null
-  pct=$(grep -E '^-?[0-9.]+$' "$f" | tail -n +31 | sort -n \
-        | awk '{ a[NR] = $1 } END { if (NR == 0) print "null null"; else printf "%.1f %.1f\n", a[int(NR * 0.5) + 1], a[int(NR * 0.99) + 1] }')
-  echo "$tps $pct"
+  lag=$(qs "select lag_ms from hb_seen where id > 50 order by id" | percentiles)
+  age=$(grep -E '^-?[0-9.]+$' "$f" | tail -n +31 | percentiles)
+  echo "$tps $lag $age"
+}
+
+# lag_probe_install: on the subscriber, a deferred constraint trigger (ENABLE ALWAYS: it fires
+# whoever applies the row, at the commit that makes it visible) records for every heartbeat
+# row the time from its insert on the provider until that commit: the commit-to-visible lag
+# of each heartbeat (plus the provider's own commit). The heartbeat age the sampler reads
+# (now minus the newest visible heartbeat) adds the heartbeat's own period, up to 20 ms.
+lag_probe_install() {
+  qs "set client_min_messages = warning;
+      create table if not exists hb_seen (id bigserial primary key, lag_ms float8);
+      truncate hb_seen;
+      create or replace function public.hb_seen() returns trigger language plpgsql as \$\$
+      begin
+        insert into public.hb_seen (lag_ms) values (extract(epoch from pg_catalog.clock_timestamp() - new.ts) * 1000);
+        return null;
+      end \$\$;
+      drop trigger if exists hb_seen on hb;
+      create constraint trigger hb_seen after insert on hb deferrable initially deferred
+        for each row execute procedure hb_seen();
+      alter table hb enable always trigger hb_seen;" >/dev/null
+}
+
+# percentiles: "p50 p99" of the numbers on stdin, one a line ("null null" when none)
+percentiles() {
+  sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) print "null null"; else printf "%.1f %.1f\n", a[int(NR * 0.5) + 1], a[int(NR * 0.99) + 1] }'
 }
 
 # Memory sampler: every 0.2 s, the resident memory of the pid that `peer_replay_pid` prints,

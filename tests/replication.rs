@@ -1747,3 +1747,68 @@ async fn copies_run_beside_the_batch_stream() {
     let left: i64 = subscriber.query_one(stashed, &[]).await.unwrap().get(0);
     assert_eq!(left, 0, "the kept events are deleted once applied");
 }
+
+/// Sequences move up to the provider's value and never back: an ascending one follows, a
+/// descending one follows downwards, one the subscriber has ahead stays ahead, and one never
+/// used on either side stays unused (its first `nextval` still returns its start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_move_forward_never_back() {
+    let schema = "create table t (id int primary key);
+                  create sequence up_seq;
+                  create sequence down_seq increment -1 start 100 minvalue 1 maxvalue 100;
+                  create sequence ahead_seq;
+                  create sequence fresh_seq;";
+    let pair = Pair::new("seqs", schema, Some(schema)).await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    let provider = ferry_testkit::connect(&pair.provider.conninfo).await;
+    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    provider
+        .batch_execute(
+            "select nextval('up_seq') from generate_series(1, 3);
+             select nextval('down_seq') from generate_series(1, 2);
+             select nextval('ahead_seq');",
+        )
+        .await
+        .unwrap();
+    subscriber
+        .batch_execute("select setval('ahead_seq', 500)")
+        .await
+        .unwrap();
+    pair.install_and_start_ticker();
+    run(&londiste, &["provider", "add", "--all"]);
+    run(&londiste, &["subscriber", "add", "--all"]);
+    run(&londiste, &["provider", "add-seq", "--all"]);
+    run(&londiste, &["subscriber", "add-seq", "--all"]);
+    run(&londiste, &["replay", "-d"]);
+    wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
+    provider
+        .batch_execute("insert into t values (1)")
+        .await
+        .unwrap();
+    wait_identical(
+        &pair.provider.conninfo,
+        &pair.subscriber.conninfo,
+        &["t"],
+        Duration::from_secs(30),
+        || pair.replay_log(),
+    )
+    .await;
+    let state = |seq: &'static str| {
+        let subscriber = &subscriber;
+        async move {
+            let row = subscriber
+                .query_one(&format!("select last_value, is_called from {seq}"), &[])
+                .await
+                .unwrap();
+            (row.get::<_, i64>(0), row.get::<_, bool>(1))
+        }
+    };
+    assert_eq!(state("up_seq").await, (3, true), "followed upwards");
+    assert_eq!(state("down_seq").await, (99, true), "followed downwards");
+    assert_eq!(state("ahead_seq").await, (500, true), "never moved back");
+    assert_eq!(state("fresh_seq").await, (1, false), "left unused");
+}

@@ -11,6 +11,7 @@ mod install;
 
 use std::time::SystemTime;
 
+use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Portal, Row, Transaction};
 
 use error::ResultExt;
@@ -197,8 +198,9 @@ pub async fn insert_event(
 
 /// Ticks every queue that has news or has idled long enough; returns how many were ticked.
 pub async fn tick_queues(client: &impl GenericClient) -> Result<i32, QueueError> {
+    // typed: one round trip (an untyped query is prepared first), fifty times a second
     let row = client
-        .query_one(r#"select "ferry"."ticker"()"#, &[])
+        .query_typed_one(r#"select "ferry"."ticker"()"#, &[])
         .await
         .context("ticking queues")?;
     Ok(row.get(0))
@@ -222,12 +224,17 @@ pub async fn next_batch(
     consumer: &str,
     max_events: Option<i64>,
 ) -> Result<Option<Batch>, QueueError> {
+    // typed: one round trip (an untyped query is prepared first)
     let row = client
-        .query_one(
+        .query_typed_one(
             r#"select batch_id, prev_tick_id, prev_tick_time, prev_tick_event_seq,
                       cur_tick_id, cur_tick_time, cur_tick_event_seq
                  from "ferry"."next_batch_info"($1, $2, $3)"#,
-            &[&queue, &consumer, &max_events],
+            &[
+                (&queue, Type::TEXT),
+                (&consumer, Type::TEXT),
+                (&max_events, Type::INT8),
+            ],
         )
         .await
         .with_context(|| {
@@ -351,6 +358,29 @@ pub async fn get_batch_events(
 
 /// Events per part of a batch that [`BatchCursor`] reads (and the provider sorts) at a time.
 pub const PART_EVENTS: i64 = 20_000;
+
+/// Every event of open batch `batch_id` in one round trip and without a transaction, when it
+/// holds at most `limit` events (in ev_id order, as [`BatchCursor`] reads them); `None` when it
+/// holds more (read it with a [`BatchCursor`] then). Meant for the small batches of a consumer
+/// that keeps up: one statement sees the whole batch, as the batch's transactions all
+/// committed before its tick was taken.
+pub async fn small_batch_events(
+    client: &impl GenericClient,
+    batch_id: i64,
+    limit: i64,
+) -> Result<Option<Vec<Event>>, QueueError> {
+    let rows = client
+        .query_typed(
+            r#"select * from "ferry"."get_batch_events"($1) order by 1 limit $2"#,
+            &[(&batch_id, Type::INT8), (&(limit + 1), Type::INT8)],
+        )
+        .await
+        .with_context(|| format!("reading the events of batch {batch_id}"))?;
+    if rows.len() as i64 > limit {
+        return Ok(None);
+    }
+    Ok(Some(rows.iter().map(Event::from_row).collect()))
+}
 
 /// Pages through a batch's events inside a transaction, holding at most one page in memory.
 /// A big batch is read part after part (see `ferry.batch_parts`), each in id order: the first
@@ -572,11 +602,11 @@ pub async fn tick_snapshot(
     tick_id: i64,
 ) -> Result<Option<String>, QueueError> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             r#"select t."tick_snapshot"::text from "ferry"."tick" t
                  join "ferry"."queue" q on q."queue_id" = t."tick_queue"
                 where q."queue_name" = $1 and t."tick_id" = $2"#,
-            &[&queue, &tick_id],
+            &[(&queue, Type::TEXT), (&tick_id, Type::INT8)],
         )
         .await
         .with_context(|| format!("reading tick {tick_id} of queue \"{queue}\""))?;

@@ -444,10 +444,10 @@ pub async fn seq_values(
     queue: &str,
 ) -> Result<Vec<SeqValue>, ReplicaError> {
     let rows = client
-        .query(
+        .query_typed(
             r#"select seq_schema, seq_name, last_value, is_called, increment
                  from "ferry"."provider_seq_values"($1)"#,
-            &[&queue],
+            &[(&queue, tokio_postgres::types::Type::TEXT)],
         )
         .await
         .context("reading the provider's sequences")?;

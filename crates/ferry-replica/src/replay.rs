@@ -6,12 +6,13 @@
 use std::time::{Duration, Instant};
 
 use ferry_connect::{ConnInfo, Session};
+use ferry_daemon::failpoint::{self, failpoint};
 use ferry_daemon::logging::one_line as report;
 use ferry_daemon::metrics::{Counter, Gauge, Metrics};
 use ferry_daemon::{Health, Reload, Remedy, Shutdown, StopMode};
 use tokio::time::sleep;
 
-use crate::apply::{Applier, BatchOutcome};
+use crate::apply::{self, Applier, BatchOutcome};
 use crate::catalog::table_shape;
 use crate::copies::{log_ended, Copies, CopyTarget};
 use crate::error::{ReplicaError, ResultExt};
@@ -631,7 +632,12 @@ async fn work(
     counts: &ReplayMetrics,
 ) -> Result<Round, ReplicaError> {
     let queue = settings.queue.as_str();
-    let (paused, moved_to) = store::round_flags(link.subscriber.client(), queue).await?;
+    // sent together: one round trip
+    let (flags, tables) = tokio::join!(
+        store::round_flags(link.subscriber.client(), queue),
+        store::tables(link.subscriber.client(), queue)
+    );
+    let (paused, moved_to) = flags?;
     if moved_to != link.moved_to {
         return Ok(Round::ProviderMoved);
     }
@@ -647,7 +653,15 @@ async fn work(
         slices: settings.copy_slices,
     };
     reap_copies(copies, counts).await?;
-    start_copies(link, copies, settings, &target, counts).await?;
+    start_copies_of(&tables?, copies, settings, &target, counts);
+    link.provider.drain_notifications();
+    let mut next = ferry_queue::next_batch(
+        link.provider.client(),
+        queue,
+        &settings.job_name,
+        Some(MAX_BATCH_EVENTS),
+    )
+    .await?;
     loop {
         if shutdown.requested().is_some() {
             return Ok(Round::Stopped);
@@ -655,15 +669,7 @@ async fn work(
         if copies.any_running() && reap_copies(copies, counts).await? {
             start_copies(link, copies, settings, &target, counts).await?;
         }
-        link.provider.drain_notifications();
-        let Some(batch) = ferry_queue::next_batch(
-            link.provider.client(),
-            queue,
-            &settings.job_name,
-            Some(MAX_BATCH_EVENTS),
-        )
-        .await?
-        else {
+        let Some(batch) = next.take() else {
             return Ok(Round::Idle);
         };
         let outcome = applier
@@ -712,8 +718,28 @@ async fn work(
                     "the batch does not start where the subscriber is; reconciling"
                 );
                 reconcile_position(link, settings).await?;
+                link.provider.drain_notifications();
+                next = ferry_queue::next_batch(
+                    link.provider.client(),
+                    queue,
+                    &settings.job_name,
+                    Some(MAX_BATCH_EVENTS),
+                )
+                .await?;
+                continue;
             }
         }
+        // the subscriber has the batch: finish it, and ask for the next one on the way
+        failpoint(failpoint::REPLAY_BEFORE_FINISH);
+        link.provider.drain_notifications();
+        next = apply::finish_and_next(
+            link.provider.client(),
+            batch.id,
+            queue,
+            &settings.job_name,
+            MAX_BATCH_EVENTS,
+        )
+        .await?;
     }
 }
 
@@ -727,11 +753,23 @@ async fn start_copies(
     counts: &ReplayMetrics,
 ) -> Result<(), ReplicaError> {
     let tables = store::tables(link.subscriber.client(), &settings.queue).await?;
+    start_copies_of(&tables, copies, settings, target, counts);
+    Ok(())
+}
+
+/// Starts copies of those of `tables` (all of the queue's, just read) waiting for one, up to
+/// `parallel_copies` at once, and refreshes the count of tables not `ok`.
+fn start_copies_of(
+    tables: &[store::StoredTable],
+    copies: &mut Copies,
+    settings: &ReplaySettings,
+    target: &CopyTarget,
+    counts: &ReplayMetrics,
+) {
     counts
         .tables_not_ok
         .set(tables.iter().filter(|t| t.state != TableState::Ok).count() as f64);
-    copies.start(&tables, settings.parallel_copies, target);
-    Ok(())
+    copies.start(tables, settings.parallel_copies, target);
 }
 
 /// Reports the copies that ended. `true` when any did; an error replay must stop for (corrupt

@@ -22,6 +22,7 @@
 //! transaction as each batch's changes; [`batch_step`] is the one rule comparing it with a
 //! batch or with the queue's record of the consumer.
 
+use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Transaction};
 
 use crate::error::{ReplicaError, ResultExt};
@@ -119,10 +120,10 @@ pub async fn tables(
     queue: &str,
 ) -> Result<Vec<StoredTable>, ReplicaError> {
     let rows = client
-        .query(
+        .query_typed(
             r#"select "table_schema", "table_name", "state", "copy_snapshot", "skip_truncate"
                  from "ferry"."subscriber_table" where "queue_name" = $1 order by 1, 2"#,
-            &[&queue],
+            &[(&queue, Type::TEXT)],
         )
         .await
         .context("reading the subscriber's tables")?;
@@ -523,10 +524,10 @@ async fn call_table_function(
 /// The sequences kept in step here for `queue`.
 pub async fn seqs(client: &impl GenericClient, queue: &str) -> Result<Vec<RelName>, ReplicaError> {
     let rows = client
-        .query(
+        .query_typed(
             r#"select "seq_schema", "seq_name" from "ferry"."subscriber_seq"
                 where "queue_name" = $1 order by 1, 2"#,
-            &[&queue],
+            &[(&queue, Type::TEXT)],
         )
         .await
         .context("listing the subscriber's sequences")?;
@@ -783,10 +784,10 @@ pub async fn lock_position(
     queue: &str,
 ) -> Result<(Option<i64>, bool), ReplicaError> {
     let row = stx
-        .query_opt(
+        .query_typed_opt(
             r#"select "last_tick_id", "paused" from "ferry"."subscriber_position"
                 where "queue_name" = $1 for update"#,
-            &[&queue],
+            &[(&queue, Type::TEXT)],
         )
         .await
         .context("reading the subscriber's position")?
@@ -804,10 +805,10 @@ pub async fn record_position(
     queue: &str,
     tick: i64,
 ) -> Result<(), ReplicaError> {
-    stx.execute(
+    stx.execute_typed(
         r#"update "ferry"."subscriber_position" set "last_tick_id" = $2, "updated" = now()
             where "queue_name" = $1"#,
-        &[&queue, &tick],
+        &[(&queue, Type::TEXT), (&tick, Type::INT8)],
     )
     .await
     .context("recording the subscriber's position")?;
@@ -853,9 +854,9 @@ pub async fn round_flags(
     queue: &str,
 ) -> Result<(bool, Option<String>), ReplicaError> {
     Ok(client
-        .query_opt(
+        .query_typed_opt(
             r#"select "paused", "provider_location" from "ferry"."subscriber_position" where "queue_name" = $1"#,
-            &[&queue],
+            &[(&queue, Type::TEXT)],
         )
         .await
         .context("reading the pause")?

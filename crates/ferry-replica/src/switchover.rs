@@ -27,7 +27,7 @@ use ferry_connect::Session;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use crate::apply::{sync_sequences, Applier, BatchOutcome};
+use crate::apply::{self, sync_sequences, Applier, BatchOutcome};
 use crate::error::{ErrorKind, ReplicaError, ResultExt};
 use crate::names::RelName;
 use crate::replay::ReplaySettings;
@@ -611,7 +611,9 @@ async fn catch_up(
             .apply_batch(provider.client_mut(), subscriber.client_mut(), queue, &batch)
             .await?
         {
-            BatchOutcome::Applied { .. } | BatchOutcome::AlreadyApplied => {}
+            BatchOutcome::Applied { .. } | BatchOutcome::AlreadyApplied => {
+                apply::finish(provider.client(), batch.id).await?
+            }
             BatchOutcome::Paused => {
                 return Err(refused("replay is paused here: `ferry CONFIG resume` first"))
             }

@@ -1,7 +1,12 @@
 //! Applying one batch to the subscriber: every event of the batch, the sequences, and the
-//! batch's tick as the new position, in ONE subscriber transaction; then the batch is
-//! finished on the provider. A batch whose tick is already recorded is only finished, so a
-//! crash between the subscriber's commit and the provider's finish repeats nothing.
+//! batch's tick as the new position, in ONE subscriber transaction; then the caller finishes
+//! the batch on the provider ([`finish_and_next`]). A batch whose tick is already recorded is
+//! only finished, so a crash between the subscriber's commit and the provider's finish
+//! repeats nothing.
+//!
+//! A batch of a consumer that keeps up is small: it is read in one statement, sent with the
+//! subscriber's BEGIN, and costs a handful of round trips in all; a big one is read through a
+//! cursor in a provider transaction, part by part.
 //!
 //! This module is the batch protocol; [`page`] applies a page of events (set-wise or in event
 //! order), [`sql`] builds the statements, [`pipeline`] moves rows without waiting on round
@@ -17,7 +22,7 @@ use std::collections::HashMap;
 
 use ferry_daemon::failpoint::{self, failpoint};
 use ferry_queue::{Batch, BatchCursor, Event};
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::{Client, GenericClient, Transaction};
 
 use crate::error::{ErrorKind, ReplicaError, ResultExt};
 use crate::names::RelName;
@@ -118,18 +123,40 @@ impl Stash {
     }
 }
 
+/// Most events a batch may hold (judged by the event sequence, and checked) to be read in one
+/// statement outside a transaction; bigger ones are read through a cursor, in chunks.
+const SMALL_BATCH_EVENTS: i64 = 200;
+
 /// Finishes batch `batch_id` on the provider without waiting for the provider's WAL flush.
 /// Safe because the subscriber's position, committed before, is what makes replay exactly
 /// once: if a provider crash loses this finish, the batch is handed out again and only
 /// finished (its tick is already recorded on the subscriber). Any later durable commit on the
 /// provider (a rotation, say) flushes it first.
-async fn finish_without_flush(provider: &Client, batch_id: i64) -> Result<(), ReplicaError> {
+pub async fn finish(provider: &Client, batch_id: i64) -> Result<(), ReplicaError> {
     provider
         .batch_execute(&format!(
             r#"begin; set local synchronous_commit = off; select "ferry"."finish_batch"({batch_id}); commit;"#
         ))
         .await
         .with_context(|| format!("finishing batch {batch_id}"))
+}
+
+/// Finishes batch `batch_id` (as [`finish`]) and asks for `consumer`'s next batch (as
+/// [`ferry_queue::next_batch`]) in the same round trip: the two are sent together and the
+/// provider runs them in order, so the next batch starts where this one ended.
+pub async fn finish_and_next(
+    provider: &Client,
+    batch_id: i64,
+    queue: &str,
+    consumer: &str,
+    max_events: i64,
+) -> Result<Option<Batch>, ReplicaError> {
+    let (finished, next) = tokio::join!(
+        finish(provider, batch_id),
+        ferry_queue::next_batch(provider, queue, consumer, Some(max_events))
+    );
+    finished?;
+    Ok(next?)
 }
 
 /// Applies batches; keeps prepared statements and table shapes between them. Call
@@ -143,10 +170,12 @@ pub struct Applier {
 }
 
 impl Applier {
-    /// Applies `batch` of `queue` and finishes it on the provider. Independent tables (see
-    /// [`crate::catalog::TableShape::independent`]) are applied set-wise; if that fails for
-    /// any reason but a lost connection, the batch is applied again in plain event order,
-    /// which either works or fails with the precise event, table and key.
+    /// Applies `batch` of `queue` to the subscriber; the caller then finishes it on the
+    /// provider ([`finish_and_next`] or [`finish`]) when the outcome is `Applied` or
+    /// `AlreadyApplied`. Independent tables (see [`crate::catalog::TableShape::independent`])
+    /// are applied set-wise; if that fails for any reason but a lost connection, the batch is
+    /// applied again in plain event order, which either works or fails with the precise
+    /// event, table and key.
     pub async fn apply_batch(
         &mut self,
         provider: &mut Client,
@@ -201,12 +230,23 @@ impl Applier {
         batch: &Batch,
         mode: Mode,
     ) -> Result<BatchOutcome, ReplicaError> {
-        let stx = subscriber
-            .transaction()
-            .await
-            .context("starting the batch's subscriber transaction")?;
+        // a small batch is read while the subscriber's transaction starts (reading it for a
+        // batch that turns out applied already costs nothing but the read)
+        let small = batch.cur_tick.event_seq - batch.prev_tick.event_seq <= SMALL_BATCH_EVENTS;
+        let (stx, read) = tokio::join!(subscriber.transaction(), async {
+            if !small {
+                return None;
+            }
+            let provider = &*provider;
+            let (events, seq_values) = tokio::join!(
+                ferry_queue::small_batch_events(provider, batch.id, SMALL_BATCH_EVENTS),
+                provider::seq_values(provider, queue)
+            );
+            Some((events, seq_values))
+        });
+        let stx = stx.context("starting the batch's subscriber transaction")?;
         // sent together: one round trip
-        let (replay_on, position) = tokio::join!(
+        let (replay_on, position, tables) = tokio::join!(
             // the batch's commit must be durable before the batch is finished on the
             // provider: with synchronous_commit off a crash could lose an applied batch
             stx.batch_execute(
@@ -214,7 +254,8 @@ impl Applier {
                  select pg_catalog.set_config('synchronous_commit', 'local', true) \
                   where pg_catalog.current_setting('synchronous_commit') = 'off'"
             ),
-            store::lock_position(&stx, queue)
+            store::lock_position(&stx, queue),
+            batch_tables(&stx, queue)
         );
         replay_on.context("starting the batch's subscriber transaction")?;
         let (position, paused) = position?;
@@ -224,20 +265,70 @@ impl Applier {
         }
         match store::batch_step(position, batch.prev_tick.id, batch.cur_tick.id) {
             BatchStep::Apply => {}
-            BatchStep::FinishOnly => {
-                drop(stx);
-                finish_without_flush(provider, batch.id).await?;
-                return Ok(BatchOutcome::AlreadyApplied);
-            }
+            BatchStep::FinishOnly => return Ok(BatchOutcome::AlreadyApplied),
             BatchStep::OutOfStep { recorded } => return Ok(BatchOutcome::OutOfStep { recorded }),
         }
-
-        let (ptx, tables) = tokio::join!(provider.transaction(), batch_tables(&stx, queue));
-        let ptx = ptx.context("starting the batch's provider transaction")?;
         let tables = tables?;
         let mut stash = Stash::new(batch.cur_tick.id);
         // events kept by earlier batches for tables whose copy is done come first
         let unstashed = self.unstash(&stx, queue, &tables, mode, &mut stash).await?;
+        let read = match read {
+            Some((events, seq_values)) => events?.map(|events| (events, seq_values)),
+            None => None,
+        };
+        let (applied, skipped, tables_ok) = match read {
+            Some((events, seq_values)) => {
+                let seq_values = seq_values?;
+                let (statements, applied, skipped) = self
+                    .prepare_page(&stx, queue, &tables, &events, mode, &mut stash)
+                    .await?;
+                let in_flight = send_set_statements(&stx, statements).await;
+                let tables_ok = mark_caught_up(&*provider, &stx, queue, batch, &tables).await?;
+                // the position follows the statements without waiting for them: if one
+                // fails, so does everything after it, and the transaction never commits
+                let (ran, recorded) = tokio::join!(in_flight, async {
+                    sequences::sync_sequences(&stx, queue, &seq_values).await?;
+                    store::record_position(&stx, queue, batch.cur_tick.id).await
+                });
+                ran?;
+                recorded?;
+                (applied, skipped, tables_ok)
+            }
+            None => {
+                self.apply_through_cursor(provider, &stx, queue, batch, &tables, mode, &mut stash)
+                    .await?
+            }
+        };
+        failpoint(failpoint::REPLAY_BEFORE_SUBSCRIBER_COMMIT);
+        stx.commit()
+            .await
+            .with_context(|| format!("committing batch {}", batch.id))?;
+        Ok(BatchOutcome::Applied {
+            applied,
+            skipped,
+            kept: stash.kept,
+            unstashed,
+            tables_ok,
+        })
+    }
+
+    /// Applies a big batch's events read through a cursor in a provider transaction, chunk by
+    /// chunk, and records the position. Returns (applied, skipped, tables that became ok).
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_through_cursor(
+        &mut self,
+        provider: &mut Client,
+        stx: &Transaction<'_>,
+        queue: &str,
+        batch: &Batch,
+        tables: &BatchTables,
+        mode: Mode,
+        stash: &mut Stash,
+    ) -> Result<(u64, u64, u64), ReplicaError> {
+        let ptx = provider
+            .transaction()
+            .await
+            .context("starting the batch's provider transaction")?;
         let mut applied = 0;
         let mut skipped = 0;
         // parts of a chunk's size: the provider sorts a chunk's worth at a time, so the first
@@ -261,13 +352,13 @@ impl Applier {
                         }
                     },
                     reader.next_chunk(),
-                    self.prepare_page(&stx, queue, &tables, &chunk, mode, &mut stash)
+                    self.prepare_page(stx, queue, tables, &chunk, mode, stash)
                 );
                 ran?;
                 let (statements, page_applied, page_skipped) = prepared?;
                 applied += page_applied;
                 skipped += page_skipped;
-                in_flight = Some(send_set_statements(&stx, statements).await);
+                in_flight = Some(send_set_statements(stx, statements).await);
                 chunk = next?;
             }
             if let Some(statements) = in_flight.take() {
@@ -275,28 +366,16 @@ impl Applier {
             }
         }
         drop(reader);
-        let tables_ok = mark_caught_up(&ptx, &stx, queue, batch, &tables).await?;
+        let tables_ok = mark_caught_up(&ptx, stx, queue, batch, tables).await?;
         let seq_values = provider::seq_values(&ptx, queue).await?;
         // the provider's read-only transaction ends while the subscriber records its position
         let (provider_done, subscriber_done) = tokio::join!(ptx.commit(), async {
-            sequences::sync_sequences(&stx, queue, &seq_values).await?;
-            store::record_position(&stx, queue, batch.cur_tick.id).await
+            sequences::sync_sequences(stx, queue, &seq_values).await?;
+            store::record_position(stx, queue, batch.cur_tick.id).await
         });
         provider_done.context("ending the batch's provider transaction")?;
         subscriber_done?;
-        failpoint(failpoint::REPLAY_BEFORE_SUBSCRIBER_COMMIT);
-        stx.commit()
-            .await
-            .with_context(|| format!("committing batch {}", batch.id))?;
-        failpoint(failpoint::REPLAY_BEFORE_FINISH);
-        finish_without_flush(provider, batch.id).await?;
-        Ok(BatchOutcome::Applied {
-            applied,
-            skipped,
-            kept: stash.kept,
-            unstashed,
-            tables_ok,
-        })
+        Ok((applied, skipped, tables_ok))
     }
 
     /// Applies, in the batch's transaction and before its own events, the events earlier
@@ -356,7 +435,7 @@ async fn batch_tables(stx: &Transaction<'_>, queue: &str) -> Result<BatchTables,
 /// Marks `ok` the catching-up tables whose copy the batch's tick has fully seen: no later
 /// batch can hold an event of a transaction their copy contains. Returns how many.
 async fn mark_caught_up(
-    ptx: &Transaction<'_>,
+    provider: &impl GenericClient,
     stx: &Transaction<'_>,
     queue: &str,
     batch: &Batch,
@@ -372,7 +451,7 @@ async fn mark_caught_up(
     if catching_up.is_empty() {
         return Ok(0);
     }
-    let tick: Snapshot = ferry_queue::tick_snapshot(ptx, queue, batch.cur_tick.id)
+    let tick: Snapshot = ferry_queue::tick_snapshot(provider, queue, batch.cur_tick.id)
         .await?
         .ok_or_else(|| {
             ReplicaError::corrupt(format!(

@@ -1,13 +1,16 @@
 //! Sequences in a batch: each subscriber sequence of the queue is moved up to the provider's
 //! value (never down), in the batch's transaction.
 
+use tokio_postgres::types::Type;
 use tokio_postgres::Transaction;
 
 use crate::error::{ReplicaError, ResultExt};
 use crate::provider::SeqValue;
-use crate::store;
 
-/// Moves each subscriber sequence of `queue` up to the provider's value (never down).
+/// Moves each subscriber sequence of `queue` (registered here and on the provider) up to the
+/// provider's value, never down: one statement, whatever the number of sequences. A
+/// sequence's position is the last value it handed out (or is about to: `last_value` minus
+/// the increment while not yet called), compared in the provider's direction.
 pub(crate) async fn sync_sequences(
     stx: &Transaction<'_>,
     queue: &str,
@@ -16,65 +19,37 @@ pub(crate) async fn sync_sequences(
     if provider_values.is_empty() {
         return Ok(());
     }
-    for seq in store::seqs(stx, queue).await? {
-        let Some(p) = provider_values.iter().find(|v| v.seq == seq) else {
-            continue;
-        };
-        let row = stx
-            .query_one(
-                &format!("select last_value, is_called from {}", seq.quoted()),
-                &[],
-            )
-            .await
-            .with_context(|| format!("reading sequence {seq}"))?;
-        let (last, called): (i64, bool) = (row.get(0), row.get(1));
-        if is_behind(p, last, called) {
-            stx.execute(
-                "select setval($1::text::regclass, $2, $3)",
-                &[&seq.quoted(), &p.last_value, &p.is_called],
-            )
-            .await
-            .with_context(|| format!("moving sequence {seq} forward"))?;
-        }
-    }
+    let schemas: Vec<&str> = provider_values
+        .iter()
+        .map(|v| v.seq.schema.as_str())
+        .collect();
+    let names: Vec<&str> = provider_values
+        .iter()
+        .map(|v| v.seq.name.as_str())
+        .collect();
+    let values: Vec<i64> = provider_values.iter().map(|v| v.last_value).collect();
+    let called: Vec<bool> = provider_values.iter().map(|v| v.is_called).collect();
+    let increments: Vec<i64> = provider_values.iter().map(|v| v.increment).collect();
+    stx.query_typed(
+        r#"select pg_catalog.setval(pg_catalog.format('%I.%I', p.nsp, p.rel)::regclass, p.val, p.called)
+             from unnest($1::text[], $2::text[], $3::int8[], $4::bool[], $5::int8[])
+                  as p(nsp, rel, val, called, inc)
+             join "ferry"."subscriber_seq" r
+               on r."queue_name" = $6 and r."seq_schema" = p.nsp and r."seq_name" = p.rel
+             join pg_catalog.pg_sequences s on s.schemaname = p.nsp and s.sequencename = p.rel
+            cross join lateral (select case when p.called then p.val else p.val - p.inc end as there,
+                                       coalesce(s.last_value, s.start_value - p.inc) as here) pos
+            where case when p.inc >= 0 then pos.there > pos.here else pos.there < pos.here end"#,
+        &[
+            (&schemas, Type::TEXT_ARRAY),
+            (&names, Type::TEXT_ARRAY),
+            (&values, Type::INT8_ARRAY),
+            (&called, Type::BOOL_ARRAY),
+            (&increments, Type::INT8_ARRAY),
+            (&queue, Type::TEXT),
+        ],
+    )
+    .await
+    .context("moving the subscriber's sequences forward")?;
     Ok(())
-}
-
-/// Whether the subscriber's sequence (`last`, `called`) is behind the provider's `p`: the
-/// last value handed out (or about to be) on each side, compared in the sequence's direction.
-fn is_behind(p: &SeqValue, last: i64, called: bool) -> bool {
-    let effective = |value: i64, called: bool| if called { value } else { value - p.increment };
-    if p.increment >= 0 {
-        effective(p.last_value, p.is_called) > effective(last, called)
-    } else {
-        effective(p.last_value, p.is_called) < effective(last, called)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::names::RelName;
-
-    fn provider(last_value: i64, is_called: bool, increment: i64) -> SeqValue {
-        SeqValue {
-            seq: RelName::new("public", "s"),
-            last_value,
-            is_called,
-            increment,
-        }
-    }
-
-    #[test]
-    fn sequences_only_move_forward() {
-        assert!(is_behind(&provider(10, true, 1), 5, true));
-        assert!(!is_behind(&provider(10, true, 1), 10, true));
-        assert!(!is_behind(&provider(10, true, 1), 12, true));
-        // a fresh sequence (not called) at 1 has handed out nothing
-        assert!(is_behind(&provider(1, true, 1), 1, false));
-        assert!(!is_behind(&provider(1, false, 1), 1, false));
-        // descending
-        assert!(is_behind(&provider(-10, true, -1), -5, true));
-        assert!(!is_behind(&provider(-10, true, -1), -12, true));
-    }
 }

@@ -55,7 +55,7 @@ qp() { psql -X -q -At -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres -d bench -v
 qs() { psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres -d bench -v ON_ERROR_STOP=1 -c "$1"; }
 
 # setup_pair: both clusters, pgbench data on the provider (pgbench_history with a primary key,
-# a heartbeat table for the lag probe: a row inserted every 20 ms while it runs), the same
+# a heartbeat table for the lag probe: a row inserted every 23 ms while it runs), the same
 # schema without data on the subscriber.
 setup_pair() {
   pg_up "$PROV" "$PPORT"; pg_up "$SUB" "$SPORT"
@@ -144,14 +144,18 @@ wait_sub_true() {
   return 0
 }
 
-# pgbench with a lag probe: the provider's heartbeat row is updated every 20 ms, the subscriber
-# samples its age at random moments, 50 to 140 ms apart (at a fixed period, a multiple of the
-# heartbeat's, the samples fell on the same phase of the heartbeat every time and the figures
-# depended on that phase). Prints "tps p50_ms p99_ms"; the first 30 samples are dropped.
+# pgbench with a lag probe: the provider inserts a heartbeat row every 23 ms (psql's \watch
+# keeps its period exactly: at 20 ms, the period of ferry's ticker, every heartbeat came at
+# the same moment of the tick cycle for a whole run and the lag depended on where that
+# moment fell; 23 ms moves 3 ms along the cycle with each beat). Each heartbeat's lag is
+# recorded on the subscriber (see lag_probe_install); its age is also sampled at random
+# moments, 50 to 140 ms apart (a fixed period of samples fell on one phase of the heartbeat
+# in the same way). Prints "tps lag_p50 lag_p99 age_p50 age_p99" (ms; the first 50 heartbeats
+# and the first 30 samples are left out).
 run_pgbench_lag() {
   local f=$BENCH_ROOT/$PEER.lag hb smp tps lag age
   lag_probe_install
-  (echo "insert into hb (ts) values (clock_timestamp()) \\watch 0.02" \
+  (echo "insert into hb (ts) values (clock_timestamp()) \\watch 0.023" \
      | psql -X -q -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres bench >/dev/null 2>&1) 2>/dev/null & hb=$!
   sleep 1
   (
@@ -174,7 +178,7 @@ run_pgbench_lag() {
 # whoever applies the row, at the commit that makes it visible) records for every heartbeat
 # row the time from its insert on the provider until that commit: the commit-to-visible lag
 # of each heartbeat (plus the provider's own commit). The heartbeat age the sampler reads
-# (now minus the newest visible heartbeat) adds the heartbeat's own period, up to 20 ms.
+# (now minus the newest visible heartbeat) adds the heartbeat's own period, up to 23 ms.
 lag_probe_install() {
   qs "set client_min_messages = warning;
       create table if not exists hb_seen (id bigserial primary key, lag_ms float8);

@@ -1,4 +1,5 @@
-# Peer: ferry, the release build, with its default settings (ticker and replay as daemons).
+# Peer: ferry, the release build, with its default settings (ticker and replay as daemons;
+# TICKER_LOOP_DELAY sets the ticker's loop_delay instead).
 # $FERRY is the binary. Sourced by bench/run after lib.sh.
 
 peer_setup() {
@@ -9,6 +10,7 @@ job_name = bench-ticker
 db = $(pconn)
 logfile = $W/ticker.log
 pidfile = $W/ticker.pid
+${TICKER_LOOP_DELAY:+loop_delay = $TICKER_LOOP_DELAY}
 INI
   cat > "$W/londiste.ini" <<INI
 [londiste]

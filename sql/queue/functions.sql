@@ -471,6 +471,19 @@ end $$;
 comment on function "ferry"."get_batch_events"(bigint) is
     'ferry: every event of the batch, in ev_id order';
 
+-- At most i_limit events of a batch, the first in ev_id order: all of them when it holds no
+-- more (ask for one more than you want, to know). The read stops at the limit (the sort
+-- keeps only that many rows), so asking about a big batch costs a scan, not a copy of it.
+-- Replay reads a small batch this way in one round trip, outside a transaction: one
+-- statement sees the whole batch, whose transactions all committed before its tick.
+create or replace function "ferry"."batch_events_upto"(i_batch_id bigint, i_limit bigint)
+returns setof "ferry"."batch_event" language plpgsql as $$
+begin
+    return query execute pg_catalog.format('%s limit %s', "ferry"."batch_event_sql"(i_batch_id), i_limit);
+end $$;
+comment on function "ferry"."batch_events_upto"(bigint, bigint) is
+    'ferry: at most i_limit events of the batch, the first in ev_id order';
+
 -- Open a cursor named i_cursor_name over the batch's events (FETCH n FROM it, in the same
 -- transaction), so a batch of millions of events never has to fit in memory.
 create or replace function "ferry"."open_batch_cursor"(i_batch_id bigint, i_cursor_name text)

@@ -38,6 +38,10 @@ pub const QUEUE: Component = Component {
             version: 2,
             sql: include_str!("../../../sql/queue/0002_hold.sql"),
         },
+        Migration {
+            version: 3,
+            sql: include_str!("../../../sql/queue/0003_hot_subscription.sql"),
+        },
     ],
     functions: include_str!("../../../sql/queue/functions.sql"),
 };

@@ -371,7 +371,7 @@ pub async fn small_batch_events(
 ) -> Result<Option<Vec<Event>>, QueueError> {
     let rows = client
         .query_typed(
-            r#"select * from "ferry"."get_batch_events"($1) order by 1 limit $2"#,
+            r#"select * from "ferry"."batch_events_upto"($1, $2)"#,
             &[(&batch_id, Type::INT8), (&(limit + 1), Type::INT8)],
         )
         .await

@@ -538,3 +538,79 @@ async fn a_tick_commits_durably_even_with_synchronous_commit_off() {
     client.batch_execute("commit").await.unwrap();
     assert_eq!(during, "local");
 }
+
+/// A small batch is read whole in one statement; one holding more than the limit is not read
+/// that way (None), even when its ticks' event sequence says it is small: a transaction open
+/// across the earlier tick took its event ids before it.
+#[tokio::test]
+async fn small_batch_events_reads_whole_batches_within_the_limit_only() {
+    let (client, conninfo) = installed_db("small_batch").await;
+    ferry_queue::create_queue(&client, "q").await.unwrap();
+    ferry_queue::register_consumer(&client, "q", "c")
+        .await
+        .unwrap();
+    for i in 0..5 {
+        ferry_queue::insert_event(&client, "q", "t", &format!("a{i}"))
+            .await
+            .unwrap();
+    }
+    ferry_queue::tick(&client, "q").await.unwrap();
+    let batch = ferry_queue::next_batch(&client, "q", "c", None)
+        .await
+        .unwrap()
+        .unwrap();
+    let events = ferry_queue::small_batch_events(&client, batch.id, 5)
+        .await
+        .unwrap()
+        .expect("5 events fit a limit of 5");
+    assert_eq!(payloads(&events), ["a0", "a1", "a2", "a3", "a4"]);
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(
+        ferry_queue::small_batch_events(&client, batch.id, 4)
+            .await
+            .unwrap(),
+        None,
+        "5 events do not fit a limit of 4"
+    );
+    ferry_queue::finish_batch(&client, batch.id).await.unwrap();
+
+    // 50 events of a transaction open across a tick, then one more: the batch's ticks are one
+    // event apart, the batch holds 51
+    let mut writer = ferry_testkit::connect(&conninfo).await;
+    let tx = writer.transaction().await.unwrap();
+    for i in 0..50 {
+        ferry_queue::insert_event(&tx, "q", "t", &format!("long{i}"))
+            .await
+            .unwrap();
+    }
+    ferry_queue::tick(&client, "q").await.unwrap();
+    tx.commit().await.unwrap();
+    ferry_queue::insert_event(&client, "q", "t", "after")
+        .await
+        .unwrap();
+    ferry_queue::tick(&client, "q").await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(batch) = ferry_queue::next_batch(&client, "q", "c", None)
+        .await
+        .unwrap()
+    {
+        match ferry_queue::small_batch_events(&client, batch.id, 10)
+            .await
+            .unwrap()
+        {
+            Some(events) => seen.push((
+                batch.cur_tick.event_seq - batch.prev_tick.event_seq,
+                events.len(),
+            )),
+            None => seen.push((
+                batch.cur_tick.event_seq - batch.prev_tick.event_seq,
+                usize::MAX,
+            )),
+        }
+        ferry_queue::finish_batch(&client, batch.id).await.unwrap();
+    }
+    assert!(
+        seen.contains(&(1, usize::MAX)),
+        "the batch of the long transaction looked small by its ticks and was too big: {seen:?}"
+    );
+}

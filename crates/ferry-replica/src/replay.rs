@@ -672,6 +672,7 @@ async fn work(
         let Some(batch) = next.take() else {
             return Ok(Round::Idle);
         };
+        let started = Instant::now();
         let outcome = applier
             .apply_batch(
                 link.provider.client_mut(),
@@ -691,12 +692,15 @@ async fn work(
                 counts.batches.inc();
                 counts.events_applied.add(applied as f64);
                 counts.events_skipped.add(skipped as f64);
-                if let Ok(age) = std::time::SystemTime::now().duration_since(batch.cur_tick.time) {
-                    counts.lag.set(age.as_secs_f64());
-                }
+                let tick_age = std::time::SystemTime::now()
+                    .duration_since(batch.cur_tick.time)
+                    .unwrap_or_default();
+                counts.lag.set(tick_age.as_secs_f64());
                 tracing::debug!(
                     batch = batch.id,
                     tick = batch.cur_tick.id,
+                    tick_age_ms = tick_age.as_secs_f64() * 1e3,
+                    apply_ms = started.elapsed().as_secs_f64() * 1e3,
                     applied,
                     skipped,
                     kept,

@@ -247,6 +247,26 @@ declare
     v_next bigint;
     v_far  bigint;
 begin
+    -- A consumer that keeps up asks after every batch and usually finds nothing new: that
+    -- answer is read without locking or writing anything (no transaction id, no WAL, no
+    -- flush at commit); its last_seen moves at most once a second. Only a call that may hand
+    -- out a batch locks the consumer's row and reads it again.
+    select s."sub_id", s."sub_last_tick", s."sub_batch", s."sub_active",
+           case when s."sub_hold_until" > now() then s."sub_hold_tick" end as hold_tick,
+           not exists (select 1 from "ferry"."tick" t
+                        where t."tick_queue" = s."sub_queue" and t."tick_id" > s."sub_last_tick") as no_tick
+      into v_sub
+      from "ferry"."subscription" s
+      join "ferry"."queue" q on q."queue_id" = s."sub_queue"
+     where q."queue_name" = i_queue_name and s."sub_consumer" = i_consumer_name;
+    if found and v_sub."sub_batch" is null
+       and (v_sub.no_tick or v_sub.hold_tick <= v_sub."sub_last_tick") then
+        if v_sub."sub_active" < now() - interval '1 second' then
+            update "ferry"."subscription" set "sub_active" = now() where "sub_id" = v_sub."sub_id";
+        end if;
+        return;
+    end if;
+
     select s."sub_id", s."sub_queue", s."sub_last_tick", s."sub_batch", s."sub_next_tick",
            t."tick_event_seq" as last_seq,
            case when s."sub_hold_until" > now() then s."sub_hold_tick" end as hold_tick

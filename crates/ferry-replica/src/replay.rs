@@ -632,10 +632,19 @@ async fn work(
     counts: &ReplayMetrics,
 ) -> Result<Round, ReplicaError> {
     let queue = settings.queue.as_str();
-    // sent together: one round trip
-    let (flags, tables) = tokio::join!(
+    link.provider.drain_notifications();
+    // sent together, the provider's question beside the subscriber's two: one round trip. A
+    // batch asked for in vain (paused, or the provider moved) stays open on the queue, as it
+    // would have had the pause come a moment later; the answer is not looked at then.
+    let (flags, tables, next) = tokio::join!(
         store::round_flags(link.subscriber.client(), queue),
-        store::tables(link.subscriber.client(), queue)
+        store::tables(link.subscriber.client(), queue),
+        apply::next_batch(
+            link.provider.client(),
+            queue,
+            &settings.job_name,
+            MAX_BATCH_EVENTS
+        )
     );
     let (paused, moved_to) = flags?;
     if moved_to != link.moved_to {
@@ -654,14 +663,7 @@ async fn work(
     };
     reap_copies(copies, counts).await?;
     start_copies_of(&tables?, copies, settings, &target, counts);
-    link.provider.drain_notifications();
-    let mut next = ferry_queue::next_batch(
-        link.provider.client(),
-        queue,
-        &settings.job_name,
-        Some(MAX_BATCH_EVENTS),
-    )
-    .await?;
+    let mut next = next?;
     loop {
         if shutdown.requested().is_some() {
             return Ok(Round::Stopped);
@@ -723,11 +725,11 @@ async fn work(
                 );
                 reconcile_position(link, settings).await?;
                 link.provider.drain_notifications();
-                next = ferry_queue::next_batch(
+                next = apply::next_batch(
                     link.provider.client(),
                     queue,
                     &settings.job_name,
-                    Some(MAX_BATCH_EVENTS),
+                    MAX_BATCH_EVENTS,
                 )
                 .await?;
                 continue;

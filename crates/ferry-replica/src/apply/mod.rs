@@ -142,8 +142,9 @@ pub async fn finish(provider: &Client, batch_id: i64) -> Result<(), ReplicaError
 }
 
 /// Finishes batch `batch_id` (as [`finish`]) and asks for `consumer`'s next batch (as
-/// [`ferry_queue::next_batch`]) in the same round trip: the two are sent together and the
-/// provider runs them in order, so the next batch starts where this one ended.
+/// [`next_batch`]), in one provider transaction without a flush and in one round trip: the
+/// statements are sent together and the provider runs them in order, so the next batch starts
+/// where this one ended.
 pub async fn finish_and_next(
     provider: &Client,
     batch_id: i64,
@@ -151,12 +152,40 @@ pub async fn finish_and_next(
     consumer: &str,
     max_events: i64,
 ) -> Result<Option<Batch>, ReplicaError> {
-    let (finished, next) = tokio::join!(
-        finish(provider, batch_id),
-        ferry_queue::next_batch(provider, queue, consumer, Some(max_events))
+    let finish = format!(
+        r#"begin; set local synchronous_commit = off; select "ferry"."finish_batch"({batch_id});"#
     );
-    finished?;
-    Ok(next?)
+    let (finished, next, committed) = tokio::join!(
+        provider.batch_execute(&finish),
+        ferry_queue::next_batch(provider, queue, consumer, Some(max_events)),
+        provider.batch_execute("commit")
+    );
+    finished.with_context(|| format!("finishing batch {batch_id}"))?;
+    let next = next?;
+    committed.with_context(|| format!("finishing batch {batch_id}"))?;
+    Ok(next)
+}
+
+/// `consumer`'s open batch or its next one (as [`ferry_queue::next_batch`]), handed out in a
+/// provider transaction that does not wait for its flush, in one round trip. Safe for replay
+/// for the reason [`finish`] is: if a provider crash loses the batch's opening, the queue hands
+/// out a batch from the consumer's last finished tick again (perhaps spanning more ticks), and
+/// the subscriber's position says what of it is applied already.
+pub async fn next_batch(
+    provider: &Client,
+    queue: &str,
+    consumer: &str,
+    max_events: i64,
+) -> Result<Option<Batch>, ReplicaError> {
+    let (began, next, committed) = tokio::join!(
+        provider.batch_execute("begin; set local synchronous_commit = off"),
+        ferry_queue::next_batch(provider, queue, consumer, Some(max_events)),
+        provider.batch_execute("commit")
+    );
+    began.context("asking for the next batch")?;
+    let next = next?;
+    committed.context("asking for the next batch")?;
+    Ok(next)
 }
 
 /// Applies batches; keeps prepared statements and table shapes between them. Call

@@ -159,6 +159,7 @@ declare
     v_queue   record;
     v_last    record;
     v_ticked  integer := 0;
+    v_news    boolean;
     v_now_snap txid_snapshot := pg_catalog.txid_current_snapshot();
 begin
     for v_queue in
@@ -168,23 +169,31 @@ begin
         select "tick_time", "tick_snapshot", "tick_event_seq" into v_last
           from "ferry"."tick" where "tick_queue" = v_queue."queue_id"
          order by "tick_id" desc limit 1;
-        if not found
-           or coalesce(pg_catalog.pg_sequence_last_value(v_queue."queue_event_seq"::regclass), 0)
-              <> v_last."tick_event_seq"
-           or now() - v_last."tick_time" >= v_queue."queue_ticker_idle_period"
-           or exists (select 1 from pg_catalog.txid_snapshot_xip(v_last."tick_snapshot") as x
-                       where pg_catalog.txid_visible_in_snapshot(x, v_now_snap))
-           -- A writer whose id is at or past the last tick's xmax was not listed as running
-           -- even if it had its id already (xmax is the latest completed id + 1), and it may
-           -- have taken its event id before the tick read the sequence. Once something at or
-           -- past that xmax has completed, look for such events (the ev_txid index; new
-           -- events would have moved the sequence, so there are few to look at).
-           or (pg_catalog.txid_snapshot_xmax(v_now_snap) > pg_catalog.txid_snapshot_xmax(v_last."tick_snapshot")
-               and exists (select 1 from "ferry"."event" e
-                            where e."ev_queue" = v_queue."queue_id"
-                              and e."ev_txid" >= pg_catalog.txid_snapshot_xmax(v_last."tick_snapshot")
-                              and pg_catalog.txid_visible_in_snapshot(e."ev_txid", v_now_snap)))
-        then
+        -- the cheap tests first, each its own statement: under load the first says yes, and
+        -- the queries with subqueries (planned anew at each call) are not even planned
+        v_news := not found;
+        if not v_news then
+            v_news := coalesce(pg_catalog.pg_sequence_last_value(v_queue."queue_event_seq"::regclass), 0)
+                          <> v_last."tick_event_seq"
+                      or now() - v_last."tick_time" >= v_queue."queue_ticker_idle_period";
+        end if;
+        if not v_news then
+            v_news := exists (select 1 from pg_catalog.txid_snapshot_xip(v_last."tick_snapshot") as x
+                               where pg_catalog.txid_visible_in_snapshot(x, v_now_snap));
+        end if;
+        -- A writer whose id is at or past the last tick's xmax was not listed as running
+        -- even if it had its id already (xmax is the latest completed id + 1), and it may
+        -- have taken its event id before the tick read the sequence. Once something at or
+        -- past that xmax has completed, look for such events (the ev_txid index; new
+        -- events would have moved the sequence, so there are few to look at).
+        if not v_news
+           and pg_catalog.txid_snapshot_xmax(v_now_snap) > pg_catalog.txid_snapshot_xmax(v_last."tick_snapshot") then
+            v_news := exists (select 1 from "ferry"."event" e
+                               where e."ev_queue" = v_queue."queue_id"
+                                 and e."ev_txid" >= pg_catalog.txid_snapshot_xmax(v_last."tick_snapshot")
+                                 and pg_catalog.txid_visible_in_snapshot(e."ev_txid", v_now_snap));
+        end if;
+        if v_news then
             perform "ferry"."tick_queue"(v_queue."queue_id");
             v_ticked := v_ticked + 1;
         end if;
@@ -251,20 +260,22 @@ begin
     -- answer is read without locking or writing anything (no transaction id, no WAL, no
     -- flush at commit); its last_seen moves at most once a second. Only a call that may hand
     -- out a batch locks the consumer's row and reads it again.
-    select s."sub_id", s."sub_last_tick", s."sub_batch", s."sub_active",
-           case when s."sub_hold_until" > now() then s."sub_hold_tick" end as hold_tick,
-           not exists (select 1 from "ferry"."tick" t
-                        where t."tick_queue" = s."sub_queue" and t."tick_id" > s."sub_last_tick") as no_tick
+    select s."sub_id", s."sub_queue", s."sub_last_tick", s."sub_batch", s."sub_active",
+           case when s."sub_hold_until" > now() then s."sub_hold_tick" end as hold_tick
       into v_sub
       from "ferry"."subscription" s
       join "ferry"."queue" q on q."queue_id" = s."sub_queue"
      where q."queue_name" = i_queue_name and s."sub_consumer" = i_consumer_name;
-    if found and v_sub."sub_batch" is null
-       and (v_sub.no_tick or v_sub.hold_tick <= v_sub."sub_last_tick") then
-        if v_sub."sub_active" < now() - interval '1 second' then
-            update "ferry"."subscription" set "sub_active" = now() where "sub_id" = v_sub."sub_id";
+    if found and v_sub."sub_batch" is null then
+        perform 1 from "ferry"."tick" t
+         where t."tick_queue" = v_sub."sub_queue" and t."tick_id" > v_sub."sub_last_tick"
+         limit 1;
+        if not found or v_sub.hold_tick <= v_sub."sub_last_tick" then
+            if v_sub."sub_active" < now() - interval '1 second' then
+                update "ferry"."subscription" set "sub_active" = now() where "sub_id" = v_sub."sub_id";
+            end if;
+            return;
         end if;
-        return;
     end if;
 
     select s."sub_id", s."sub_queue", s."sub_last_tick", s."sub_batch", s."sub_next_tick",

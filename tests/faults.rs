@@ -777,6 +777,25 @@ async fn everything_runs_with_least_privileged_roles() {
     let status = run(&ticker, &["status"]);
     assert!(status.contains("test-londiste"), "{status}");
 
+    // a role given USAGE on schema ferry (as PgQ-style producers are) cannot have a table's
+    // rows written to the queue through the partition helper, which runs as ferry's role
+    ferry_testkit::connect(&provider)
+        .await
+        .batch_execute("grant usage on schema ferry to lp_app")
+        .await
+        .unwrap();
+    let denied = app
+        .batch_execute(
+            "select ferry.capture_partition_rows('test-queue', 'shop.orders'::regclass, 'shop.orders'::regclass, 'D')",
+        )
+        .await
+        .expect_err("the partition helper is not for other roles");
+    assert_eq!(
+        denied.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "{denied:?}"
+    );
+
     // a table ferry's role was given nothing on: one line saying what is wrong and where to look
     app.batch_execute("create table shop.secret (id int primary key)")
         .await

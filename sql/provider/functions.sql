@@ -707,6 +707,10 @@ begin
 end $$;
 comment on function "ferry"."capture_partition_rows"(text, oid, oid, text) is
     'ferry: every row of a table as inserts or deletes of a partitioned root (attach, detach)';
+-- Only the event trigger calls it (as the provider role, which owns it): anyone else given
+-- USAGE on schema ferry could otherwise have the rows of any table that role reads written to
+-- the queue as rows of a replicated root.
+revoke all on function "ferry"."capture_partition_rows"(text, oid, oid, text) from public;
 
 -- Event trigger function (ddl_command_end of CREATE TABLE and ALTER TABLE), installed by a
 -- superuser (`ferry.provider_enable_partition_ddl_capture()`): keeps the capture of

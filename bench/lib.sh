@@ -99,34 +99,22 @@ same_tables() {
 # once max(hid) has arrived (a new psql and a full count every 10 ms would take a good part
 # of a core from the peer).
 converge() {
-  local t0 limit=${1:-900} want top got
+  local t0 limit=${1:-900} want top
   t0=$(now)
   want=$(qp "select count(*) || ':' || coalesce(sum(delta), 0) from pgbench_history")
   top=$(qp "select coalesce(max(hid), 0) from pgbench_history")
-  coproc POLL { psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres -d bench 2>/dev/null; }
-  while :; do
-    echo "select case when coalesce(max(hid), 0) >= $top
-                 then (select count(*) || ':' || coalesce(sum(delta), 0) from pgbench_history) = '$want'
-                 else false end from pgbench_history;" >&"${POLL[1]}"
-    read -r -t 60 got <&"${POLL[0]}" || got=""
-    [ "$got" = t ] && break
-    if awk -v a="$t0" -v b="$(now)" -v l="$limit" 'BEGIN { exit !(b - a > l) }'; then
-      kill "$POLL_PID" 2>/dev/null
-      die "$PEER: no convergence in ${limit}s"
-    fi
-    sleep 0.01
-  done
+  wait_sub_true "select case when coalesce(max(hid), 0) >= $top
+                   then (select count(*) || ':' || coalesce(sum(delta), 0) from pgbench_history) = '$want'
+                   else false end from pgbench_history" "$limit" 0.01
   since "$t0"
-  exec {POLL[1]}>&-
-  wait "$POLL_PID" 2>/dev/null
-  return 0
 }
 
-# wait_sub_true SQL [LIMIT]: polls SQL (one boolean; mind that bool_and skips nulls) on the
-# subscriber every 50 ms until it is true, from ONE psql session: a new psql per poll would take a good part of a core from the
-# peer being timed (300 polls of a 15 s copy cost about 3 CPU seconds on the bench machine).
+# wait_sub_true SQL [LIMIT [EVERY]]: polls SQL (one boolean; mind that bool_and skips nulls) on
+# the subscriber every EVERY seconds (0.05) until it is true, from ONE psql session: a new psql
+# per poll would take a good part of a core from the peer being timed (300 polls of a 15 s copy
+# cost about 3 CPU seconds on the bench machine). Each poll is its own short transaction.
 wait_sub_true() {
-  local t0 limit=${2:-3600} got
+  local t0 limit=${2:-3600} every=${3:-0.05} got
   t0=$(now)
   coproc SUBPOLL { psql -X -q -At -h "$BENCH_ROOT/$SUB" -p "$SPORT" -U postgres -d bench 2>/dev/null; }
   while :; do
@@ -137,7 +125,7 @@ wait_sub_true() {
       kill "$SUBPOLL_PID" 2>/dev/null
       die "$PEER: still waiting after ${limit}s for: $1"
     fi
-    sleep 0.05
+    sleep "$every"
   done
   exec {SUBPOLL[1]}>&-
   wait "$SUBPOLL_PID" 2>/dev/null

@@ -148,6 +148,26 @@ begin
 end $$;
 comment on function "ferry"."ticker"(text) is 'ferry: tick one queue now; returns the tick_id';
 
+-- Whether queue i_queue_id holds an event of a transaction with an id at or past
+-- i_from_txid that snapshot i_snapshot sees committed: the ticker's check for late writers.
+-- Guarantee: it reads those events through the ev_txid index (few: ids that new), never a
+-- whole event table. Without the setting the planner may choose to read a table whole when
+-- it has no statistics yet (filled faster than autovacuum analyses it): the ticker makes
+-- this check at every idle call, and kept a core busy after a load stopped.
+create or replace function "ferry"."late_events_visible"(i_queue_id integer, i_from_txid bigint,
+                                                         i_snapshot txid_snapshot)
+returns boolean language plpgsql stable
+set enable_seqscan = off
+as $$
+begin
+    return exists (select 1 from "ferry"."event" e
+                    where e."ev_queue" = i_queue_id
+                      and e."ev_txid" >= i_from_txid
+                      and pg_catalog.txid_visible_in_snapshot(e."ev_txid", i_snapshot));
+end $$;
+comment on function "ferry"."late_events_visible"(integer, bigint, txid_snapshot) is
+    'ferry: the ticker''s check for late writers, always by index';
+
 -- Tick every queue that needs it: new events since its last tick, a transaction that the
 -- last tick did not see has committed since with events (it was running, or it started
 -- before the tick but at or past its xmax), or the idle period has passed. Returns how many
@@ -188,10 +208,8 @@ begin
         -- events would have moved the sequence, so there are few to look at).
         if not v_news
            and pg_catalog.txid_snapshot_xmax(v_now_snap) > pg_catalog.txid_snapshot_xmax(v_last."tick_snapshot") then
-            v_news := exists (select 1 from "ferry"."event" e
-                               where e."ev_queue" = v_queue."queue_id"
-                                 and e."ev_txid" >= pg_catalog.txid_snapshot_xmax(v_last."tick_snapshot")
-                                 and pg_catalog.txid_visible_in_snapshot(e."ev_txid", v_now_snap));
+            v_news := "ferry"."late_events_visible"(v_queue."queue_id",
+                          pg_catalog.txid_snapshot_xmax(v_last."tick_snapshot"), v_now_snap);
         end if;
         if v_news then
             perform "ferry"."tick_queue"(v_queue."queue_id");

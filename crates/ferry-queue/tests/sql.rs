@@ -614,3 +614,60 @@ async fn small_batch_events_reads_whole_batches_within_the_limit_only() {
         "the batch of the long transaction looked small by its ticks and was too big: {seen:?}"
     );
 }
+
+/// The ticker's idle check for late writers (transactions at or past the last tick's xmax)
+/// finds their events through the ev_txid index, whatever the planner believes of the event
+/// tables: a session that checked an empty queue, then saw a table fill before autovacuum
+/// analysed it, read the whole table at every check (fifty times a second while idle, a core
+/// kept busy after a load stopped).
+#[tokio::test]
+async fn the_tickers_idle_check_reads_events_by_index_whatever_the_statistics() {
+    let (client, conninfo) = installed_db("tick_idle_plan").await;
+    ferry_queue::create_queue(&client, "q").await.unwrap();
+    let other = ferry_testkit::connect(&conninfo).await;
+    // no autovacuum here: the planner knows nothing of what the tables hold
+    other
+        .batch_execute(
+            r#"do $$ declare t record; begin
+                 for t in select c.oid::regclass as r from pg_class c
+                           join pg_namespace n on n.oid = c.relnamespace
+                          where n.nspname = 'ferry' and c.relname like 'event\_%' and c.relkind = 'r'
+                 loop execute format('alter table %s set (autovacuum_enabled = off)', t.r); end loop;
+               end $$"#,
+        )
+        .await
+        .unwrap();
+    // sequential scans of event tables this session started, counted before they are flushed
+    let seq_scans = || async {
+        let n: i64 = client
+            .query_one(
+                r#"select coalesce(sum(seq_scan), 0)::bigint from pg_catalog.pg_stat_xact_user_tables
+                    where schemaname = 'ferry' and relname like 'event\_%'"#,
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    let idle_check = || async {
+        // another transaction completes: the last tick's xmax is behind, nothing else is new
+        other.batch_execute("select txid_current()").await.unwrap();
+        let before = seq_scans().await;
+        let ticked = ferry_queue::tick_queues(&client).await.unwrap();
+        (ticked, seq_scans().await - before)
+    };
+    for _ in 0..10 {
+        assert_eq!(idle_check().await, (0, 0), "an empty queue");
+    }
+    other
+        .batch_execute(
+            r#"select "ferry"."insert_event"('q', 't', i::text) from generate_series(1, 20000) i"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ferry_queue::tick_queues(&client).await.unwrap(), 1);
+    for _ in 0..3 {
+        assert_eq!(idle_check().await, (0, 0), "a queue of 20 000 events");
+    }
+}

@@ -353,5 +353,6 @@ async fn the_ticker_wakes_listening_consumers_with_notify() {
         .expect("no notification within 5 s of an event")
         .expect("connection open");
     assert_eq!(note.channel(), ferry_queue::TICK_CHANNEL);
-    assert_eq!(note.payload(), QUEUE);
+    let notice = ferry_queue::TickNotice::parse(note.payload()).expect("payload TICK_ID:QUEUE");
+    assert_eq!(notice.queue, QUEUE);
 }

@@ -1812,3 +1812,83 @@ async fn sequences_move_forward_never_back() {
     assert_eq!(state("ahead_seq").await, (500, true), "never moved back");
     assert_eq!(state("fresh_seq").await, (1, false), "left unused");
 }
+
+/// A replay that keeps up asks the provider for each batch once: after a batch ending at the
+/// newest tick announced it only finishes it, and the next tick's wake-up brings the next
+/// (asking on the way, as it does when behind, would cost the provider a call per batch that
+/// finds nothing). Counted with the provider's function statistics: next_batch_info calls
+/// against finish_batch calls (one per batch), read together.
+#[tokio::test]
+async fn a_caught_up_replay_asks_for_each_batch_once() {
+    let schema = "create table t (id int primary key);";
+    let pair = Pair::new("ask_once", schema, Some(schema)).await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    let provider = ferry_testkit::connect(&pair.provider.conninfo).await;
+    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    provider
+        .batch_execute(
+            "do $$ begin execute format('alter database %I set track_functions = ''pl''', current_database()); end $$",
+        )
+        .await
+        .unwrap();
+    pair.install_and_start_ticker();
+    run(&londiste, &["provider", "add", "--all"]);
+    run(&londiste, &["subscriber", "add", "--all"]);
+    run(&londiste, &["replay", "-d"]);
+    wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
+    let calls = || async {
+        let row = provider
+            .query_one(
+                "select coalesce(sum(calls) filter (where funcname = 'next_batch_info'), 0)::bigint,
+                        coalesce(sum(calls) filter (where funcname = 'finish_batch'), 0)::bigint
+                   from pg_catalog.pg_stat_user_functions where schemaname = 'ferry'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
+    };
+    let (asked_before, finished_before) = calls().await;
+    for id in 1..=40 {
+        provider
+            .execute("insert into t values ($1)", &[&id])
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while subscriber
+            .query_opt("select 1 from t where id = $1", &[&id])
+            .await
+            .unwrap()
+            .is_none()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "row {id} not replicated:\n{}",
+                pair.replay_log()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // statistics reach the view within a second of the calls; wait for this many batches
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (asked, finished) = loop {
+        let (asked, finished) = calls().await;
+        if finished - finished_before >= 40 || std::time::Instant::now() > deadline {
+            break (asked - asked_before, finished - finished_before);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        finished >= 40,
+        "{finished} batches finished for 40 single-row transactions"
+    );
+    // one call per batch, and one per second when no wake-up comes (replay's loop_delay)
+    assert!(
+        asked < finished + finished / 2,
+        "{asked} calls of next_batch_info for {finished} batches"
+    );
+}

@@ -214,6 +214,11 @@ impl Session {
     pub fn drain_notifications(&mut self) {
         while self.notifications.try_recv().is_ok() {}
     }
+
+    /// A notification that has arrived already, without waiting; `None` when there is none.
+    pub fn try_notification(&mut self) -> Option<Notification> {
+        self.notifications.try_recv().ok()
+    }
 }
 
 /// Connects as `conninfo` (after [`ConnInfo::resolve`]) says, naming the session

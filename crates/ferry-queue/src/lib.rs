@@ -21,8 +21,30 @@ pub use install::{
     InstallReport, Migration, COMPONENT, MIN_SERVER_VERSION_NUM, QUEUE,
 };
 
-/// The NOTIFY channel the ticker signals on after each tick; the payload is the queue name.
+/// The NOTIFY channel every tick signals on at its commit; the payload is `TICK_ID:QUEUE_NAME`
+/// (read it with [`TickNotice::parse`]).
 pub const TICK_CHANNEL: &str = "ferry_tick";
+
+/// A tick's wake-up on [`TICK_CHANNEL`]: which queue ticked, and the new tick's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TickNotice<'a> {
+    /// The tick's id (ids of one queue increase with every tick).
+    pub tick_id: i64,
+    /// The queue that ticked.
+    pub queue: &'a str,
+}
+
+impl<'a> TickNotice<'a> {
+    /// Reads a payload of [`TICK_CHANNEL`]; `None` for one of another form (queue schemas
+    /// before this one sent the queue's name alone).
+    pub fn parse(payload: &'a str) -> Option<TickNotice<'a>> {
+        let (tick_id, queue) = payload.split_once(':')?;
+        Some(TickNotice {
+            tick_id: tick_id.parse().ok()?,
+            queue,
+        })
+    }
+}
 
 /// One event of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -611,4 +633,23 @@ pub async fn tick_snapshot(
         .await
         .with_context(|| format!("reading tick {tick_id} of queue \"{queue}\""))?;
     Ok(row.map(|r| r.get(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TickNotice;
+
+    #[test]
+    fn a_tick_notice_names_its_tick_and_queue() {
+        assert_eq!(
+            TickNotice::parse("42:orders:eu"),
+            Some(TickNotice {
+                tick_id: 42,
+                queue: "orders:eu"
+            })
+        );
+        assert_eq!(TickNotice::parse("orders"), None);
+        assert_eq!(TickNotice::parse("x:orders"), None);
+        assert_eq!(TickNotice::parse(""), None);
+    }
 }

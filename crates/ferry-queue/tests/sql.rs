@@ -594,6 +594,18 @@ async fn small_batch_events_reads_whole_batches_within_the_limit_only() {
         .await
         .unwrap()
     {
+        let whole = ferry_queue::get_batch_events(&client, batch.id)
+            .await
+            .unwrap();
+        assert_eq!(
+            ferry_queue::small_batch_events(&client, batch.id, 1000)
+                .await
+                .unwrap()
+                .as_ref(),
+            Some(&whole),
+            "batch {} read whole within a limit",
+            batch.id
+        );
         match ferry_queue::small_batch_events(&client, batch.id, 10)
             .await
             .unwrap()
@@ -670,4 +682,36 @@ async fn the_tickers_idle_check_reads_events_by_index_whatever_the_statistics() 
     for _ in 0..3 {
         assert_eq!(idle_check().await, (0, 0), "a queue of 20 000 events");
     }
+}
+
+/// Every tick wakes the queue's listeners at its commit, naming the queue and the tick: a
+/// consumer that has applied the batch ending at that tick knows it is caught up.
+#[tokio::test]
+async fn a_tick_announces_its_queue_and_id_to_listeners() {
+    let (client, conninfo) = installed_db("tick_notice").await;
+    ferry_queue::create_queue(&client, "orders:eu")
+        .await
+        .unwrap();
+    let info = ferry_connect::ConnInfo::parse(&conninfo).unwrap();
+    let mut listener = ferry_connect::connect(&info, "tick listener")
+        .await
+        .unwrap();
+    listener
+        .client()
+        .batch_execute(&format!("listen {}", ferry_queue::TICK_CHANNEL))
+        .await
+        .unwrap();
+    let tick = ferry_queue::tick(&client, "orders:eu").await.unwrap();
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(10), listener.notification())
+        .await
+        .expect("a wake-up within 10 s")
+        .expect("the connection is open");
+    assert_eq!(woken.channel(), ferry_queue::TICK_CHANNEL);
+    assert_eq!(
+        ferry_queue::TickNotice::parse(woken.payload()),
+        Some(ferry_queue::TickNotice {
+            tick_id: tick,
+            queue: "orders:eu"
+        })
+    );
 }

@@ -11,6 +11,7 @@ use ferry_daemon::logging::one_line as report;
 use ferry_daemon::metrics::{Counter, Gauge, Metrics};
 use ferry_daemon::{Health, Reload, Remedy, Shutdown, StopMode};
 use tokio::time::sleep;
+use tokio_postgres::Notification;
 
 use crate::apply::{self, Applier, BatchOutcome};
 use crate::catalog::table_shape;
@@ -87,6 +88,29 @@ struct Link {
     subscriber: Session,
     /// Where the provider session went when a switchover or failover moved the provider.
     moved_to: Option<String>,
+    /// The newest tick of the queue whose wake-up arrived on this provider session.
+    newest_tick: Option<i64>,
+}
+
+impl Link {
+    /// Takes the ticker's wake-ups that have arrived, keeping the newest tick announced for
+    /// `queue` (with `first`, one already taken).
+    fn take_wake_ups(&mut self, queue: &str, first: Option<Notification>) {
+        let mut taken = first;
+        while let Some(notification) = taken.take().or_else(|| self.provider.try_notification()) {
+            if let Some(notice) = ferry_queue::TickNotice::parse(notification.payload()) {
+                if notice.queue == queue && self.newest_tick < Some(notice.tick_id) {
+                    self.newest_tick = Some(notice.tick_id);
+                }
+            }
+        }
+    }
+
+    /// Whether the ticker's wake-ups say no tick came after `tick`: the wake-up of `tick` has
+    /// arrived and none of a later one (one still on its way wakes replay when it arrives).
+    fn caught_up_at(&self, tick: i64) -> bool {
+        self.newest_tick == Some(tick)
+    }
 }
 
 /// How a round of work ended.
@@ -256,7 +280,7 @@ pub async fn run(
                         tracing::error!(error = %message, "configuration not reloaded; keeping the old one");
                     }
                 },
-                _ = link.provider.notification() => link.provider.drain_notifications(),
+                woken = link.provider.notification() => link.take_wake_ups(&settings.queue, woken),
                 _ = sleep(settings.loop_delay) => {}
             }
         }
@@ -498,6 +522,7 @@ async fn open_link(
         provider: sides.provider,
         subscriber: sides.subscriber,
         moved_to: sides.moved_to,
+        newest_tick: None,
     })
 }
 
@@ -632,7 +657,7 @@ async fn work(
     counts: &ReplayMetrics,
 ) -> Result<Round, ReplicaError> {
     let queue = settings.queue.as_str();
-    link.provider.drain_notifications();
+    link.take_wake_ups(queue, None);
     // sent together, the provider's question beside the subscriber's two: one round trip. A
     // batch asked for in vain (paused, or the provider moved) stays open on the queue, as it
     // would have had the pause come a moment later; the answer is not looked at then.
@@ -724,7 +749,7 @@ async fn work(
                     "the batch does not start where the subscriber is; reconciling"
                 );
                 reconcile_position(link, settings).await?;
-                link.provider.drain_notifications();
+                link.take_wake_ups(queue, None);
                 next = apply::next_batch(
                     link.provider.client(),
                     queue,
@@ -735,9 +760,15 @@ async fn work(
                 continue;
             }
         }
-        // the subscriber has the batch: finish it, and ask for the next one on the way
+        // the subscriber has the batch: finish it, and unless it ends at the newest tick
+        // announced, ask for the next one on the way (when caught up the question would only
+        // cost the provider a call: the next tick's wake-up starts the next round)
         failpoint(failpoint::REPLAY_BEFORE_FINISH);
-        link.provider.drain_notifications();
+        link.take_wake_ups(queue, None);
+        if link.caught_up_at(batch.cur_tick.id) {
+            apply::finish(link.provider.client(), batch.id).await?;
+            return Ok(Round::Idle);
+        }
         next = apply::finish_and_next(
             link.provider.client(),
             batch.id,

@@ -286,9 +286,11 @@ begin
       join "ferry"."queue" q on q."queue_id" = s."sub_queue"
      where q."queue_name" = i_queue_name and s."sub_consumer" = i_consumer_name;
     if found and v_sub."sub_batch" is null then
+        -- in tick order: without it the plan the session keeps may read the tick table from
+        -- its start (it expects an early match) through every tick the consumer has passed
         perform 1 from "ferry"."tick" t
          where t."tick_queue" = v_sub."sub_queue" and t."tick_id" > v_sub."sub_last_tick"
-         limit 1;
+         order by t."tick_id" limit 1;
         if not found or v_sub.hold_tick <= v_sub."sub_last_tick" then
             if v_sub."sub_active" < now() - interval '1 second' then
                 update "ferry"."subscription" set "sub_active" = now() where "sub_id" = v_sub."sub_id";

@@ -715,3 +715,51 @@ async fn a_tick_announces_its_queue_and_id_to_listeners() {
         })
     );
 }
+
+/// A consumer that keeps up asks for its next batch fifty times a second and usually finds
+/// nothing: that answer looks at the tick table through its key, never reading it from the
+/// start through the ticks the consumer has passed (thousands between maintenance runs).
+#[tokio::test]
+async fn nothing_new_is_answered_without_reading_the_passed_ticks() {
+    let (client, _) = installed_db("nothing_new_plan").await;
+    ferry_queue::create_queue(&client, "q").await.unwrap();
+    ferry_queue::register_consumer(&client, "q", "c")
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            r#"select "ferry"."ticker"('q') from generate_series(1, 3000);
+               analyze "ferry"."tick""#,
+        )
+        .await
+        .unwrap();
+    let batch = ferry_queue::next_batch(&client, "q", "c", Some(1_000_000))
+        .await
+        .unwrap()
+        .expect("one batch over every tick");
+    ferry_queue::finish_batch(&client, batch.id).await.unwrap();
+    let seq_scans = || async {
+        let n: i64 = client
+            .query_one(
+                r#"select coalesce(sum(seq_scan), 0)::bigint from pg_catalog.pg_stat_xact_user_tables
+                    where schemaname = 'ferry' and relname = 'tick'"#,
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    for call in 0..10 {
+        let before = seq_scans().await;
+        assert!(ferry_queue::next_batch(&client, "q", "c", Some(1_000_000))
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            seq_scans().await - before,
+            0,
+            "call {call} read the tick table whole"
+        );
+    }
+}

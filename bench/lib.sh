@@ -218,12 +218,17 @@ cpu_seconds() {
 # the provider's WAL position, in bytes
 wal_bytes() { qp "select pg_current_wal_lsn() - '0/0'::pg_lsn"; }
 
-# run_fixed_rate [CONVERGE]: pgbench at RATE transactions/s for SECS seconds; with CONVERGE,
+# run_fixed_rate [CONVERGE]: after a VACUUM ANALYZE and a CHECKPOINT on both sides (without
+# them autovacuum's work on the earlier phases' dead rows fell into this one, at random),
+# pgbench at RATE transactions/s for SECS seconds; with CONVERGE,
 # until the subscriber has them all. Prints "transactions cpu_seconds wal_bytes" of the phase
 # and, with CONVERGE, the CPU seconds of the provider's replication backends, of the
 # subscriber cluster and of the peer's daemons (see breakdown_pids).
 run_fixed_rate() {
   local c0 w0 h0 h1 c1 w1 r0 s0 d0 split=""
+  # every run starts the phase from the same state: the vacuum debt of the earlier phases
+  # (a backlog of tens of thousands of transactions) paid, and a checkpoint just done
+  qp "vacuum analyze" && qs "vacuum analyze" && qp "checkpoint" && qs "checkpoint" || die "vacuum before the fixed rate"
   [ -n "${1:-}" ] && breakdown_pids
   h0=$(history_count); w0=$(wal_bytes); c0=$(cpu_seconds)
   if [ -n "${1:-}" ]; then r0=$(pids_cpu $REPL_PIDS); s0=$(pids_cpu $SUB_PIDS); d0=$(pids_cpu $DAEMON_PIDS); fi

@@ -17,6 +17,7 @@ pub mod event;
 pub mod execute;
 pub mod failover;
 pub mod names;
+pub mod prepared;
 pub mod progress;
 pub mod provider;
 mod reduce;

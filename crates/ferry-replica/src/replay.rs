@@ -662,8 +662,8 @@ async fn work(
     // batch asked for in vain (paused, or the provider moved) stays open on the queue, as it
     // would have had the pause come a moment later; the answer is not looked at then.
     let (flags, tables, next) = tokio::join!(
-        store::round_flags(link.subscriber.client(), queue),
-        store::tables(link.subscriber.client(), queue),
+        store::round_flags(link.subscriber.client(), applier.prepared(), queue),
+        store::tables_prepared(link.subscriber.client(), Some(applier.prepared()), queue),
         apply::next_batch(
             link.provider.client(),
             queue,

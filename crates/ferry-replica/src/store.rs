@@ -27,6 +27,7 @@ use tokio_postgres::{GenericClient, Transaction};
 
 use crate::error::{ReplicaError, ResultExt};
 use crate::names::RelName;
+use crate::prepared::{self, Prepared};
 use crate::snapshot::Snapshot;
 
 /// A replicated table's state on the subscriber.
@@ -119,14 +120,25 @@ pub async fn tables(
     client: &impl GenericClient,
     queue: &str,
 ) -> Result<Vec<StoredTable>, ReplicaError> {
-    let rows = client
-        .query_typed(
-            r#"select "table_schema", "table_name", "state", "copy_snapshot", "skip_truncate"
-                 from "ferry"."subscriber_table" where "queue_name" = $1 order by 1, 2"#,
-            &[(&queue, Type::TEXT)],
-        )
-        .await
-        .context("reading the subscriber's tables")?;
+    tables_prepared(client, None, queue).await
+}
+
+/// [`tables`], through the statement `prepared` keeps for it when given (replay reads the
+/// table states at every batch).
+pub async fn tables_prepared(
+    client: &impl GenericClient,
+    prepared: Option<&Prepared>,
+    queue: &str,
+) -> Result<Vec<StoredTable>, ReplicaError> {
+    let rows = prepared::query(
+        client,
+        prepared,
+        r#"select "table_schema", "table_name", "state", "copy_snapshot", "skip_truncate"
+             from "ferry"."subscriber_table" where "queue_name" = $1 order by 1, 2"#,
+        &[(&queue, Type::TEXT)],
+    )
+    .await
+    .context("reading the subscriber's tables")?;
     rows.iter()
         .map(|r| {
             let table = RelName::new(r.get::<_, String>(0), r.get::<_, String>(1));
@@ -783,15 +795,28 @@ pub async fn lock_position(
     stx: &Transaction<'_>,
     queue: &str,
 ) -> Result<(Option<i64>, bool), ReplicaError> {
-    let row = stx
-        .query_typed_opt(
-            r#"select "last_tick_id", "paused" from "ferry"."subscriber_position"
-                where "queue_name" = $1 for update"#,
-            &[(&queue, Type::TEXT)],
-        )
-        .await
-        .context("reading the subscriber's position")?
-        .ok_or_else(|| {
+    lock_position_prepared(stx, None, queue).await
+}
+
+/// [`lock_position`], through the statement `prepared` keeps for it when given (replay, at
+/// every batch).
+pub async fn lock_position_prepared(
+    stx: &Transaction<'_>,
+    prepared: Option<&Prepared>,
+    queue: &str,
+) -> Result<(Option<i64>, bool), ReplicaError> {
+    let row = prepared::query(
+        stx,
+        prepared,
+        r#"select "last_tick_id", "paused" from "ferry"."subscriber_position"
+            where "queue_name" = $1 for update"#,
+        &[(&queue, Type::TEXT)],
+    )
+    .await
+    .context("reading the subscriber's position")?
+    .into_iter()
+    .next()
+    .ok_or_else(|| {
             ReplicaError::needs_setup(format!(
                 "ferry is not installed on the subscriber for queue \"{queue}\": run `ferry CONFIG subscriber install`"
             ))
@@ -799,13 +824,17 @@ pub async fn lock_position(
     Ok((row.get(0), row.get(1)))
 }
 
-/// Records `tick` as the position, in the batch's transaction.
+/// Records `tick` as the position, in the batch's transaction (through the statement
+/// `prepared` keeps for it).
 pub async fn record_position(
     stx: &Transaction<'_>,
+    prepared: &Prepared,
     queue: &str,
     tick: i64,
 ) -> Result<(), ReplicaError> {
-    stx.execute_typed(
+    prepared::query(
+        stx,
+        Some(prepared),
         r#"update "ferry"."subscriber_position" set "last_tick_id" = $2, "updated" = now()
             where "queue_name" = $1"#,
         &[(&queue, Type::TEXT), (&tick, Type::INT8)],
@@ -848,19 +877,23 @@ pub async fn set_paused(
 
 /// What replay reads at the start of each round, in one round trip: whether it is paused,
 /// and where a switchover or failover moved the provider (see [`provider_location`]; the
-/// store must be installed, as replay checks at start).
+/// store must be installed, as replay checks at start). Through the statement `prepared`
+/// keeps for it.
 pub async fn round_flags(
     client: &impl GenericClient,
+    prepared: &Prepared,
     queue: &str,
 ) -> Result<(bool, Option<String>), ReplicaError> {
-    Ok(client
-        .query_typed_opt(
-            r#"select "paused", "provider_location" from "ferry"."subscriber_position" where "queue_name" = $1"#,
-            &[(&queue, Type::TEXT)],
-        )
-        .await
-        .context("reading the pause")?
-        .map_or((false, None), |row| (row.get(0), row.get(1))))
+    Ok(prepared::query(
+        client,
+        Some(prepared),
+        r#"select "paused", "provider_location" from "ferry"."subscriber_position" where "queue_name" = $1"#,
+        &[(&queue, Type::TEXT)],
+    )
+    .await
+    .context("reading the pause")?
+    .first()
+    .map_or((false, None), |row| (row.get(0), row.get(1))))
 }
 
 /// Records the error holding replay of `queue` up (`None`: clears it, work goes on), for

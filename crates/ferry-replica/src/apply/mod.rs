@@ -26,6 +26,7 @@ use tokio_postgres::{Client, GenericClient, Transaction};
 
 use crate::error::{ErrorKind, ReplicaError, ResultExt};
 use crate::names::RelName;
+use crate::prepared::Prepared;
 use crate::provider;
 use crate::snapshot::Snapshot;
 use crate::store::{self, BatchStep, TableState};
@@ -194,6 +195,8 @@ pub async fn next_batch(
 #[derive(Default)]
 pub struct Applier {
     cache: TableCache,
+    /// The bookkeeping statements of the subscriber session (position, pause, table states).
+    prepared: Prepared,
     /// A batch whose set-wise apply failed: tried again, it goes straight to event order.
     event_order_batch: Option<i64>,
 }
@@ -249,6 +252,12 @@ impl Applier {
     /// must go in event order.
     pub fn forget_tables(&mut self) {
         self.cache.clear();
+        self.prepared.clear();
+    }
+
+    /// The subscriber session's prepared bookkeeping statements, for replay's round.
+    pub fn prepared(&self) -> &Prepared {
+        &self.prepared
     }
 
     async fn apply_batch_in(
@@ -283,8 +292,8 @@ impl Applier {
                  select pg_catalog.set_config('synchronous_commit', 'local', true) \
                   where pg_catalog.current_setting('synchronous_commit') = 'off'"
             ),
-            store::lock_position(&stx, queue),
-            batch_tables(&stx, queue)
+            store::lock_position_prepared(&stx, Some(&self.prepared), queue),
+            batch_tables(&stx, &self.prepared, queue)
         );
         replay_on.context("starting the batch's subscriber transaction")?;
         let (position, paused) = position?;
@@ -317,7 +326,7 @@ impl Applier {
                 // fails, so does everything after it, and the transaction never commits
                 let (ran, recorded) = tokio::join!(in_flight, async {
                     sequences::sync_sequences(&stx, queue, &seq_values).await?;
-                    store::record_position(&stx, queue, batch.cur_tick.id).await
+                    store::record_position(&stx, &self.prepared, queue, batch.cur_tick.id).await
                 });
                 ran?;
                 recorded?;
@@ -400,7 +409,7 @@ impl Applier {
         // the provider's read-only transaction ends while the subscriber records its position
         let (provider_done, subscriber_done) = tokio::join!(ptx.commit(), async {
             sequences::sync_sequences(stx, queue, &seq_values).await?;
-            store::record_position(stx, queue, batch.cur_tick.id).await
+            store::record_position(stx, &self.prepared, queue, batch.cur_tick.id).await
         });
         provider_done.context("ending the batch's provider transaction")?;
         subscriber_done?;
@@ -453,8 +462,12 @@ impl Applier {
 }
 
 /// The subscriber's tables of `queue`, keyed the way events name them.
-async fn batch_tables(stx: &Transaction<'_>, queue: &str) -> Result<BatchTables, ReplicaError> {
-    Ok(store::tables(stx, queue)
+async fn batch_tables(
+    stx: &Transaction<'_>,
+    prepared: &Prepared,
+    queue: &str,
+) -> Result<BatchTables, ReplicaError> {
+    Ok(store::tables_prepared(stx, Some(prepared), queue)
         .await?
         .into_iter()
         .map(|t| (t.table.quoted(), (t.table, t.state)))

@@ -344,6 +344,12 @@ async fn commands_in_the_wrong_state_say_what_to_run_and_daemons_wait_for_the_se
             "invalid input syntax for type interval: \"fast\"",
         ],
     );
+    one_line_failure(
+        "a negative ticker threshold",
+        &ferry_with(&ticker, &["config", "test-queue", "ticker_max_count=-1"]),
+        2,
+        &["ticker_max_count must not be negative"],
+    );
     run(&londiste, &["subscriber", "install"]);
     table_failure(
         "subscriber add before provider add",

@@ -353,6 +353,18 @@ async fn the_ticker_wakes_listening_consumers_with_notify() {
         .expect("no notification within 5 s of an event")
         .expect("connection open");
     assert_eq!(note.channel(), ferry_queue::TICK_CHANNEL);
+    // the payload names the queue and the tick, which holds the event
     let notice = ferry_queue::TickNotice::parse(note.payload()).expect("payload TICK_ID:QUEUE");
     assert_eq!(notice.queue, QUEUE);
+    let holds_the_event: bool = writer
+        .query_one(
+            r#"select t."tick_event_seq" >= 1 from "ferry"."tick" t
+                 join "ferry"."queue" q on q."queue_id" = t."tick_queue"
+                where q."queue_name" = $1 and t."tick_id" = $2"#,
+            &[&QUEUE, &notice.tick_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(holds_the_event, "tick {} of the wake-up", notice.tick_id);
 }

@@ -1,5 +1,6 @@
 # Peer: ferry, the release build, with its default settings (ticker and replay as daemons;
-# TICKER_LOOP_DELAY sets the ticker's loop_delay instead).
+# TICKER_LOOP_DELAY sets the ticker's loop_delay instead, TICKER_MAX_LAG and TICKER_MAX_COUNT
+# the queue's ticker_max_lag and ticker_max_count).
 # $FERRY is the binary. Sourced by bench/run after lib.sh.
 
 peer_setup() {
@@ -25,6 +26,8 @@ INI
   F "$W/ticker.ini" install
   F "$W/ticker.ini" ticker -d
   F "$W/londiste.ini" provider install
+  if [ -n "${TICKER_MAX_LAG:-}" ]; then F "$W/ticker.ini" config bench "ticker_max_lag=$TICKER_MAX_LAG"; fi
+  if [ -n "${TICKER_MAX_COUNT:-}" ]; then F "$W/ticker.ini" config bench "ticker_max_count=$TICKER_MAX_COUNT"; fi
   F "$W/londiste.ini" subscriber install
 }
 peer_start_copy() {

@@ -171,9 +171,11 @@ comment on function "ferry"."late_events_visible"(integer, bigint, txid_snapshot
 
 -- Tick every queue that needs it: new events since its last tick, a transaction that the
 -- last tick did not see has committed since with events (it was running, or it started
--- before the tick but at or past its xmax), or the idle period has passed. Returns how many
+-- before the tick but at or past its xmax), or the idle period has passed. A queue with
+-- ticker_max_lag set lets news wait until ticker_max_count events have come or its last
+-- tick is ticker_max_lag old (PgQ's thresholds: fewer, bigger batches). Returns how many
 -- queues were ticked. The ticker daemon calls this every loop_delay, so events are at most
--- loop_delay late.
+-- loop_delay (plus ticker_max_lag) late.
 create or replace function "ferry"."ticker"()
 returns integer language plpgsql as $$
 declare
@@ -181,10 +183,12 @@ declare
     v_last    record;
     v_ticked  integer := 0;
     v_news    boolean;
+    v_new_events bigint;
     v_now_snap txid_snapshot := pg_catalog.txid_current_snapshot();
 begin
     for v_queue in
-        select "queue_id", "queue_event_seq", "queue_ticker_idle_period"
+        select "queue_id", "queue_event_seq", "queue_ticker_idle_period",
+               "queue_ticker_max_count", "queue_ticker_max_lag"
           from "ferry"."queue" order by "queue_id"
     loop
         select "tick_time", "tick_snapshot", "tick_event_seq" into v_last
@@ -193,10 +197,18 @@ begin
         -- the cheap tests first, each its own statement: under load the first says yes, and
         -- the queries with subqueries (planned anew at each call) are not even planned
         v_news := not found;
+        if not v_news and now() - v_last."tick_time" >= v_queue."queue_ticker_idle_period" then
+            v_news := true;
+        end if;
         if not v_news then
-            v_news := coalesce(pg_catalog.pg_sequence_last_value(v_queue."queue_event_seq"::regclass), 0)
-                          <> v_last."tick_event_seq"
-                      or now() - v_last."tick_time" >= v_queue."queue_ticker_idle_period";
+            v_new_events := coalesce(pg_catalog.pg_sequence_last_value(v_queue."queue_event_seq"::regclass), 0)
+                            - v_last."tick_event_seq";
+            -- below both thresholds (a max_count of 0 is none), news waits for a later check
+            if (v_queue."queue_ticker_max_count" = 0 or v_new_events < v_queue."queue_ticker_max_count")
+               and now() - v_last."tick_time" < v_queue."queue_ticker_max_lag" then
+                continue;
+            end if;
+            v_news := v_new_events <> 0;
         end if;
         if not v_news then
             v_news := exists (select 1 from pg_catalog.txid_snapshot_xip(v_last."tick_snapshot") as x
@@ -800,14 +812,24 @@ begin
             update "ferry"."queue" set "queue_rotation_period" = i_value::interval where "queue_name" = i_queue_name;
         when 'ticker_idle_period' then
             update "ferry"."queue" set "queue_ticker_idle_period" = i_value::interval where "queue_name" = i_queue_name;
+        when 'ticker_max_lag' then
+            if i_value::interval < interval '0' then
+                raise exception 'ferry: ticker_max_lag must not be negative' using errcode = 'invalid_parameter_value';
+            end if;
+            update "ferry"."queue" set "queue_ticker_max_lag" = i_value::interval where "queue_name" = i_queue_name;
+        when 'ticker_max_count' then
+            if i_value::bigint < 0 then
+                raise exception 'ferry: ticker_max_count must not be negative' using errcode = 'invalid_parameter_value';
+            end if;
+            update "ferry"."queue" set "queue_ticker_max_count" = i_value::bigint where "queue_name" = i_queue_name;
         else
-            raise exception 'ferry: unknown queue setting "%" (known: rotation_period, ticker_idle_period)', i_param
+            raise exception 'ferry: unknown queue setting "%" (known: rotation_period, ticker_idle_period, ticker_max_lag, ticker_max_count)', i_param
                 using errcode = 'invalid_parameter_value';
     end case;
     return 1;
 end $$;
 comment on function "ferry"."set_queue_config"(text, text, text) is
-    'ferry: set rotation_period or ticker_idle_period of a queue';
+    'ferry: set rotation_period, ticker_idle_period, ticker_max_lag or ticker_max_count of a queue';
 
 -- State of every queue: rotation, last tick, events not yet ticked.
 create or replace function "ferry"."get_queue_info"(

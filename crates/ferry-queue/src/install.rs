@@ -42,6 +42,10 @@ pub const QUEUE: Component = Component {
             version: 3,
             sql: include_str!("../../../sql/queue/0003_hot_subscription.sql"),
         },
+        Migration {
+            version: 4,
+            sql: include_str!("../../../sql/queue/0004_ticker_thresholds.sql"),
+        },
     ],
     functions: include_str!("../../../sql/queue/functions.sql"),
 };

@@ -542,7 +542,8 @@ pub async fn consumer_info(
         .collect())
 }
 
-/// Sets `rotation_period` or `ticker_idle_period` (an interval, e.g. `'10 minutes'`) of a queue.
+/// Sets `rotation_period`, `ticker_idle_period`, `ticker_max_lag` (intervals, e.g.
+/// `'10 minutes'`) or `ticker_max_count` (a number of events) of a queue.
 pub async fn set_queue_config(
     client: &impl GenericClient,
     queue: &str,

@@ -126,7 +126,8 @@ pub enum Command {
         /// The consumer.
         consumer: String,
     },
-    /// Set a queue's rotation_period or ticker_idle_period (an interval, e.g. `30 minutes`).
+    /// Set a queue's rotation_period, ticker_idle_period, ticker_max_lag (intervals, e.g.
+    /// `30 minutes`) or ticker_max_count (events).
     Config {
         /// The queue.
         queue: String,

@@ -221,7 +221,7 @@ wal_bytes() { qp "select pg_current_wal_lsn() - '0/0'::pg_lsn"; }
 # run_fixed_rate [CONVERGE]: after a VACUUM ANALYZE and a CHECKPOINT on both sides (without
 # them autovacuum's work on the earlier phases' dead rows fell into this one, at random),
 # pgbench at RATE transactions/s for SECS seconds; with CONVERGE,
-# until the subscriber has them all. Prints "transactions cpu_seconds wal_bytes" of the phase
+# until the subscriber has them all (the bench's own polling for it not counted). Prints "transactions cpu_seconds wal_bytes" of the phase
 # and, with CONVERGE, the CPU seconds of the provider's replication backends, of the
 # subscriber cluster and of the peer's daemons (see breakdown_pids).
 run_fixed_rate() {
@@ -233,14 +233,24 @@ run_fixed_rate() {
   h0=$(history_count); w0=$(wal_bytes); c0=$(cpu_seconds)
   if [ -n "${1:-}" ]; then r0=$(pids_cpu $REPL_PIDS); s0=$(pids_cpu $SUB_PIDS); d0=$(pids_cpu $DAEMON_PIDS); fi
   pgbench -n -R "$RATE" -c "$CLIENTS" -j 2 -T "$SECS" -h "$BENCH_ROOT/$PROV" -p "$PPORT" -U postgres bench >/dev/null 2>&1
+  local polled=0 secs
   if [ -n "${1:-}" ]; then
-    converge >/dev/null
+    # what replication still does once the load stops counts, the bench's own polling of the
+    # subscriber (a psql every 10 ms, longer for a peer with more lag) does not
+    read -r secs polled <<< "$(polled_converge)"
     split=$(awk -v r0="$r0" -v r1="$(pids_cpu $REPL_PIDS)" -v s0="$s0" -v s1="$(pids_cpu $SUB_PIDS)" \
                 -v d0="$d0" -v d1="$(pids_cpu $DAEMON_PIDS)" \
                 'BEGIN { printf " %.3f %.3f %.3f", r1 - r0, s1 - s0, d1 - d0 }')
   fi
   c1=$(cpu_seconds); w1=$(wal_bytes); h1=$(history_count)
-  echo "$((h1 - h0)) $(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.3f", b - a }') $((w1 - w0))$split"
+  echo "$((h1 - h0)) $(awk -v a="$c0" -v b="$c1" -v p="$polled" 'BEGIN { printf "%.3f", b - a - p }') $((w1 - w0))$split"
+}
+
+# polled_converge [MAX_S]: converge, then the CPU seconds its polling took (the psql processes
+# it ran: children of this subshell, waited for); prints "seconds polling_cpu_seconds".
+polled_converge() {
+  converge "$@"
+  awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf " %.3f\n", ($14 + $15) / hz }' "/proc/$BASHPID/stat"
 }
 
 # converge_accounts: waits until the subscriber's pgbench_accounts has the provider's sum of

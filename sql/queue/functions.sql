@@ -194,8 +194,9 @@ begin
         select "tick_time", "tick_snapshot", "tick_event_seq" into v_last
           from "ferry"."tick" where "tick_queue" = v_queue."queue_id"
          order by "tick_id" desc limit 1;
-        -- the cheap tests first, each its own statement: under load the first says yes, and
-        -- the queries with subqueries (planned anew at each call) are not even planned
+        -- the cheap tests first (idle period, thresholds, the event sequence), each its own
+        -- statement: under load the sequence says yes, and the queries with subqueries are
+        -- not even planned
         v_news := not found;
         if not v_news and now() - v_last."tick_time" >= v_queue."queue_ticker_idle_period" then
             v_news := true;

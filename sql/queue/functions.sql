@@ -543,12 +543,14 @@ comment on function "ferry"."get_batch_events"(bigint) is
 -- statement sees the whole batch, whose transactions all committed before its tick.
 -- Guarantee: the same events as batch_event_sql(i_batch_id), in the same order. Unlike that
 -- query, built for each batch and planned at each call (a fifth of a millisecond, fifty
--- times a second), this one is static: its plan is kept for the session. It reads by the
--- ev_txid index (enable_seqscan off), so a plan made while the event tables looked empty
--- never reads a full table for a small batch.
+-- times a second), this one is static and planned once per session: a generic plan (left
+-- to itself the plan cache judged every custom plan cheaper than the generic one and planned
+-- at every call), reading by the ev_txid index (enable_seqscan off), so a plan made while
+-- the event tables looked empty never reads a full table for a small batch.
 create or replace function "ferry"."batch_events_upto"(i_batch_id bigint, i_limit bigint)
 returns setof "ferry"."batch_event" language plpgsql
 set enable_seqscan = off
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     v_batch record;

@@ -12,6 +12,20 @@ async fn installed_db(name: &str) -> (Client, String) {
     (client, db.conninfo)
 }
 
+/// Sequential scans this session has started on ferry's tables whose names are `like` the
+/// pattern, counted before they are flushed to the statistics views.
+async fn sequential_scans(client: &Client, like: &str) -> i64 {
+    client
+        .query_one(
+            r#"select coalesce(sum(seq_scan), 0)::bigint from pg_catalog.pg_stat_xact_user_tables
+                where schemaname = 'ferry' and relname like $1"#,
+            &[&like],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 fn payloads(events: &[Event]) -> Vec<String> {
     events
         .iter()
@@ -660,18 +674,7 @@ async fn the_tickers_idle_check_reads_events_by_index_whatever_the_statistics() 
         .await
         .unwrap();
     // sequential scans of event tables this session started, counted before they are flushed
-    let seq_scans = || async {
-        let n: i64 = client
-            .query_one(
-                r#"select coalesce(sum(seq_scan), 0)::bigint from pg_catalog.pg_stat_xact_user_tables
-                    where schemaname = 'ferry' and relname like 'event\_%'"#,
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        n
-    };
+    let seq_scans = || sequential_scans(&client, "event\\_%");
     // (a transaction of another test's database running at a tick and committed since is
     // news too: a check may tick, which does not matter here)
     let idle_check = || async {
@@ -718,18 +721,7 @@ async fn nothing_new_is_answered_without_reading_the_passed_ticks() {
         .unwrap()
         .expect("one batch over every tick");
     ferry_queue::finish_batch(&client, batch.id).await.unwrap();
-    let seq_scans = || async {
-        let n: i64 = client
-            .query_one(
-                r#"select coalesce(sum(seq_scan), 0)::bigint from pg_catalog.pg_stat_xact_user_tables
-                    where schemaname = 'ferry' and relname = 'tick'"#,
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        n
-    };
+    let seq_scans = || sequential_scans(&client, "tick");
     for call in 0..10 {
         let before = seq_scans().await;
         assert!(ferry_queue::next_batch(&client, "q", "c", Some(1_000_000))

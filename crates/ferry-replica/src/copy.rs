@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use ferry_connect::{ConnInfo, Session};
@@ -12,6 +12,7 @@ use futures_util::{pin_mut, SinkExt, TryStreamExt};
 use tokio_postgres::{Client, IsolationLevel, Transaction};
 
 use crate::catalog::table_shape;
+use crate::copy_indexes::defer_indexes;
 use crate::error::{ErrorKind, ReplicaError, ResultExt};
 use crate::names::{quote_ident, RelName};
 use crate::progress::CopyReporter;
@@ -22,6 +23,10 @@ use crate::subscriber::column_problems;
 
 /// Bytes of copied rows sent to the subscriber at a time.
 const COPY_BLOCK: usize = 64 << 10;
+
+/// A table the provider's statistics expect to hold fewer rows than this is copied with its
+/// indexes maintained row by row: dropping and creating them costs more than it saves there.
+const DEFER_INDEXES_FROM_ROWS: u64 = 10_000;
 
 /// What a finished copy left behind.
 #[derive(Debug, Clone)]
@@ -265,6 +270,13 @@ async fn copy_reported(
     } else {
         ""
     };
+    // a table emptied here builds its indexes once its rows are in (see copy_indexes), unless
+    // the provider's statistics say it is too small for that to pay
+    let deferred = if truncated && rows_expected.is_none_or(|n| n >= DEFER_INDEXES_FROM_ROWS) {
+        Some(defer_indexes(&stx, table).await?)
+    } else {
+        None
+    };
     let copy_in = format!("copy {} ({column_list}) from stdin{freeze}", table.quoted());
     let rows = report_while(
         stream_slice(&ptx, &stx, &copy_out, &copy_in, table, &progress),
@@ -275,6 +287,16 @@ async fn copy_reported(
         rows_expected,
     )
     .await?;
+    if let Some(deferred) = deferred.filter(|d| d.len() > 0) {
+        let started = Instant::now();
+        let indexes = deferred.len();
+        deferred
+            .rebuild(&stx)
+            .await
+            .map_err(|e| refused_by_subscriber(table, CopyStep::BuildingIndexes, e))?;
+        tracing::info!(table = %table, indexes, secs = started.elapsed().as_secs_f64(),
+            "indexes built after the copy");
+    }
     let done = CopyDone {
         rows,
         snapshot,
@@ -552,6 +574,8 @@ enum CopyStep {
     Writing,
     /// The end of COPY, where deferred checks run.
     Finishing,
+    /// Building the indexes deferred until the rows were in.
+    BuildingIndexes,
 }
 
 impl std::fmt::Display for CopyStep {
@@ -560,6 +584,7 @@ impl std::fmt::Display for CopyStep {
             CopyStep::Emptying => "emptying",
             CopyStep::Writing => "writing",
             CopyStep::Finishing => "finishing",
+            CopyStep::BuildingIndexes => "indexing",
         })
     }
 }

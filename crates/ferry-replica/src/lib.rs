@@ -12,6 +12,7 @@ pub mod columns;
 pub mod compare;
 mod copies;
 mod copy;
+mod copy_indexes;
 mod error;
 pub mod event;
 pub mod execute;

@@ -135,9 +135,64 @@ impl<'de> Visitor<'de> for &mut RowValues<'_, '_, 'de> {
     }
 }
 
+/// The rows of `arrays` (one text array per column, as [`column_arrays`] makes them for
+/// columns none of which is [`ValueForm::Structured`]) in `COPY ... FROM STDIN`'s text format:
+/// a line per row, values apart by tabs, NULL as `\N`, backslash, tab, newline and carriage
+/// return escaped. Each value reaches its column's input function as the text it is, as the
+/// set-wise statements' casts pass it.
+pub fn copy_text(arrays: &[Vec<Option<String>>]) -> String {
+    let rows = arrays.first().map_or(0, Vec::len);
+    let size: usize = arrays
+        .iter()
+        .flatten()
+        .map(|v| v.as_ref().map_or(2, String::len) + 1)
+        .sum();
+    let mut text = String::with_capacity(size + size / 16);
+    for row in 0..rows {
+        for (at, column) in arrays.iter().enumerate() {
+            if at > 0 {
+                text.push('\t');
+            }
+            match &column[row] {
+                None => text.push_str("\\N"),
+                Some(value) => {
+                    for c in value.chars() {
+                        match c {
+                            '\\' => text.push_str("\\\\"),
+                            '\t' => text.push_str("\\t"),
+                            '\n' => text.push_str("\\n"),
+                            '\r' => text.push_str("\\r"),
+                            c => text.push(c),
+                        }
+                    }
+                }
+            }
+        }
+        text.push('\n');
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_text_escapes_what_copy_reads_specially() {
+        let arrays = vec![
+            vec![Some("1".to_string()), Some("2".to_string())],
+            vec![Some("a\tb\nc\rd\\e\\N".to_string()), None],
+            vec![
+                Some(String::new()),
+                Some("{\"k\": \"\\u0000\"}".to_string()),
+            ],
+        ];
+        assert_eq!(
+            copy_text(&arrays),
+            "1\ta\\tb\\nc\\rd\\\\e\\\\N\t\n2\t\\N\t{\"k\": \"\\\\u0000\"}\n"
+        );
+        assert_eq!(copy_text(&[]), "");
+    }
 
     fn spec(name: &str, form: ValueForm) -> ColumnSpec<'_> {
         ColumnSpec { name, form }

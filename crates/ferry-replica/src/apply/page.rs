@@ -8,14 +8,20 @@ use std::collections::HashMap;
 use ferry_queue::Event;
 use tokio_postgres::Transaction;
 
-use super::pipeline::{run_set_statements, SetOp, SetStatement};
+use super::pipeline::{run_set_statements, SetOp, SetSql, SetStatement};
 use super::{sql, Applier, BatchTables, Mode, Stash};
 use crate::catalog::Column;
-use crate::columns::{column_arrays, ColumnSpec};
+use crate::columns::{column_arrays, ColumnSpec, ValueForm};
 use crate::error::{ErrorKind, ReplicaError, ResultExt};
 use crate::event::{QueueEvent, RowChange, TableEvent};
 use crate::names::RelName;
 use crate::reduce::{Pushed, TableChanges};
+
+/// A table's inserts of one set of columns go in by `COPY` from this many rows on (and when
+/// none of the columns is an array or a composite, which only `json_populate_record` reads):
+/// the server's multi-row insert path, about twice as fast as an `INSERT` over text arrays
+/// for a thousand rows and more. Fewer go by the prepared `INSERT`, which costs no more there.
+pub(crate) const COPY_IN_FROM_ROWS: usize = 200;
 
 impl Applier {
     /// Applies one page of events: in event order, or with each independent table's changes
@@ -198,10 +204,11 @@ impl Applier {
                 .cloned()
                 .collect();
             statements.push(SetStatement {
-                statement: self
-                    .cache
-                    .statement(stx, table, &sql::set_wise_delete(&t, &keys))
-                    .await?,
+                sql: SetSql::Prepared(
+                    self.cache
+                        .statement(stx, table, &sql::set_wise_delete(&t, &keys))
+                        .await?,
+                ),
                 arrays: column_arrays(&plan.deletes, &specs(&keys)).map_err(corrupt)?,
                 rows: plan.deletes.len(),
                 op: SetOp::Deletes,
@@ -214,13 +221,21 @@ impl Applier {
         ] {
             for group in groups {
                 let columns = self.cache.set_columns(stx, table, group[0]).await?;
-                let text = if op == SetOp::Updates {
-                    sql::set_wise_update(&t, &columns)
+                let sql = if op == SetOp::Inserts
+                    && group.len() >= COPY_IN_FROM_ROWS
+                    && columns.iter().all(|c| c.form != ValueForm::Structured)
+                {
+                    SetSql::CopyIn(sql::set_wise_copy(&t, &columns))
                 } else {
-                    sql::set_wise_insert(&t, &columns)
+                    let text = if op == SetOp::Updates {
+                        sql::set_wise_update(&t, &columns)
+                    } else {
+                        sql::set_wise_insert(&t, &columns)
+                    };
+                    SetSql::Prepared(self.cache.statement(stx, table, &text).await?)
                 };
                 statements.push(SetStatement {
-                    statement: self.cache.statement(stx, table, &text).await?,
+                    sql,
                     arrays: column_arrays(group, &specs(&columns)).map_err(corrupt)?,
                     rows: group.len(),
                     op,

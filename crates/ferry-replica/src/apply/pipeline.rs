@@ -6,9 +6,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
+use bytes::Bytes;
 use ferry_queue::{BatchCursor, Event};
+use futures_util::SinkExt;
 use tokio_postgres::{Statement, Transaction};
 
+use crate::columns::copy_text;
 use crate::error::{ReplicaError, ResultExt};
 use crate::names::RelName;
 
@@ -41,9 +44,17 @@ impl std::fmt::Display for SetOp {
     }
 }
 
+/// How a set-wise statement takes its rows.
+pub(crate) enum SetSql {
+    /// A prepared statement reading one text array per parameter.
+    Prepared(Statement),
+    /// `COPY ... FROM STDIN` (inserts only), the same arrays sent as `COPY` text.
+    CopyIn(String),
+}
+
 /// One set-wise statement with its rows.
 pub(crate) struct SetStatement {
-    pub statement: Statement,
+    pub sql: SetSql,
     /// the rows as text arrays, one per parameter (see [`crate::columns::column_arrays`])
     pub arrays: Vec<Vec<Option<String>>>,
     pub rows: usize,
@@ -62,15 +73,28 @@ pub(crate) async fn send_set_statements<'a>(
     statements: Vec<SetStatement>,
 ) -> InFlight<'a> {
     let runs = statements.into_iter().map(move |s| async move {
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = s
-            .arrays
-            .iter()
-            .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
-            .collect();
-        let changed = stx
-            .execute(&s.statement, &params)
-            .await
-            .with_context(|| format!("applying {} {} of {} set-wise", s.rows, s.op, s.table))?;
+        let what = || format!("applying {} {} of {} set-wise", s.rows, s.op, s.table);
+        let changed = match &s.sql {
+            SetSql::Prepared(statement) => {
+                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = s
+                    .arrays
+                    .iter()
+                    .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                stx.execute(statement, &params).await.with_context(what)?
+            }
+            SetSql::CopyIn(copy) => {
+                // the connection sends nothing queued after the COPY before its data is done
+                let sink = stx.copy_in(copy.as_str()).await.with_context(what)?;
+                futures_util::pin_mut!(sink);
+                sink.send(Bytes::from(copy_text(&s.arrays)))
+                    .await
+                    .with_context(what)?;
+                let copied = sink.finish().await.with_context(what)?;
+                tracing::debug!(table = %s.table, rows = copied, "inserts copied in");
+                copied
+            }
+        };
         if s.op != SetOp::Inserts && changed != s.rows as u64 {
             return Err(ReplicaError::row_refused(format!(
                 "{} of {}: {changed} of {} rows found on the subscriber",

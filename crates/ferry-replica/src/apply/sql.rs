@@ -104,6 +104,15 @@ pub(crate) fn set_wise_insert(t: &str, columns: &[Column]) -> String {
     )
 }
 
+/// Inserts rows sent in `COPY`'s text format (see [`crate::columns::copy_text`]) into
+/// `columns`: what [`set_wise_insert`] does, with the server's multi-row insert path (about
+/// twice as fast for a thousand rows and more). `COPY` writes identity columns as given, as
+/// `overriding system value` does, and applies no rules, which replay's replica mode keeps
+/// from acting on inserts anyway.
+pub(crate) fn set_wise_copy(t: &str, columns: &[Column]) -> String {
+    format!("copy {t} ({}) from stdin", column_list(columns))
+}
+
 /// Inserts the row `$1` (json) holds, setting `columns`; those named in `json_nulls` hold the
 /// JSON value null (which the row's json cannot tell from SQL NULL).
 pub(crate) fn event_insert(t: &str, columns: &[Column], json_nulls: &[String]) -> String {
@@ -209,6 +218,14 @@ mod tests {
             column("note", "pg_catalog.text", ValueForm::Text, false),
             column("doc", "pg_catalog.jsonb", ValueForm::Json, false),
         ]
+    }
+
+    #[test]
+    fn set_wise_copy_names_every_column() {
+        assert_eq!(
+            set_wise_copy(T, &columns()),
+            r#"copy "app"."Order" ("id", "note", "doc") from stdin"#
+        );
     }
 
     #[test]

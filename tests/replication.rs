@@ -1577,6 +1577,105 @@ fn demo_runs_to_identical() {
     assert!(stdout.contains("demo-replay: stopped"), "{stdout}");
 }
 
+/// `provider add --capture row|statement` chooses how a plain table is captured, switching an
+/// added table's triggers over; a later `provider add` without it keeps the mode; a
+/// partitioned table stays captured per row whatever is asked; every change replicates
+/// exactly under either mode, key changes and multi-row statements included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_mode_is_chosen_per_table_and_kept() {
+    let schema = "create table plain (id int primary key, v text);
+                  create table parted (id int primary key, v text) partition by range (id);
+                  create table parted_low partition of parted for values from (0) to (1000);";
+    let pair = Pair::new("capturemode", schema, Some(schema)).await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    pair.install_and_start_ticker();
+    let provider = ferry_testkit::connect(&pair.provider.conninfo).await;
+    let mode = |table: &'static str| {
+        let provider = &provider;
+        async move {
+            provider
+                .query_one(
+                    "select ferry.installed_capture_mode('test-queue', $1::text::regclass)",
+                    &[&table],
+                )
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    let out = run(
+        &londiste,
+        &["provider", "add", "--capture", "row", "plain", "parted"],
+    );
+    assert!(
+        out.contains("public.plain: added, captured per row"),
+        "{out}"
+    );
+    assert!(
+        out.contains("public.parted: added, captured per row"),
+        "{out}"
+    );
+    run(&londiste, &["provider", "add", "plain"]);
+    assert_eq!(mode("plain").await, "row", "a plain add keeps the mode");
+    let out = run(
+        &londiste,
+        &["provider", "add", "--capture", "statement", "parted"],
+    );
+    assert!(
+        out.contains("public.parted: registered already, captured per row"),
+        "{out}"
+    );
+    let out = ferry(&[
+        londiste.to_str().unwrap(),
+        "provider",
+        "add",
+        "--capture",
+        "column",
+        "plain",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    run(&londiste, &["subscriber", "add", "--all"]);
+    run(&londiste, &["replay", "-d"]);
+    let writes = [
+        "insert into plain select i, 'a' || i from generate_series(1, 300) i",
+        "update plain set v = v || '!' where id % 3 = 0",
+        "update plain set id = id + 1000 where id = 7",
+        "delete from plain where id between 20 and 40",
+        "insert into parted select i, 'p' from generate_series(1, 50) i",
+    ];
+    for write in writes {
+        provider.batch_execute(write).await.unwrap();
+    }
+    let out = run(
+        &londiste,
+        &["provider", "add", "--capture", "statement", "plain"],
+    );
+    assert!(
+        out.contains("public.plain: registered already, captured per statement"),
+        "{out}"
+    );
+    assert_eq!(mode("plain").await, "statement");
+    for write in writes {
+        provider
+            .batch_execute(&write.replace("generate_series(1,", "generate_series(2001,"))
+            .await
+            .unwrap();
+    }
+    wait_identical(
+        &pair.provider.conninfo,
+        &pair.subscriber.conninfo,
+        &["plain", "parted"],
+        Duration::from_secs(60),
+        || pair.replay_log(),
+    )
+    .await;
+}
+
 /// The capture each table gets: a plain table is captured per statement from its transition
 /// tables, a table in an inheritance tree row by row. Multi-row statements of every kind
 /// arrive exactly: inserts with JSON and SQL nulls, updates of every row, primary keys moved by

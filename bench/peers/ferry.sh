@@ -1,6 +1,6 @@
 # Peer: ferry, the release build, with its default settings (ticker and replay as daemons;
 # TICKER_LOOP_DELAY sets the ticker's loop_delay instead, TICKER_MAX_LAG and TICKER_MAX_COUNT
-# the queue's ticker_max_lag and ticker_max_count).
+# the queue's ticker_max_lag and ticker_max_count; CAPTURE=row captures the tables per row).
 # $FERRY is the binary. Sourced by bench/run after lib.sh.
 
 peer_setup() {
@@ -31,7 +31,7 @@ INI
   F "$W/londiste.ini" subscriber install
 }
 peer_start_copy() {
-  F "$W/londiste.ini" provider add --all
+  F "$W/londiste.ini" provider add --all ${CAPTURE:+--capture "$CAPTURE"}
   F "$W/londiste.ini" subscriber add --all
   F "$W/londiste.ini" replay -d
 }

@@ -846,7 +846,7 @@ comment on function "ferry"."provider_uncovered_partitions"(text) is
 -- one unit (see above); a partition alone, what is not a table, and a table without a primary
 -- key are refused. Returns 1 when newly added, 0 when it was
 -- registered already (its triggers are recreated, so a changed primary key is picked up).
-create or replace function "ferry"."provider_add_table"(i_queue_name text, i_table text)
+create or replace function "ferry"."provider_capture_table"(i_queue_name text, i_table text, i_mode text)
 returns integer language plpgsql set search_path = pg_catalog, pg_temp as $$
 declare
     v_oid oid;
@@ -859,6 +859,10 @@ declare
     v_mode text;
     v_new integer;
 begin
+    if i_mode is not null and i_mode not in ('row', 'statement') then
+        raise exception 'ferry: capture mode "%" is neither row nor statement', i_mode
+            using errcode = 'invalid_parameter_value';
+    end if;
     if not exists (select 1 from "ferry"."queue" where "queue_name" = i_queue_name) then
         raise exception 'ferry: queue "%" does not exist', i_queue_name
             using errcode = 'undefined_object', hint = 'run "ferry CONF provider install" first';
@@ -887,8 +891,11 @@ begin
                   hint = 'replication finds rows on the subscriber by primary key: add one (ALTER TABLE ... ADD PRIMARY KEY) and run the add again';
     end if;
     v_trg := "ferry"."capture_trigger_names"(i_queue_name);
+    -- partition and inheritance trees: always per row; a plain table as asked, else as it is
+    -- captured already, else per statement
+    v_mode := case when "ferry"."capture_mode"(v_oid) = 'row' then 'row'
+                   else coalesce(i_mode, "ferry"."installed_capture_mode"(i_queue_name, v_oid), 'statement') end;
     perform "ferry"."drop_capture_triggers"(i_queue_name, v_oid);
-    v_mode := "ferry"."capture_mode"(v_oid);
     v_function := "ferry"."create_capture_function"(i_queue_name, v_oid, v_pk, v_mode);
     perform "ferry"."create_capture_triggers"(i_queue_name, v_oid, v_function, v_mode);
     if v_kind = 'p' then
@@ -903,6 +910,13 @@ begin
     get diagnostics v_new = row_count;
     return v_new;
 end $$;
+comment on function "ferry"."provider_capture_table"(text, text, text) is
+    'ferry: capture table i_table into queue i_queue_name (register it, create its capture function and triggers, in one transaction), per row or per statement as i_mode asks (null: as it is captured already, else per statement; partition and inheritance trees always per row); returns 1 if newly registered';
+
+create or replace function "ferry"."provider_add_table"(i_queue_name text, i_table text)
+returns integer language sql set search_path = pg_catalog, pg_temp as $$
+    select "ferry"."provider_capture_table"(i_queue_name, i_table, null)
+$$;
 comment on function "ferry"."provider_add_table"(text, text) is
     'ferry: register a table with a queue and create its capture triggers (1 new, 0 refreshed)';
 

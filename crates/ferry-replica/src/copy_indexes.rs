@@ -18,7 +18,8 @@
 //! - it carries what its definition does not: a comment, a security label, `CLUSTER ON`,
 //!   `REPLICA IDENTITY USING INDEX`, a statistics target;
 //! - it is not valid (a failed `CREATE INDEX CONCURRENTLY`: dropping and building it would
-//!   change it).
+//!   change it);
+//! - it lies in a tablespace replay's role may not create in.
 //!
 //! If the drops fail all the same, they are undone (a savepoint) and the copy goes on with
 //! every index kept.
@@ -65,6 +66,8 @@ select case when c.oid is null
    and t.relkind = 'r' and not t.relispartition and not t.relhassubclass
    and not exists (select 1 from pg_catalog.pg_inherits h where h.inhrelid = t.oid)
    and i.indisvalid and i.indisready and i.indislive
+   -- an index in a tablespace replay's role may no longer create in stays as it is
+   and (ic.reltablespace = 0 or pg_catalog.has_tablespace_privilege(ic.reltablespace, 'CREATE'))
    and (c.contype is distinct from 'x' or ic.reloptions is null)
    and not i.indisclustered and not i.indisreplident
    -- an index of a constraint other than these (none in core PostgreSQL) is left alone

@@ -220,6 +220,57 @@ pub async fn add_table(
     Ok((name, added == 1))
 }
 
+/// How a plain table's changes are captured (partition and inheritance trees are always
+/// captured per row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// One trigger call per statement, reading its transition tables: the default, and far
+    /// cheaper for statements that change many rows.
+    Statement,
+    /// One trigger call per changed row: cheaper for single-row statements.
+    Row,
+}
+
+impl CaptureMode {
+    /// Its name in `ferry.provider_capture_table`.
+    fn as_sql(self) -> &'static str {
+        match self {
+            CaptureMode::Statement => "statement",
+            CaptureMode::Row => "row",
+        }
+    }
+}
+
+/// [`add_table`], capturing a plain table the way `mode` says (switching an added table's
+/// triggers over, in one transaction). Returns its name, whether it is new, and the mode
+/// its triggers have now (`row` for a partition or inheritance tree whatever was asked).
+pub async fn capture_table(
+    client: &impl GenericClient,
+    queue: &str,
+    table: &str,
+    mode: CaptureMode,
+) -> Result<(RelName, bool, String), ReplicaError> {
+    let name = parse_name(client, table).await?;
+    let added: i32 = client
+        .query_one(
+            r#"select "ferry"."provider_capture_table"($1, $2, $3)"#,
+            &[&queue, &name.quoted(), &mode.as_sql()],
+        )
+        .await
+        .map_err(|e| adding_error(e, &format!("table {name}"), queue))?
+        .get(0);
+    // a statement of its own: the one above saw the catalog as it was before its triggers
+    let installed: String = client
+        .query_one(
+            r#"select "ferry"."installed_capture_mode"($1, to_regclass($2))"#,
+            &[&queue, &name.quoted()],
+        )
+        .await
+        .with_context(|| format!("reading how {name} is captured"))?
+        .get(0);
+    Ok((name, added == 1, installed))
+}
+
 /// The error of adding `what` ("table public.t") to `queue`: that it does not exist, said
 /// with the name as ferry prints names everywhere, or the database's error.
 fn adding_error(error: tokio_postgres::Error, what: &str, queue: &str) -> ReplicaError {

@@ -306,7 +306,17 @@ pub enum ProviderCommand {
     /// Install the queue schema and the provider catalog into provider_db; create the queue.
     Install,
     /// Capture tables into the queue (creates their triggers).
-    Add(Selection),
+    Add {
+        /// The tables.
+        #[command(flatten)]
+        selection: Selection,
+        /// How plain tables are captured: `statement` (one trigger call per statement; the
+        /// default for a table not captured yet) or `row` (one per changed row: cheaper for
+        /// single-row statements, far dearer for bulk ones). Without it a table keeps the
+        /// mode it has. Partitioned tables and inheritance trees are always captured per row.
+        #[arg(long, value_enum, value_name = "MODE")]
+        capture: Option<Capture>,
+    },
     /// Stop capturing tables.
     Remove(Names),
     /// Register sequences with the queue.
@@ -317,6 +327,15 @@ pub enum ProviderCommand {
     Tables(JsonOption),
     /// The sequences registered with the queue.
     Seqs(JsonOption),
+}
+
+/// `provider add --capture`: how plain tables are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Capture {
+    /// One trigger call per statement, reading its transition tables.
+    Statement,
+    /// One trigger call per changed row.
+    Row,
 }
 
 /// `ferry CONFIG subscriber ...`.

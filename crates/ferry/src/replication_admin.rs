@@ -11,7 +11,7 @@ use ferry_replica::{
     compare, execute, provider, subscriber, switchover, RelName, ReplaySettings, ReplicaError,
 };
 
-use crate::cli::{PointArgs, ProviderCommand, Selection, SubscriberCommand};
+use crate::cli::{Capture, PointArgs, ProviderCommand, Selection, SubscriberCommand};
 use crate::Failure;
 
 /// The open connections a command needs.
@@ -745,8 +745,15 @@ pub fn provider(config: &Path, command: ProviderCommand) -> Result<(), Failure> 
             }
             Ok(())
         }
-        ProviderCommand::Add(ref selection) | ProviderCommand::AddSeq(ref selection) => {
+        ProviderCommand::Add { ref selection, .. } | ProviderCommand::AddSeq(ref selection) => {
             let sequences = matches!(command, ProviderCommand::AddSeq(_));
+            let capture = match command {
+                ProviderCommand::Add { capture, .. } => capture.map(|c| match c {
+                    Capture::Statement => provider::CaptureMode::Statement,
+                    Capture::Row => provider::CaptureMode::Row,
+                }),
+                _ => None,
+            };
             let Selection { all, names } = selection.clone();
             let results = with_sides(config, false, |s| async move {
                 provider::require_installed(s.provider.client()).await?;
@@ -763,17 +770,25 @@ pub fn provider(config: &Path, command: ProviderCommand) -> Result<(), Failure> 
                 };
                 let mut results = Vec::new();
                 for name in names {
-                    let result = if sequences {
-                        provider::add_seq(client, queue, &name).await
-                    } else {
-                        provider::add_table(client, queue, &name).await
+                    let result = match (sequences, capture) {
+                        (true, _) => provider::add_seq(client, queue, &name)
+                            .await
+                            .map(|(rel, new)| (rel, new, None)),
+                        (false, None) => provider::add_table(client, queue, &name)
+                            .await
+                            .map(|(rel, new)| (rel, new, None)),
+                        (false, Some(mode)) => provider::capture_table(client, queue, &name, mode)
+                            .await
+                            .map(|(rel, new, mode)| (rel, new, Some(mode))),
                     };
                     results.push((
                         name,
-                        result.map(|(rel, new)| {
+                        result.map(|(rel, new, mode)| {
                             format!(
-                                "{rel}: {}",
-                                if new { "added" } else { "registered already" }
+                                "{rel}: {}{}",
+                                if new { "added" } else { "registered already" },
+                                mode.map(|m| format!(", captured per {m}"))
+                                    .unwrap_or_default()
                             )
                         }),
                     ));

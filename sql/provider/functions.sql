@@ -842,10 +842,14 @@ $$;
 comment on function "ferry"."provider_uncovered_partitions"(text) is
     'ferry: partitions created after their root was added, whose TRUNCATE is not captured yet';
 
--- Registers a table with a queue and (re)creates its capture triggers. A partitioned table is
--- one unit (see above); a partition alone, what is not a table, and a table without a primary
--- key are refused. Returns 1 when newly added, 0 when it was
--- registered already (its triggers are recreated, so a changed primary key is picked up).
+-- Registers a table with a queue and (re)creates its capture triggers, all in the caller's
+-- transaction (the old triggers are replaced, never missing while a write could come). A
+-- partitioned table is one unit (see above); a partition alone, what is not a table, and a
+-- table without a primary key are refused. i_mode ('row', 'statement') says how a plain table
+-- is captured; null keeps the mode its triggers have (per statement for a table not captured
+-- yet); partition and inheritance trees are always captured per row, whatever is asked.
+-- Returns 1 when newly added, 0 when it was registered already (its triggers are recreated,
+-- so a changed primary key is picked up).
 create or replace function "ferry"."provider_capture_table"(i_queue_name text, i_table text, i_mode text)
 returns integer language plpgsql set search_path = pg_catalog, pg_temp as $$
 declare
@@ -913,6 +917,8 @@ end $$;
 comment on function "ferry"."provider_capture_table"(text, text, text) is
     'ferry: capture table i_table into queue i_queue_name (register it, create its capture function and triggers, in one transaction), per row or per statement as i_mode asks (null: as it is captured already, else per statement; partition and inheritance trees always per row); returns 1 if newly registered';
 
+-- provider_capture_table keeping the mode a table has: what `provider add` without --capture
+-- runs (and failover and switchover, on the node that takes over).
 create or replace function "ferry"."provider_add_table"(i_queue_name text, i_table text)
 returns integer language sql set search_path = pg_catalog, pg_temp as $$
     select "ferry"."provider_capture_table"(i_queue_name, i_table, null)

@@ -20,7 +20,7 @@ use crate::reduce::{Pushed, TableChanges};
 /// A table's inserts of one set of columns go in by `COPY` from this many rows on (and when
 /// none of the columns is an array or a composite, which only `json_populate_record` reads):
 /// the server's multi-row insert path, about twice as fast as an `INSERT` over text arrays
-/// for a thousand rows and more. Fewer go by the prepared `INSERT`, which costs no more there.
+/// for a thousand rows and more. Fewer go by the prepared `INSERT` (planned once per session).
 pub(crate) const COPY_IN_FROM_ROWS: usize = 200;
 
 impl Applier {

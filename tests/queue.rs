@@ -368,3 +368,35 @@ async fn the_ticker_wakes_listening_consumers_with_notify() {
         .get(0);
     assert!(holds_the_event, "tick {} of the wake-up", notice.tick_id);
 }
+
+/// `status` says when the ticker ticks each queue: at the first check with news by default,
+/// and after `config` sets PgQ's thresholds, how long news waits and for how many events; the
+/// json says it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_when_the_ticker_ticks() {
+    let setup = Setup::new("status_ticking").await;
+    setup.queue_with_consumers(QUEUE, &[]);
+    let config = setup.config();
+    let config = config.to_str().unwrap();
+    let status = ferry_ok(&[config, "status"]);
+    assert!(
+        status.contains("ticks at the first check that finds news, and every 60 s without"),
+        "{status}"
+    );
+    ferry_ok(&[config, "config", QUEUE, "ticker_max_lag=500 milliseconds"]);
+    ferry_ok(&[config, "config", QUEUE, "ticker_max_count=100"]);
+    ferry_ok(&[config, "config", QUEUE, "ticker_idle_period=2 minutes"]);
+    let status = ferry_ok(&[config, "status"]);
+    assert!(
+        status.contains(
+            "news waits for 100 events or until the last tick is 0.5 s old, and every 120 s without"
+        ),
+        "{status}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ferry_ok(&[config, "status", "--json"])).expect("json status");
+    let queue = &json["queues"][0];
+    assert_eq!(queue["ticker_max_lag_secs"], 0.5, "{json}");
+    assert_eq!(queue["ticker_max_count"], 100, "{json}");
+    assert_eq!(queue["ticker_idle_period_secs"], 120.0, "{json}");
+}

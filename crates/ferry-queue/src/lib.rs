@@ -123,6 +123,13 @@ pub struct QueueInfo {
     pub events_since_tick: Option<i64>,
     /// Registered consumers.
     pub consumers: i32,
+    /// Seconds after which a queue without news is ticked all the same.
+    pub ticker_idle_period_secs: f64,
+    /// With news, seconds the ticker waits for `ticker_max_count` events at most (0: it
+    /// ticks at the first check).
+    pub ticker_max_lag_secs: f64,
+    /// Events that make the ticker tick before `ticker_max_lag` (0: none).
+    pub ticker_max_count: i64,
 }
 
 /// State of a consumer, from `ferry.get_consumer_info()`.
@@ -488,11 +495,17 @@ impl<'t, 'c> BatchCursor<'t, 'c> {
 pub async fn queue_info(client: &impl GenericClient) -> Result<Vec<QueueInfo>, QueueError> {
     let rows = client
         .query(
-            r#"select queue_name, queue_ntables, queue_cur_table,
-                      extract(epoch from queue_rotation_period)::float8,
-                      extract(epoch from now() - queue_switch_time)::float8,
-                      last_tick_id, extract(epoch from ticker_lag)::float8, ev_new, consumers
-                 from "ferry"."get_queue_info"()"#,
+            r#"select i.queue_name, i.queue_ntables, i.queue_cur_table,
+                      extract(epoch from i.queue_rotation_period)::float8,
+                      extract(epoch from now() - i.queue_switch_time)::float8,
+                      i.last_tick_id, extract(epoch from i.ticker_lag)::float8, i.ev_new,
+                      i.consumers,
+                      extract(epoch from q."queue_ticker_idle_period")::float8,
+                      extract(epoch from q."queue_ticker_max_lag")::float8,
+                      q."queue_ticker_max_count"
+                 from "ferry"."get_queue_info"() i
+                 join "ferry"."queue" q on q."queue_name" = i.queue_name
+                order by i.queue_name"#,
             &[],
         )
         .await
@@ -509,6 +522,9 @@ pub async fn queue_info(client: &impl GenericClient) -> Result<Vec<QueueInfo>, Q
             ticker_lag_secs: r.get(6),
             events_since_tick: r.get(7),
             consumers: r.get(8),
+            ticker_idle_period_secs: r.get(9),
+            ticker_max_lag_secs: r.get(10),
+            ticker_max_count: r.get(11),
         })
         .collect())
 }

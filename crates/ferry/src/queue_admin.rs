@@ -79,7 +79,7 @@ pub fn status(config: &Path, json: bool) -> Result<(), Failure> {
     }
     for q in &queues {
         println!(
-            "queue {}: last tick {} ({} ago), {} events not yet ticked, event table {} of {}, rotated {} ago (period {}), {} consumer(s)",
+            "queue {}: last tick {} ({} ago), {} events not yet ticked, event table {} of {}, rotated {} ago (period {}), {} consumer(s); {}",
             q.name,
             q.last_tick_id.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
             q.ticker_lag_secs.map(human_secs).unwrap_or_else(|| "-".into()),
@@ -88,7 +88,8 @@ pub fn status(config: &Path, json: bool) -> Result<(), Failure> {
             q.ntables,
             human_secs(q.since_rotation_secs),
             human_secs(q.rotation_period_secs),
-            q.consumers
+            q.consumers,
+            ticking(q)
         );
         for c in consumers.iter().filter(|c| c.queue == q.name) {
             println!(
@@ -104,6 +105,26 @@ pub fn status(config: &Path, json: bool) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// When the ticker ticks `q`: its thresholds and idle period, in words.
+fn ticking(q: &QueueInfo) -> String {
+    let news = match (q.ticker_max_lag_secs > 0.0, q.ticker_max_count > 0) {
+        (false, _) => "ticks at the first check that finds news".to_string(),
+        (true, false) => format!(
+            "news waits until the last tick is {} old",
+            human_secs(q.ticker_max_lag_secs)
+        ),
+        (true, true) => format!(
+            "news waits for {} events or until the last tick is {} old",
+            q.ticker_max_count,
+            human_secs(q.ticker_max_lag_secs)
+        ),
+    };
+    format!(
+        "{news}, and every {} without",
+        human_secs(q.ticker_idle_period_secs)
+    )
 }
 
 fn human_secs(secs: f64) -> String {

@@ -85,6 +85,11 @@ async fn switchover_and_back_under_load() {
     provider.batch_execute(SEED_DATA).await.unwrap();
     pair.install_and_start_ticker();
     pair.add_everything();
+    // a table captured per row stays so on the node that captures next
+    run(
+        &londiste,
+        &["provider", "add", "--capture", "row", "table1"],
+    );
     let config = londiste.to_str().unwrap();
     // a second subscriber, which moves along with every switchover
     let (second, londiste2) = second_subscriber(&pair, "switchover_s2", SCHEMA).await;
@@ -192,6 +197,17 @@ async fn switchover_and_back_under_load() {
     }
     let status = run(&londiste2, &["status"]);
     assert!(status.contains("provider moved to"), "{status}");
+    for (table, mode) in [("table1", "row"), ("table2", "statement")] {
+        let installed: String = subscriber
+            .query_one(
+                "select ferry.installed_capture_mode('test-queue', $1::text::regclass)",
+                &[&table],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(installed, mode, "{table} on the new provider");
+    }
 
     // and back, under the same load
     let report: serde_json::Value =

@@ -271,6 +271,32 @@ pub async fn capture_table(
     Ok((name, added == 1, installed))
 }
 
+/// How each of `tables` is captured into `queue` here (tables without capture left out): what
+/// a switchover carries over to the node that captures next.
+pub async fn capture_modes(
+    client: &impl GenericClient,
+    queue: &str,
+    tables: &[RelName],
+) -> Result<Vec<(RelName, CaptureMode)>, ReplicaError> {
+    let mut modes = Vec::with_capacity(tables.len());
+    for table in tables {
+        let mode: Option<String> = client
+            .query_one(
+                r#"select "ferry"."installed_capture_mode"($1, to_regclass($2))"#,
+                &[&queue, &table.quoted()],
+            )
+            .await
+            .with_context(|| format!("reading how {table} is captured"))?
+            .get(0);
+        match mode.as_deref() {
+            Some("row") => modes.push((table.clone(), CaptureMode::Row)),
+            Some("statement") => modes.push((table.clone(), CaptureMode::Statement)),
+            _ => {}
+        }
+    }
+    Ok(modes)
+}
+
 /// The error of adding `what` ("table public.t") to `queue`: that it does not exist, said
 /// with the name as ferry prints names everywhere, or the database's error.
 fn adding_error(error: tokio_postgres::Error, what: &str, queue: &str) -> ReplicaError {

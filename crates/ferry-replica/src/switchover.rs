@@ -166,7 +166,9 @@ impl Switchover {
         )
         .await?;
 
-        // 2. catalogs, and most of the catching up before the downtime
+        // 2. catalogs, and most of the catching up before the downtime; how each table is
+        // captured here, to capture it the same way there
+        let modes = crate::provider::capture_modes(provider.client(), queue, &names).await?;
         crate::provider::install(subscriber.client_mut(), queue).await?;
         ferry_queue::install_component(provider.client_mut(), &crate::subscriber::SUBSCRIBER)
             .await?;
@@ -225,7 +227,14 @@ impl Switchover {
                 .await
                 .context("starting capture on the new provider")?;
             for table in &names {
-                crate::provider::add_table(&stx, queue, &table.quoted()).await?;
+                match modes.iter().find(|(t, _)| t == table) {
+                    Some((_, mode)) => {
+                        crate::provider::capture_table(&stx, queue, &table.quoted(), *mode).await?;
+                    }
+                    None => {
+                        crate::provider::add_table(&stx, queue, &table.quoted()).await?;
+                    }
+                }
             }
             for seq in &seqs {
                 crate::provider::add_seq(&stx, queue, &seq.quoted()).await?;

@@ -593,6 +593,58 @@ async fn a_copy_builds_indexes_after_its_rows_and_restores_them_exactly() {
     );
 }
 
+/// A copy whose index drops fail (here an event trigger on the subscriber, enabled always so
+/// that it fires in replay's replica mode, refuses DROP INDEX) undoes the drops it made and
+/// copies with every index kept, saying so, instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_keeps_its_indexes_when_it_cannot_drop_them() {
+    let schema = "create table big (id int primary key, v int);
+                  insert into big select i, i % 100 from generate_series(1, 20000) i;
+                  analyze big;";
+    let subscriber_schema = "create table big (id int primary key, v int);
+         create index big_v on big (v);
+         create function refuse_drops() returns event_trigger language plpgsql as
+           $$ begin raise exception 'no index drops here'; end $$;
+         create event trigger no_index_drops on ddl_command_start
+           when tag in ('DROP INDEX') execute function refuse_drops();
+         alter event trigger no_index_drops enable always;";
+    let pair = Pair::new("copykeeps", schema, Some(subscriber_schema)).await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    pair.install_and_start_ticker();
+    run(&londiste, &["provider", "add", "big"]);
+    run(&londiste, &["subscriber", "add", "big"]);
+    let subscriber = ferry_testkit::connect(&pair.subscriber.conninfo).await;
+    let before = index_inventory(&subscriber, "big").await;
+    run(&londiste, &["replay", "-d"]);
+    wait_table_state(
+        &londiste,
+        "public.big",
+        "ok",
+        Duration::from_secs(60),
+        || pair.replay_log(),
+    );
+    wait_identical(
+        &pair.provider.conninfo,
+        &pair.subscriber.conninfo,
+        &["big"],
+        Duration::from_secs(30),
+        || pair.replay_log(),
+    )
+    .await;
+    // the primary key, dropped before big_v refused, came back with the savepoint: same oid
+    assert_eq!(index_inventory(&subscriber, "big").await, before);
+    assert!(
+        pair.replay_log()
+            .contains("indexes kept during the copy: one could not be dropped"),
+        "{}",
+        pair.replay_log()
+    );
+}
+
 /// A change to a replicated table whose queue is gone fails the write, saying why, instead of
 /// going uncaptured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

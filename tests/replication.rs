@@ -952,7 +952,8 @@ async fn partitioned_tables_replicate_as_one_unit() {
         );
     }
     run(&londiste, &["subscriber", "add", "--all"]);
-    run(&londiste, &["replay", "-d"]);
+    // -v: the debug log says which inserts went in by COPY
+    run(&londiste, &["replay", "-d", "-v"]);
     wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
     let identical = || {
         wait_identical(
@@ -972,11 +973,19 @@ async fn partitioned_tables_replicate_as_one_unit() {
             "update payments set paid = paid + 365 where id % 5 = 0 and paid < '2024-12-01';
              update payments set amount = amount + 1 where id % 7 = 0;
              delete from payments where id % 11 = 0;
-             insert into payments select i, date '2025-06-01', 1 from generate_series(3001, 3100) i;",
+             insert into payments select i, date '2025-06-01', 1 from generate_series(3001, 3300) i;",
         )
         .await
         .unwrap();
     identical().await;
+    // the rows inserted into the root (and those moving partitions) went in by COPY, routed
+    assert!(
+        pair.replay_log()
+            .lines()
+            .any(|l| l.contains("inserts copied in") && l.contains("table=public.payments")),
+        "{}",
+        pair.replay_log()
+    );
 
     // a partition created after `add`: its rows replicate without a command
     provider

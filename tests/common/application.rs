@@ -1,6 +1,7 @@
 //! A real application (`tests/sql/rental.sql`, modelled on the pagila sample: foreign keys
 //! with ON UPDATE CASCADE everywhere, BEFORE UPDATE triggers keeping `last_update`, a tsvector
-//! kept by a trigger, an enum, a domain, arrays, jsonb, a partitioned table) replicated under a
+//! kept by a trigger, an enum, a domain, arrays, jsonb, a partitioned table, and a reviews
+//! table big enough that its copy builds its indexes after its rows) replicated under a
 //! write load from before `add` until after every table is `ok`: key updates on cascading
 //! parents, rows moving between partitions, a partition truncated alone, deletes cascading to
 //! children. Both sides end identical, nothing stuck, nothing refused. Used by
@@ -32,6 +33,7 @@ pub const TABLES: &[&str] = &[
     "inventory",
     "rental",
     "payment",
+    "film_review",
 ];
 
 /// One transaction of the application, picked at random; `true` when it committed.
@@ -228,5 +230,13 @@ pub async fn replicate_under_load(pair: &Pair, subscriber_schema: SubscriberSche
     assert!(
         !log.contains("again in event order"),
         "no batch failed set-wise:\n{log}"
+    );
+    // the reviews' primary key, unique key and index were built after their rows
+    assert!(
+        log.lines()
+            .any(|l| l.contains("indexes built after the copy")
+                && l.contains("table=public.film_review")
+                && l.contains("indexes=3")),
+        "film_review's indexes were maintained row by row:\n{log}"
     );
 }

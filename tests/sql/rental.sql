@@ -82,6 +82,19 @@ create table payment (
     payment_date timestamptz not null,
     primary key (payment_date, payment_id)
 ) partition by range (payment_date);
+-- not in pagila: reviews, big enough (12 000 rows, referenced by no other table) that replay's
+-- copy builds its indexes after its rows; a unique key besides the primary key
+create table film_review (
+    review_id serial primary key,
+    film_id integer not null references film on update cascade on delete cascade,
+    customer_id integer not null references customer on update cascade on delete cascade,
+    stars smallint not null check (stars between 1 and 5),
+    body text,
+    last_update timestamptz not null default now(),
+    unique (film_id, customer_id)
+);
+create index film_review_customer on film_review (customer_id);
+
 create table payment_2024 partition of payment for values from ('2024-01-01') to ('2025-01-01');
 create table payment_2025 partition of payment for values from ('2025-01-01') to ('2026-01-01');
 create table payment_2026 partition of payment for values from ('2026-01-01') to ('2027-01-01');
@@ -95,6 +108,7 @@ create trigger last_updated before update on film_category for each row execute 
 create trigger last_updated before update on customer for each row execute function last_updated();
 create trigger last_updated before update on inventory for each row execute function last_updated();
 create trigger last_updated before update on rental for each row execute function last_updated();
+create trigger last_updated before update on film_review for each row execute function last_updated();
 create trigger film_fulltext before insert or update on film for each row execute function
     tsvector_update_trigger(fulltext, 'pg_catalog.english', title, description);
 
@@ -121,3 +135,6 @@ select timestamptz '2024-01-01' + i * interval '1 hour', 1 + i % 4500, 1 + i % 6
 insert into payment (customer_id, rental_id, amount, payment_date)
 select 1 + i % 600, i, (i % 1000) / 100.0, timestamptz '2024-01-01' + i * interval '1 hour'
   from generate_series(1, 16000) i;
+insert into film_review (film_id, customer_id, stars, body)
+select 1 + i % 1000, 1 + i / 1000, 1 + i % 5, 'review ' || md5(i::text)
+  from generate_series(0, 11999) i;

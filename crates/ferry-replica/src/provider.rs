@@ -260,15 +260,26 @@ pub async fn capture_table(
         .map_err(|e| adding_error(e, &format!("table {name}"), queue))?
         .get(0);
     // a statement of its own: the one above saw the catalog as it was before its triggers
-    let installed: String = client
+    let installed = installed_mode(client, queue, &name)
+        .await?
+        .unwrap_or_default();
+    Ok((name, added == 1, installed))
+}
+
+/// How `table` is captured into `queue` here (`row`, `statement`; `None`: not captured).
+async fn installed_mode(
+    client: &impl GenericClient,
+    queue: &str,
+    table: &RelName,
+) -> Result<Option<String>, ReplicaError> {
+    Ok(client
         .query_one(
             r#"select "ferry"."installed_capture_mode"($1, to_regclass($2))"#,
-            &[&queue, &name.quoted()],
+            &[&queue, &table.quoted()],
         )
         .await
-        .with_context(|| format!("reading how {name} is captured"))?
-        .get(0);
-    Ok((name, added == 1, installed))
+        .with_context(|| format!("reading how {table} is captured"))?
+        .get(0))
 }
 
 /// How each of `tables` is captured into `queue` here (tables without capture left out): what
@@ -280,15 +291,7 @@ pub async fn capture_modes(
 ) -> Result<Vec<(RelName, CaptureMode)>, ReplicaError> {
     let mut modes = Vec::with_capacity(tables.len());
     for table in tables {
-        let mode: Option<String> = client
-            .query_one(
-                r#"select "ferry"."installed_capture_mode"($1, to_regclass($2))"#,
-                &[&queue, &table.quoted()],
-            )
-            .await
-            .with_context(|| format!("reading how {table} is captured"))?
-            .get(0);
-        match mode.as_deref() {
+        match installed_mode(client, queue, table).await?.as_deref() {
             Some("row") => modes.push((table.clone(), CaptureMode::Row)),
             Some("statement") => modes.push((table.clone(), CaptureMode::Statement)),
             _ => {}

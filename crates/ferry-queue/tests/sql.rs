@@ -651,6 +651,98 @@ async fn small_batch_events_reads_whole_batches_within_the_limit_only() {
     );
 }
 
+/// A consumer's open batch is read by its name, in the transaction that handed it out: whole
+/// when its ticks are at most the limit apart and it holds no more (the same events as
+/// get_batch_events), empty without an open batch or when its ticks say it is big (never
+/// scanned then), None when it holds more than its ticks said.
+#[tokio::test]
+async fn consumer_small_batch_events_reads_the_batch_just_handed_out() {
+    let (client, conninfo) = installed_db("consumer_small_batch").await;
+    ferry_queue::create_queue(&client, "q").await.unwrap();
+    ferry_queue::register_consumer(&client, "q", "c")
+        .await
+        .unwrap();
+    let read = |max: i64| {
+        let client = &client;
+        async move {
+            ferry_queue::consumer_small_batch_events(client, "q", "c", max)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(read(10).await, Some(vec![]), "no open batch: nothing");
+    for i in 0..5 {
+        ferry_queue::insert_event(&client, "q", "t", &format!("a{i}"))
+            .await
+            .unwrap();
+    }
+    ferry_queue::tick(&client, "q").await.unwrap();
+    // asked in one transaction with the question, as replay does
+    client.batch_execute("begin").await.unwrap();
+    let (batch, events) = tokio::join!(
+        ferry_queue::next_batch(&client, "q", "c", None),
+        ferry_queue::consumer_small_batch_events(&client, "q", "c", 5)
+    );
+    client.batch_execute("commit").await.unwrap();
+    let batch = batch.unwrap().unwrap();
+    let events = events.unwrap().expect("5 events fit a limit of 5");
+    assert_eq!(payloads(&events), ["a0", "a1", "a2", "a3", "a4"]);
+    assert_eq!(
+        events,
+        ferry_queue::get_batch_events(&client, batch.id)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        read(4).await,
+        Some(vec![]),
+        "ticks 5 events apart: not read"
+    );
+    ferry_queue::finish_batch(&client, batch.id).await.unwrap();
+
+    // a tick without news: an empty batch reads empty
+    ferry_queue::tick(&client, "q").await.unwrap();
+    let batch = ferry_queue::next_batch(&client, "q", "c", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read(10).await, Some(vec![]));
+    ferry_queue::finish_batch(&client, batch.id).await.unwrap();
+
+    // 50 events of a transaction open across a tick, then one more: the second batch's ticks
+    // are one event apart, and it holds 51
+    let mut writer = ferry_testkit::connect(&conninfo).await;
+    let tx = writer.transaction().await.unwrap();
+    for i in 0..50 {
+        ferry_queue::insert_event(&tx, "q", "t", &format!("long{i}"))
+            .await
+            .unwrap();
+    }
+    ferry_queue::tick(&client, "q").await.unwrap();
+    tx.commit().await.unwrap();
+    ferry_queue::insert_event(&client, "q", "t", "after")
+        .await
+        .unwrap();
+    ferry_queue::tick(&client, "q").await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(batch) = ferry_queue::next_batch(&client, "q", "c", None)
+        .await
+        .unwrap()
+    {
+        let span = batch.cur_tick.event_seq - batch.prev_tick.event_seq;
+        let whole = ferry_queue::get_batch_events(&client, batch.id)
+            .await
+            .unwrap();
+        assert_eq!(read(1000).await.as_ref(), Some(&whole));
+        seen.push((span, read(10).await.map(|e| e.len())));
+        ferry_queue::finish_batch(&client, batch.id).await.unwrap();
+    }
+    assert!(
+        seen.contains(&(1, None)),
+        "the batch of the long transaction looked small by its ticks and was too big: {seen:?}"
+    );
+}
+
 /// The ticker's idle check for late writers (transactions at or past the last tick's xmax)
 /// finds their events through the ev_txid index, whatever the planner believes of the event
 /// tables: a session that checked an empty queue, then saw a table fill before autovacuum

@@ -536,63 +536,25 @@ end $$;
 comment on function "ferry"."get_batch_events"(bigint) is
     'ferry: every event of the batch, in ev_id order';
 
--- At most i_limit events of queue i_queue_id that consumer i_sub_id gets between two ticks
--- with snapshots i_prev_snap and i_cur_snap (its batch), the first in ev_id order: the events
--- of transactions the later tick sees committed and the earlier did not. Guarantee: the same
--- events, in the same order, as batch_event_sql. Unlike that query, built for each batch and
--- planned at each call (a fifth of a millisecond, fifty times a second), this one is static
--- and planned once per session: a generic plan (left to itself the plan cache judged every
--- custom plan cheaper than the generic one and planned at every call), reading by the
--- ev_txid index (enable_seqscan off), so a plan made while the event tables looked empty
--- never reads a full table for a small batch. The read stops at the limit (the sort keeps
--- only that many rows).
-create or replace function "ferry"."events_between_ticks"(i_queue_id integer, i_sub_id integer,
-                                                          i_prev_snap txid_snapshot,
-                                                          i_cur_snap txid_snapshot, i_limit bigint)
+-- At most i_limit events of a batch, the first in ev_id order: all of them when it holds no
+-- more (ask for one more than you want, to know). The read stops at the limit (the sort
+-- keeps only that many rows), so asking about a big batch costs a scan, not a copy of it.
+-- Replay reads a small batch this way in one round trip, outside a transaction: one
+-- statement sees the whole batch, whose transactions all committed before its tick.
+-- Guarantee: the same events as batch_event_sql(i_batch_id), in the same order. Unlike that
+-- query, built for each batch and planned at each call (a fifth of a millisecond, fifty
+-- times a second), this one is static and planned once per session: a generic plan (left
+-- to itself the plan cache judged every custom plan cheaper than the generic one and planned
+-- at every call), reading by the ev_txid index (enable_seqscan off), so a plan made while
+-- the event tables looked empty never reads a full table for a small batch.
+create or replace function "ferry"."batch_events_upto"(i_batch_id bigint, i_limit bigint)
 returns setof "ferry"."batch_event" language plpgsql
 set enable_seqscan = off
 set plan_cache_mode = force_generic_plan
 as $$
 declare
-    v_xip bigint[];
-begin
-    -- transactions running at the earlier tick that the later one sees committed
-    select array_agg(x) into v_xip
-      from pg_catalog.txid_snapshot_xip(i_prev_snap) as x
-     where pg_catalog.txid_visible_in_snapshot(x, i_cur_snap);
-    return query
-        select e."ev_id", e."ev_time", e."ev_txid", e."ev_retry", e."ev_type", e."ev_data",
-               e."ev_extra1", e."ev_extra2", e."ev_extra3", e."ev_extra4"
-          from "ferry"."event" e
-         where e."ev_queue" = i_queue_id
-           and (e."ev_owner" is null or e."ev_owner" = i_sub_id)
-           and e."ev_txid" >= pg_catalog.txid_snapshot_xmax(i_prev_snap)
-           and e."ev_txid" < pg_catalog.txid_snapshot_xmax(i_cur_snap)
-           and pg_catalog.txid_visible_in_snapshot(e."ev_txid", i_cur_snap)
-        union all
-        select e."ev_id", e."ev_time", e."ev_txid", e."ev_retry", e."ev_type", e."ev_data",
-               e."ev_extra1", e."ev_extra2", e."ev_extra3", e."ev_extra4"
-          from "ferry"."event" e
-         where v_xip is not null
-           and e."ev_queue" = i_queue_id
-           and (e."ev_owner" is null or e."ev_owner" = i_sub_id)
-           and e."ev_txid" = any (v_xip)
-         order by 1
-         limit i_limit;
-end $$;
-comment on function "ferry"."events_between_ticks"(integer, integer, txid_snapshot, txid_snapshot, bigint) is
-    'ferry: at most i_limit of a consumer''s events between two tick snapshots, in ev_id order';
-
--- At most i_limit events of a batch, the first in ev_id order: all of them when it holds no
--- more (ask for one more than you want, to know). The read stops at the limit (the sort
--- keeps only that many rows), so asking about a big batch costs a scan, not a copy of it.
--- One statement sees the whole batch, whose transactions all committed before its tick.
--- Guarantee: the same events as batch_event_sql(i_batch_id), in the same order (by
--- events_between_ticks, which says how it is planned).
-create or replace function "ferry"."batch_events_upto"(i_batch_id bigint, i_limit bigint)
-returns setof "ferry"."batch_event" language plpgsql as $$
-declare
     v_batch record;
+    v_xip   bigint[];
 begin
     select s."sub_id", s."sub_queue", p."tick_snapshot" as prev_snap, c."tick_snapshot" as cur_snap
       into v_batch
@@ -604,45 +566,32 @@ begin
         raise exception 'ferry: batch % is not open (finished already, or never handed out)', i_batch_id
             using errcode = 'undefined_object';
     end if;
-    return query select * from "ferry"."events_between_ticks"(v_batch."sub_queue", v_batch."sub_id",
-                                                              v_batch.prev_snap, v_batch.cur_snap, i_limit);
+    -- transactions running at the earlier tick that the later one sees committed
+    select array_agg(x) into v_xip
+      from pg_catalog.txid_snapshot_xip(v_batch.prev_snap) as x
+     where pg_catalog.txid_visible_in_snapshot(x, v_batch.cur_snap);
+    return query
+        select e."ev_id", e."ev_time", e."ev_txid", e."ev_retry", e."ev_type", e."ev_data",
+               e."ev_extra1", e."ev_extra2", e."ev_extra3", e."ev_extra4"
+          from "ferry"."event" e
+         where e."ev_queue" = v_batch."sub_queue"
+           and (e."ev_owner" is null or e."ev_owner" = v_batch."sub_id")
+           and e."ev_txid" >= pg_catalog.txid_snapshot_xmax(v_batch.prev_snap)
+           and e."ev_txid" < pg_catalog.txid_snapshot_xmax(v_batch.cur_snap)
+           and pg_catalog.txid_visible_in_snapshot(e."ev_txid", v_batch.cur_snap)
+        union all
+        select e."ev_id", e."ev_time", e."ev_txid", e."ev_retry", e."ev_type", e."ev_data",
+               e."ev_extra1", e."ev_extra2", e."ev_extra3", e."ev_extra4"
+          from "ferry"."event" e
+         where v_xip is not null
+           and e."ev_queue" = v_batch."sub_queue"
+           and (e."ev_owner" is null or e."ev_owner" = v_batch."sub_id")
+           and e."ev_txid" = any (v_xip)
+         order by 1
+         limit i_limit;
 end $$;
 comment on function "ferry"."batch_events_upto"(bigint, bigint) is
     'ferry: at most i_limit events of the batch, the first in ev_id order';
-
--- The events of consumer i_consumer_name's open batch on queue i_queue_name, if the batch is
--- small: nothing when the consumer has no open batch or its two ticks' event sequences are
--- more than i_max_events apart; else at most i_max_events + 1 of its events, the first in
--- ev_id order (more than i_max_events: transactions that were running at the earlier tick
--- added more, and the batch is read through a cursor instead). Exists so that a consumer
--- keeping up asks for its next batch and reads it in one round trip: sent in the same
--- transaction right after next_batch_info, it reads the batch that call handed out (by
--- batch_events_upto's rule: the same events in the same order), and it never scans a big
--- batch.
-create or replace function "ferry"."consumer_small_batch_events"(i_queue_name text,
-                                                                 i_consumer_name text,
-                                                                 i_max_events bigint)
-returns setof "ferry"."batch_event" language plpgsql as $$
-declare
-    v_batch record;
-begin
-    select s."sub_id", s."sub_queue", p."tick_snapshot" as prev_snap, c."tick_snapshot" as cur_snap,
-           c."tick_event_seq" - p."tick_event_seq" as seq_span
-      into v_batch
-      from "ferry"."subscription" s
-      join "ferry"."queue" q on q."queue_id" = s."sub_queue"
-      join "ferry"."tick" p on p."tick_queue" = s."sub_queue" and p."tick_id" = s."sub_last_tick"
-      join "ferry"."tick" c on c."tick_queue" = s."sub_queue" and c."tick_id" = s."sub_next_tick"
-     where q."queue_name" = i_queue_name and s."sub_consumer" = i_consumer_name;
-    if not found or v_batch.seq_span > i_max_events then
-        return;
-    end if;
-    return query select * from "ferry"."events_between_ticks"(v_batch."sub_queue", v_batch."sub_id",
-                                                              v_batch.prev_snap, v_batch.cur_snap,
-                                                              i_max_events + 1);
-end $$;
-comment on function "ferry"."consumer_small_batch_events"(text, text, bigint) is
-    'ferry: a consumer''s open batch''s events if its ticks are at most i_max_events apart';
 
 -- Open a cursor named i_cursor_name over the batch's events (FETCH n FROM it, in the same
 -- transaction), so a batch of millions of events never has to fit in memory.

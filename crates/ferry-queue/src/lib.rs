@@ -411,39 +411,6 @@ pub async fn small_batch_events(
     Ok(Some(rows.iter().map(Event::from_row).collect()))
 }
 
-/// Every event of `consumer`'s open batch on `queue` when the batch is small, in ev_id order
-/// (as [`BatchCursor`] reads them). Empty when the consumer has no open batch or its ticks'
-/// event sequences are more than `max_events` apart: the caller, who knows the batch from
-/// [`next_batch`], tells those from an empty batch. `None` when the batch holds more than
-/// `max_events` events after all (read it with a [`BatchCursor`] then). Sent in the
-/// transaction that asked for the batch, right after that question and without waiting for
-/// its answer, it reads the batch that question opened: a batch and its events in one round
-/// trip.
-pub async fn consumer_small_batch_events(
-    client: &impl GenericClient,
-    queue: &str,
-    consumer: &str,
-    max_events: i64,
-) -> Result<Option<Vec<Event>>, QueueError> {
-    let rows = client
-        .query_typed(
-            r#"select * from "ferry"."consumer_small_batch_events"($1, $2, $3)"#,
-            &[
-                (&queue, Type::TEXT),
-                (&consumer, Type::TEXT),
-                (&max_events, Type::INT8),
-            ],
-        )
-        .await
-        .with_context(|| {
-            format!("reading the open batch of consumer \"{consumer}\" on queue \"{queue}\"")
-        })?;
-    if rows.len() as i64 > max_events {
-        return Ok(None);
-    }
-    Ok(Some(rows.iter().map(Event::from_row).collect()))
-}
-
 /// Pages through a batch's events inside a transaction, holding at most one page in memory.
 /// A big batch is read part after part (see `ferry.batch_parts`), each in id order: the first
 /// events come without waiting for the whole batch to be sorted, and the order is as faithful

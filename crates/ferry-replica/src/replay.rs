@@ -696,7 +696,7 @@ async fn work(
         if copies.any_running() && reap_copies(copies, counts).await? {
             start_copies(link, copies, settings, &target, counts).await?;
         }
-        let Some(fetched) = next.take() else {
+        let Some(batch) = next.take() else {
             return Ok(Round::Idle);
         };
         let started = Instant::now();
@@ -705,10 +705,9 @@ async fn work(
                 link.provider.client_mut(),
                 link.subscriber.client_mut(),
                 queue,
-                &fetched,
+                &batch,
             )
             .await?;
-        let batch = &fetched.batch;
         match outcome {
             BatchOutcome::Applied {
                 applied,

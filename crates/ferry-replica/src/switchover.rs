@@ -595,9 +595,10 @@ async fn catch_up(
 ) -> Result<(), ReplicaError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let fetched =
-            apply::next_batch(provider.client(), queue, consumer, MAX_BATCH_EVENTS).await?;
-        let Some(fetched) = fetched else {
+        let batch =
+            ferry_queue::next_batch(provider.client(), queue, consumer, Some(MAX_BATCH_EVENTS))
+                .await?;
+        let Some(batch) = batch else {
             let position = store::position(subscriber.client(), queue).await?;
             if until.is_none_or(|tick| position.is_some_and(|p| p >= tick)) {
                 return Ok(());
@@ -616,11 +617,11 @@ async fn catch_up(
             continue;
         };
         match applier
-            .apply_batch(provider.client_mut(), subscriber.client_mut(), queue, &fetched)
+            .apply_batch(provider.client_mut(), subscriber.client_mut(), queue, &batch)
             .await?
         {
             BatchOutcome::Applied { .. } | BatchOutcome::AlreadyApplied => {
-                apply::finish(provider.client(), fetched.batch.id).await?
+                apply::finish(provider.client(), batch.id).await?
             }
             BatchOutcome::Paused => {
                 return Err(refused("replay is paused here: `ferry CONFIG resume` first"))
@@ -628,7 +629,7 @@ async fn catch_up(
             BatchOutcome::OutOfStep { recorded } => {
                 return Err(ReplicaError::needs_setup(format!(
                     "the subscriber is at tick {recorded}, which batch {} does not start from: run replay once to reconcile, then switch over",
-                    fetched.batch.id
+                    batch.id
                 )))
             }
         }

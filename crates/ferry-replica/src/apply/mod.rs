@@ -124,25 +124,9 @@ impl Stash {
     }
 }
 
-/// Most events a batch may hold (judged by the event sequence, and checked) to be read with
-/// the question that hands it out; bigger ones are read through a cursor, in chunks.
+/// Most events a batch may hold (judged by the event sequence, and checked) to be read in one
+/// statement outside a transaction; bigger ones are read through a cursor, in chunks.
 const SMALL_BATCH_EVENTS: i64 = 200;
-
-/// A batch handed out by the provider and, when small, what applying it needs from the
-/// provider besides: read in the round trip that handed it out.
-pub struct FetchedBatch {
-    /// The batch.
-    pub batch: Batch,
-    /// Its events and the provider's sequence values, when the batch held at most
-    /// [`SMALL_BATCH_EVENTS`]; `None`: read it through a cursor.
-    small: Option<SmallBatch>,
-}
-
-/// A small batch's events, and the provider's sequences as they were when it was handed out.
-struct SmallBatch {
-    events: Vec<Event>,
-    seq_values: Vec<provider::SeqValue>,
-}
 
 /// Finishes batch `batch_id` on the provider without waiting for the provider's WAL flush.
 /// Safe because the subscriber's position, committed before, is what makes replay exactly
@@ -158,7 +142,7 @@ pub async fn finish(provider: &Client, batch_id: i64) -> Result<(), ReplicaError
         .with_context(|| format!("finishing batch {batch_id}"))
 }
 
-/// Finishes batch `batch_id` (as [`finish`]) and hands out `consumer`'s next batch (as
+/// Finishes batch `batch_id` (as [`finish`]) and asks for `consumer`'s next batch (as
 /// [`next_batch`]), in one provider transaction without a flush and in one round trip: the
 /// statements are sent together and the provider runs them in order, so the next batch starts
 /// where this one ended.
@@ -168,68 +152,41 @@ pub async fn finish_and_next(
     queue: &str,
     consumer: &str,
     max_events: i64,
-) -> Result<Option<FetchedBatch>, ReplicaError> {
+) -> Result<Option<Batch>, ReplicaError> {
     let finish = format!(
         r#"begin; set local synchronous_commit = off; select "ferry"."finish_batch"({batch_id});"#
     );
-    let (finished, next) = tokio::join!(
+    let (finished, next, committed) = tokio::join!(
         provider.batch_execute(&finish),
-        hand_out(provider, queue, consumer, max_events)
+        ferry_queue::next_batch(provider, queue, consumer, Some(max_events)),
+        provider.batch_execute("commit")
     );
     finished.with_context(|| format!("finishing batch {batch_id}"))?;
-    next
+    let next = next?;
+    committed.with_context(|| format!("finishing batch {batch_id}"))?;
+    Ok(next)
 }
 
-/// `consumer`'s open batch or its next one (as [`ferry_queue::next_batch`]) and, when it is
-/// small, its events and the provider's sequences: all in one round trip, in a provider
-/// transaction that does not wait for its flush. Safe for replay for the reason [`finish`]
-/// is: if a provider crash loses the batch's opening, the queue hands out a batch from the
-/// consumer's last finished tick again (perhaps spanning more ticks), and the subscriber's
-/// position says what of it is applied already.
+/// `consumer`'s open batch or its next one (as [`ferry_queue::next_batch`]), handed out in a
+/// provider transaction that does not wait for its flush, in one round trip. Safe for replay
+/// for the reason [`finish`] is: if a provider crash loses the batch's opening, the queue hands
+/// out a batch from the consumer's last finished tick again (perhaps spanning more ticks), and
+/// the subscriber's position says what of it is applied already.
 pub async fn next_batch(
     provider: &Client,
     queue: &str,
     consumer: &str,
     max_events: i64,
-) -> Result<Option<FetchedBatch>, ReplicaError> {
-    let (began, next) = tokio::join!(
+) -> Result<Option<Batch>, ReplicaError> {
+    let (began, next, committed) = tokio::join!(
         provider.batch_execute("begin; set local synchronous_commit = off"),
-        hand_out(provider, queue, consumer, max_events)
-    );
-    began.context("asking for the next batch")?;
-    next
-}
-
-/// The statements of [`next_batch`] after the provider transaction's start, sent together:
-/// the question, the events of the batch it opens (a small one's: the provider checks), the
-/// sequences, and the commit.
-async fn hand_out(
-    provider: &Client,
-    queue: &str,
-    consumer: &str,
-    max_events: i64,
-) -> Result<Option<FetchedBatch>, ReplicaError> {
-    let (next, events, seq_values, committed) = tokio::join!(
         ferry_queue::next_batch(provider, queue, consumer, Some(max_events)),
-        ferry_queue::consumer_small_batch_events(provider, queue, consumer, SMALL_BATCH_EVENTS),
-        provider::seq_values(provider, queue),
         provider.batch_execute("commit")
     );
-    let Some(batch) = next? else {
-        committed.context("asking for the next batch")?;
-        return Ok(None);
-    };
-    let events = events?;
-    let seq_values = seq_values?;
+    began.context("asking for the next batch")?;
+    let next = next?;
     committed.context("asking for the next batch")?;
-    let small = batch.cur_tick.event_seq - batch.prev_tick.event_seq <= SMALL_BATCH_EVENTS;
-    Ok(Some(FetchedBatch {
-        small: match events {
-            Some(events) if small => Some(SmallBatch { events, seq_values }),
-            _ => None,
-        },
-        batch,
-    }))
+    Ok(next)
 }
 
 /// Applies batches; keeps prepared statements and table shapes between them. Call
@@ -256,16 +213,15 @@ impl Applier {
         provider: &mut Client,
         subscriber: &mut Client,
         queue: &str,
-        fetched: &FetchedBatch,
+        batch: &Batch,
     ) -> Result<BatchOutcome, ReplicaError> {
-        let batch = &fetched.batch;
         if self.event_order_batch == Some(batch.id) {
             return self
-                .apply_batch_in(provider, subscriber, queue, fetched, Mode::EventOrder)
+                .apply_batch_in(provider, subscriber, queue, batch, Mode::EventOrder)
                 .await;
         }
         match self
-            .apply_batch_in(provider, subscriber, queue, fetched, Mode::SetWise)
+            .apply_batch_in(provider, subscriber, queue, batch, Mode::SetWise)
             .await
         {
             Err(error)
@@ -284,7 +240,7 @@ impl Applier {
                 }
                 self.cache.forget_shapes();
                 self.event_order_batch = Some(batch.id);
-                self.apply_batch_in(provider, subscriber, queue, fetched, Mode::EventOrder)
+                self.apply_batch_in(provider, subscriber, queue, batch, Mode::EventOrder)
                     .await
             }
             other => other,
@@ -309,14 +265,24 @@ impl Applier {
         provider: &mut Client,
         subscriber: &mut Client,
         queue: &str,
-        fetched: &FetchedBatch,
+        batch: &Batch,
         mode: Mode,
     ) -> Result<BatchOutcome, ReplicaError> {
-        let batch = &fetched.batch;
-        let stx = subscriber
-            .transaction()
-            .await
-            .context("starting the batch's subscriber transaction")?;
+        // a small batch is read while the subscriber's transaction starts (reading it for a
+        // batch that turns out applied already costs nothing but the read)
+        let small = batch.cur_tick.event_seq - batch.prev_tick.event_seq <= SMALL_BATCH_EVENTS;
+        let (stx, read) = tokio::join!(subscriber.transaction(), async {
+            if !small {
+                return None;
+            }
+            let provider = &*provider;
+            let (events, seq_values) = tokio::join!(
+                ferry_queue::small_batch_events(provider, batch.id, SMALL_BATCH_EVENTS),
+                provider::seq_values(provider, queue)
+            );
+            Some((events, seq_values))
+        });
+        let stx = stx.context("starting the batch's subscriber transaction")?;
         // sent together: one round trip
         let (replay_on, position, tables) = tokio::join!(
             // the batch's commit must be durable before the batch is finished on the
@@ -344,17 +310,22 @@ impl Applier {
         let mut stash = Stash::new(batch.cur_tick.id);
         // events kept by earlier batches for tables whose copy is done come first
         let unstashed = self.unstash(&stx, queue, &tables, mode, &mut stash).await?;
-        let (applied, skipped, tables_ok) = match &fetched.small {
-            Some(SmallBatch { events, seq_values }) => {
+        let read = match read {
+            Some((events, seq_values)) => events?.map(|events| (events, seq_values)),
+            None => None,
+        };
+        let (applied, skipped, tables_ok) = match read {
+            Some((events, seq_values)) => {
+                let seq_values = seq_values?;
                 let (statements, applied, skipped) = self
-                    .prepare_page(&stx, queue, &tables, events, mode, &mut stash)
+                    .prepare_page(&stx, queue, &tables, &events, mode, &mut stash)
                     .await?;
                 let in_flight = send_set_statements(&stx, statements).await;
                 let tables_ok = mark_caught_up(&*provider, &stx, queue, batch, &tables).await?;
                 // the position follows the statements without waiting for them: if one
                 // fails, so does everything after it, and the transaction never commits
                 let (ran, recorded) = tokio::join!(in_flight, async {
-                    sequences::sync_sequences(&stx, queue, seq_values).await?;
+                    sequences::sync_sequences(&stx, queue, &seq_values).await?;
                     store::record_position(&stx, &self.prepared, queue, batch.cur_tick.id).await
                 });
                 ran?;

@@ -172,12 +172,10 @@ comment on function "ferry"."late_events_visible"(integer, bigint, txid_snapshot
 -- Tick every queue that needs it: new events since its last tick, a transaction that the
 -- last tick did not see has committed since with events (it was running, or it started
 -- before the tick but at or past its xmax), or the idle period has passed. A queue with
--- ticker_max_lag set (15 ms by default, with ticker_max_count 64) lets news wait until
--- ticker_max_count events have come or its last tick is ticker_max_lag old (PgQ's
--- thresholds: fewer, bigger batches). Returns how many queues were ticked. The ticker daemon
--- calls this every loop_delay (10 ms by default: a queue ticks every other check, and at
--- every check while 64 events and more come between two), so events are at most
--- ticker_max_lag plus loop_delay late.
+-- ticker_max_lag set lets news wait until ticker_max_count events have come or its last
+-- tick is ticker_max_lag old (PgQ's thresholds: fewer, bigger batches). Returns how many
+-- queues were ticked. The ticker daemon calls this every loop_delay, so events are at most
+-- loop_delay (plus ticker_max_lag) late.
 create or replace function "ferry"."ticker"()
 returns integer language plpgsql as $$
 declare

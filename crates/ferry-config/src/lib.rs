@@ -107,8 +107,7 @@ pub struct TickerConfig {
     pub daemon: DaemonSettings,
     /// `db`: connection string of the database holding the queues.
     pub db: String,
-    /// `loop_delay`: how often the ticker checks the queues for news (default 0.01 s; a queue
-    /// with news ticks at a check past its thresholds, see `ferry.ticker()`).
+    /// `loop_delay`: how often the ticker checks the queues for news (default 0.02 s).
     pub loop_delay: Duration,
     /// `maint_delay`: how often rotation, retry and tick cleanup run (default 600 s).
     pub maint_delay: Duration,
@@ -122,7 +121,7 @@ impl TickerConfig {
         let config = TickerConfig {
             daemon: DaemonSettings::from_section(&section, &config_dir(ini))?,
             db: section.require("db")?,
-            loop_delay: seconds_or(&section, "loop_delay", 0.01)?,
+            loop_delay: seconds_or(&section, "loop_delay", 0.02)?,
             maint_delay: seconds_or(&section, "maint_delay", 600.0)?,
         };
         Ok((config, warnings))

@@ -46,10 +46,6 @@ pub const QUEUE: Component = Component {
             version: 4,
             sql: include_str!("../../../sql/queue/0004_ticker_thresholds.sql"),
         },
-        Migration {
-            version: 5,
-            sql: include_str!("../../../sql/queue/0005_ticker_defaults.sql"),
-        },
     ],
     functions: include_str!("../../../sql/queue/functions.sql"),
 };

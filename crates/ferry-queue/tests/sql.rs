@@ -12,14 +12,6 @@ async fn installed_db(name: &str) -> (Client, String) {
     (client, db.conninfo)
 }
 
-/// Makes queue `q` tick at every check that finds news (no thresholds), for tests that call
-/// the ticker right after a tick and expect it to tick what is new.
-async fn tick_at_every_check(client: &Client, queue: &str) {
-    ferry_queue::set_queue_config(client, queue, "ticker_max_lag", "0")
-        .await
-        .unwrap();
-}
-
 /// Sequential scans this session has started on ferry's tables whose names are `like` the
 /// pattern, counted before they are flushed to the statistics views.
 async fn sequential_scans(client: &Client, like: &str) -> i64 {
@@ -298,7 +290,6 @@ async fn a_batch_read_in_parts_holds_every_event_in_commit_faithful_order() {
 async fn a_retried_event_comes_back_to_its_consumer_only() {
     let (client, _) = installed_db("retry").await;
     ferry_queue::create_queue(&client, "q").await.unwrap();
-    tick_at_every_check(&client, "q").await;
     ferry_queue::register_consumer(&client, "q", "a")
         .await
         .unwrap();
@@ -484,7 +475,6 @@ async fn missing_schema_is_reported_as_not_installed() {
 async fn the_ticker_never_leaves_a_committed_event_behind_its_last_tick() {
     let (client, conninfo) = installed_db("tick_race").await;
     ferry_queue::create_queue(&client, "q").await.unwrap();
-    tick_at_every_check(&client, "q").await;
     let mut writers = Vec::new();
     for _ in 0..4 {
         writers.push(std::sync::Arc::new(ferry_testkit::connect(&conninfo).await));
@@ -537,7 +527,6 @@ async fn the_ticker_never_leaves_a_committed_event_behind_its_last_tick() {
 async fn a_tick_commits_durably_even_with_synchronous_commit_off() {
     let (client, _) = installed_db("durable_tick").await;
     ferry_queue::create_queue(&client, "q").await.unwrap();
-    tick_at_every_check(&client, "q").await;
     let in_tick_transaction = |setting: &'static str| {
         let client = &client;
         async move {
@@ -748,13 +737,12 @@ async fn nothing_new_is_answered_without_reading_the_passed_ticks() {
 }
 
 /// With ticker_max_lag set, news waits until ticker_max_count events have come since the last
-/// tick or that tick is ticker_max_lag old (PgQ's thresholds); without it the first check
-/// that finds news ticks; a max_count of 0 is no count threshold.
+/// tick or that tick is ticker_max_lag old (PgQ's thresholds); by default the first check that
+/// finds news ticks; a max_count of 0 is no count threshold.
 #[tokio::test]
 async fn ticker_thresholds_let_news_wait_for_a_count_or_an_age() {
     let (client, _) = installed_db("tick_thresholds").await;
     ferry_queue::create_queue(&client, "q").await.unwrap();
-    tick_at_every_check(&client, "q").await;
     let events = |n: usize| {
         let client = &client;
         async move {
@@ -767,11 +755,7 @@ async fn ticker_thresholds_let_news_wait_for_a_count_or_an_age() {
     };
     let ticks = || ferry_queue::tick_queues(&client);
     events(1).await;
-    assert_eq!(
-        ticks().await.unwrap(),
-        1,
-        "without thresholds one event ticks"
-    );
+    assert_eq!(ticks().await.unwrap(), 1, "by default one event ticks");
 
     ferry_queue::set_queue_config(&client, "q", "ticker_max_lag", "1 hour")
         .await
@@ -802,92 +786,4 @@ async fn ticker_thresholds_let_news_wait_for_a_count_or_an_age() {
 
     let refused = ferry_queue::set_queue_config(&client, "q", "ticker_max_count", "-1").await;
     assert!(refused.is_err(), "a negative count is refused");
-}
-
-/// A new queue ticks at most every 15 ms unless 64 events wait (the ticker checks every 10
-/// ms): 63 events right after a tick wait, 64 tick at once, and news 15 ms old ticks.
-#[tokio::test]
-async fn a_new_queue_ticks_every_other_check_unless_many_events_wait() {
-    let (client, _) = installed_db("tick_defaults").await;
-    ferry_queue::create_queue(&client, "q").await.unwrap();
-    let info = ferry_queue::queue_info(&client).await.unwrap();
-    let q = info.iter().find(|q| q.name == "q").expect("queue q");
-    assert_eq!(q.ticker_max_count, 64);
-    assert!((q.ticker_max_lag_secs - 0.015).abs() < 1e-9, "{q:?}");
-    let events = |n: i32| {
-        let client = &client;
-        async move {
-            client
-                .execute(
-                    r#"select "ferry"."insert_event"('q', 't', i::text) from generate_series(1, $1) i"#,
-                    &[&n],
-                )
-                .await
-                .unwrap();
-        }
-    };
-    let ticks = || ferry_queue::tick_queues(&client);
-    // a check within 15 ms of the tick before: a slow machine may take longer, so the check
-    // counts only when it came in time (it does, nearly always); the tick's time is taken
-    // after `before`, the check's before it returns
-    let mut judged = false;
-    for _ in 0..20 {
-        let before = std::time::Instant::now();
-        ferry_queue::tick(&client, "q").await.unwrap();
-        events(63).await;
-        let ticked = ticks().await.unwrap();
-        if before.elapsed() < std::time::Duration::from_millis(14) {
-            assert_eq!(ticked, 0, "63 events wait for the next check");
-            judged = true;
-            break;
-        }
-    }
-    assert!(judged, "never checked within 14 ms of a tick");
-    events(1).await;
-    assert_eq!(ticks().await.unwrap(), 1, "64 events tick at once");
-    events(1).await;
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    assert_eq!(
-        ticks().await.unwrap(),
-        1,
-        "news 15 ms after the last tick ticks"
-    );
-}
-
-/// Upgrading to queue version 5 gives the queues still at the old defaults (no thresholds)
-/// the new ones, and leaves a queue whose thresholds were set as it was.
-#[tokio::test]
-async fn the_upgrade_to_v5_moves_queues_at_the_old_defaults_only() {
-    let db = Cluster::shared().database("tick_defaults_upgrade").await;
-    let mut client = ferry_testkit::connect(&db.conninfo).await;
-    let v4 = ferry_queue::Component {
-        migrations: &ferry_queue::QUEUE.migrations[..4],
-        ..ferry_queue::QUEUE
-    };
-    ferry_queue::install_component(&mut client, &v4)
-        .await
-        .unwrap();
-    for q in ["plain", "tuned"] {
-        ferry_queue::create_queue(&client, q).await.unwrap();
-    }
-    ferry_queue::set_queue_config(&client, "tuned", "ticker_max_lag", "1 second")
-        .await
-        .unwrap();
-    async fn thresholds(client: &Client) -> Vec<(String, f64, i64)> {
-        let mut info = ferry_queue::queue_info(client).await.unwrap();
-        info.sort_by(|a, b| a.name.cmp(&b.name));
-        info.iter()
-            .map(|q| (q.name.clone(), q.ticker_max_lag_secs, q.ticker_max_count))
-            .collect()
-    }
-    assert_eq!(
-        thresholds(&client).await,
-        [("plain".into(), 0.0, 0), ("tuned".into(), 1.0, 0)]
-    );
-    let report = ferry_queue::install(&mut client).await.unwrap();
-    assert_eq!((report.previous_version, report.version), (Some(4), 5));
-    assert_eq!(
-        thresholds(&client).await,
-        [("plain".into(), 0.015, 64), ("tuned".into(), 1.0, 0)]
-    );
 }

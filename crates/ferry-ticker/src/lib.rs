@@ -1,6 +1,5 @@
-//! The ticker daemon: every `loop_delay` it ticks the queues that have news and are past
-//! their thresholds (by default a tick 15 ms old or 64 events waiting: events reach consumers
-//! at most the threshold plus `loop_delay` late, and idle queues still tick now and then); every
+//! The ticker daemon: every `loop_delay` it ticks the queues that have news (so events reach
+//! consumers at most `loop_delay` late, and idle queues still tick now and then); every
 //! `maint_delay` it rotates event tables (and ticks the rotated queue, so consumers pass the
 //! switch soon), puts due retried events back and deletes ticks no consumer needs. Each tick NOTIFYs the queue's consumers. When the database goes away it
 //! reconnects with backoff, logging one line when the outage starts and one when it ends.

@@ -128,9 +128,7 @@ fn ticking(q: &QueueInfo) -> String {
 }
 
 fn human_secs(secs: f64) -> String {
-    if secs < 1.0 {
-        format!("{:.0} ms", secs * 1e3)
-    } else if secs < 10.0 {
+    if secs < 10.0 {
         format!("{secs:.1} s")
     } else if secs < 3600.0 {
         format!("{:.0} s", secs)

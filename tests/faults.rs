@@ -659,6 +659,9 @@ async fn everything_runs_with_least_privileged_roles() {
                   set role lp_app;
                   create table shop.orders (id serial primary key, item text, amount numeric);
                   create table shop.lines (order_id int, n int, qty int, primary key (order_id, n));
+                  create table shop.visits (day int, n int, primary key (day, n)) partition by range (day);
+                  create table shop.visits_1 partition of shop.visits for values from (1) to (100);
+                  create table shop.visits_2 partition of shop.visits for values from (100) to (200);
                   reset role;";
     // the provider: the application owns its tables; ferry's role may create a schema in the
     // database and read and put triggers on the replicated tables
@@ -743,17 +746,26 @@ async fn everything_runs_with_least_privileged_roles() {
             "insert into shop.orders (item, amount) values ('round {round}', {round});
              insert into shop.lines values ({round}, 1, 1), ({round}, 2, 2);
              update shop.orders set amount = amount + 1 where id % 7 = {round} % 7;
-             delete from shop.lines where order_id = {round} - 3;"
+             delete from shop.lines where order_id = {round} - 3;
+             insert into shop.visits values ({round} + 1, 1), ({round} + 101, 1);"
         ))
         .await
         .unwrap();
+        // the application truncates its tables with no rights on schema ferry: a table, a
+        // partitioned table, one partition alone (captured as ferry's role)
+        match round {
+            5 => app.batch_execute("truncate shop.lines").await.unwrap(),
+            10 => app.batch_execute("truncate shop.visits").await.unwrap(),
+            15 => app.batch_execute("truncate shop.visits_2").await.unwrap(),
+            _ => {}
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
     wait_identical(
         &pair.provider.conninfo,
         &pair.subscriber.conninfo,
-        &["shop.orders", "shop.lines"],
+        &["shop.orders", "shop.lines", "shop.visits"],
         Duration::from_secs(60),
         || pair.replay_log(),
     )

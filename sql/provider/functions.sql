@@ -482,9 +482,10 @@ end $$;
 comment on function "ferry"."create_capture_function"(text, oid, text[], text) is
     'ferry: (re)create a table''s capture function for a queue; returns its name';
 
--- Statement trigger: one T event per TRUNCATE of a replicated table.
+-- Statement trigger: one T event per TRUNCATE of a replicated table. Security definer, as the
+-- row capture is: the truncating role (the application's) needs no rights on schema ferry.
 create or replace function "ferry"."capture_truncate"() returns trigger
-language plpgsql set search_path = pg_catalog, pg_temp as $$
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 begin
     perform "ferry"."insert_event"(TG_ARGV[0], 'T', null,
         '"' || replace(TG_TABLE_SCHEMA, '"', '""') || '"."' || replace(TG_TABLE_NAME, '"', '""') || '"');
@@ -507,9 +508,10 @@ comment on function "ferry"."capture_truncate"() is
 --     the mark is lifted, so a later TRUNCATE in the same transaction is captured again.
 -- The mark is the transaction-local setting "ferry.truncating": a comma-separated oid list.
 
--- BEFORE TRUNCATE on a partitioned root: one T event of the root; marks the root.
+-- BEFORE TRUNCATE on a partitioned root: one T event of the root; marks the root. Security
+-- definer: the truncating role needs no rights on schema ferry.
 create or replace function "ferry"."capture_truncate_root"() returns trigger
-language plpgsql set search_path = pg_catalog, pg_temp as $$
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 begin
     perform "ferry"."insert_event"(TG_ARGV[0], 'T', null,
         '"' || replace(TG_TABLE_SCHEMA, '"', '""') || '"."' || replace(TG_TABLE_NAME, '"', '""') || '"');

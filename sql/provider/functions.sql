@@ -109,8 +109,13 @@ comment on function "ferry"."capture_statement_trigger_names"(text) is
 
 -- The transaction-local setting that says an update of table i_table changed a primary key
 -- in this transaction ('on'), set by "ferry"."capture_key_change".
+-- Its operator and casts are schema-qualified: security definer functions (the capture's)
+-- call it under the writer's search_path.
 create or replace function "ferry"."key_change_setting"(i_table oid) returns text
-language sql immutable as $$ select 'ferry.key_changed_' || i_table::bigint $$;
+language sql immutable as $$
+    select 'ferry.key_changed_'::pg_catalog.text
+           operator(pg_catalog.||) i_table::pg_catalog.int8::pg_catalog.text
+$$;
 comment on function "ferry"."key_change_setting"(oid) is
     'ferry: name of the setting that marks a primary-key update of a table in this transaction';
 
@@ -119,9 +124,11 @@ comment on function "ferry"."key_change_setting"(oid) is
 -- statement capture pairs every update's old and new rows by position to get the old keys
 -- (otherwise it takes each old key from the new row, the same key, without pairing).
 -- No SET clause (a function's SET clause would undo the setting at its exit, and cost a
--- settings switch per call): every name it calls is schema-qualified.
+-- settings switch per call): every name it calls is schema-qualified. Security definer, as
+-- the capture functions are: the updating role (the application's) needs no rights on
+-- schema ferry, whose key_change_setting it calls.
 create or replace function "ferry"."capture_key_change"() returns trigger
-language plpgsql as $$
+language plpgsql security definer as $$
 begin
     perform pg_catalog.set_config("ferry"."key_change_setting"(TG_RELID), 'on', true);
     return null;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::replication::{
     run, wait_all_ok, wait_identical, wait_tables_ok, Pair, WriteLoad, SCHEMA, SEED_DATA, TABLES,
 };
-use common::KillDaemonOnDrop;
+use common::{wait_until, KillDaemonOnDrop};
 use ferry_testkit::{Cluster, StopMode};
 
 /// Asserts that `table` on the subscriber has no row with `id`: the batch holding it has not
@@ -632,6 +632,112 @@ async fn the_subscribers_position_wins_over_the_queues() {
         Duration::from_secs(1),
     )
     .await;
+}
+
+/// Two replays of one job at once (the config copied to a second host, a daemon left
+/// behind): one holds the queue's replay lock on the subscriber and does all the work, the
+/// other waits, saying who holds it, and takes over when the first stops. Every change
+/// arrives once, and no batch is finished twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_replay_of_one_job_waits_and_takes_over() {
+    let pair = Pair::new("two_replays", &format!("{SCHEMA}{SEED_DATA}"), Some(SCHEMA)).await;
+    // the same config in another directory: its own pid file and log, the same job
+    let second_dir = pair.dir.path().join("second");
+    std::fs::create_dir(&second_dir).unwrap();
+    let (ticker, first, second) = (
+        pair.ticker_ini(),
+        pair.londiste_ini(),
+        second_dir.join("londiste.ini"),
+    );
+    std::fs::copy(&first, &second).unwrap();
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(first.clone()),
+        KillDaemonOnDrop(second.clone()),
+    ];
+    let log_of = |config: &std::path::Path| {
+        std::fs::read_to_string(config.with_file_name("test-londiste.log")).unwrap_or_default()
+    };
+    let logs = || {
+        format!(
+            "first replay:\n{}\nsecond replay:\n{}",
+            log_of(&first),
+            log_of(&second)
+        )
+    };
+    let (p, s) = (
+        pair.provider.conninfo.as_str(),
+        pair.subscriber.conninfo.as_str(),
+    );
+    const WAITING: &str =
+        "another replay of queue \"test-queue\" into this subscriber is running (pid ";
+    pair.install_and_start_ticker();
+    run(&first, &["replay", "-d"]);
+    run(&second, &["replay", "-d"]);
+    let load = WriteLoad::start(p, 2).await;
+    pair.add_everything();
+    wait_all_ok(&first, Duration::from_secs(120), logs);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // one works, the other waits (which one is a race)
+    let waiting: Vec<&std::path::PathBuf> = [&first, &second]
+        .into_iter()
+        .filter(|config| log_of(config).contains(WAITING))
+        .collect();
+    assert_eq!(waiting.len(), 1, "exactly one replay waits:\n{}", logs());
+    let (standby, active) = if waiting[0] == &first {
+        (&first, &second)
+    } else {
+        (&second, &first)
+    };
+    let standby_log = log_of(standby);
+    let said = standby_log.lines().find(|l| l.contains(WAITING)).unwrap();
+    assert!(
+        said.contains("ferry replay test-londiste, from a local socket, connected since "),
+        "the waiting replay names the holder: {said}"
+    );
+    for done in ["copy started", "batch was applied before the last stop"] {
+        assert!(
+            !standby_log.contains(done),
+            "the waiting replay worked ({done:?}):\n{}",
+            logs()
+        );
+    }
+    let active_log = log_of(active);
+    for alarm in [
+        " WARN ",
+        " ERROR ",
+        "batch was applied before the last stop",
+    ] {
+        assert!(
+            !active_log.contains(alarm),
+            "the working replay logged {alarm:?}:\n{}",
+            logs()
+        );
+    }
+
+    // the working one stops: the other takes over, the load never stopping
+    run(active, &["replay", "-s"]);
+    wait_until(
+        "the standby replay to take over",
+        Duration::from_secs(60),
+        || log_of(standby).contains("working again"),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let committed = load.stop().await;
+    assert!(
+        committed > 100,
+        "the load committed {committed} transactions"
+    );
+    wait_identical(p, s, TABLES, Duration::from_secs(60), logs).await;
+    let standby_log = log_of(standby);
+    for alarm in [" ERROR ", "never reached this subscriber", "panicked"] {
+        assert!(
+            !standby_log.contains(alarm),
+            "the replay that took over logged {alarm:?}:\n{}",
+            logs()
+        );
+    }
 }
 
 /// Everything (install, the ticker with rotation, provider and subscriber commands, copy and

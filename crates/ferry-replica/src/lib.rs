@@ -23,6 +23,7 @@ pub mod progress;
 pub mod provider;
 mod reduce;
 pub mod replay;
+mod replay_lock;
 pub mod session;
 pub mod snapshot;
 pub mod status;

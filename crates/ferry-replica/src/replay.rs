@@ -476,7 +476,9 @@ async fn wait_or_stop(shutdown: &mut Shutdown, delay: Duration) -> bool {
     }
 }
 
-/// Connects to both sides, retrying with backoff until it works or a stop is requested.
+/// Connects to both sides and takes the queue's replay lock on the subscriber
+/// ([`replay_lock`](crate::replay_lock)), retrying with backoff until both work or a stop is
+/// requested: while another replay of the queue holds the lock, this one waits.
 async fn connect(
     settings: &ReplaySettings,
     shutdown: &mut Shutdown,
@@ -490,8 +492,19 @@ async fn connect(
             _ = shutdown.wait() => return Ok(None),
             attempt = open_link(settings, &application_name) => attempt,
         };
-        match attempt {
-            Ok(link) => return Ok(Some(link)),
+        let locked = match attempt {
+            Ok(link) => crate::replay_lock::take(link.subscriber.client(), &settings.queue)
+                .await
+                .map(|holder| (link, holder)),
+            Err(error) => Err(error),
+        };
+        match locked {
+            Ok((link, None)) => return Ok(Some(link)),
+            // the sessions close here: the holder's end is found at the next attempt
+            Ok((_, Some(holder))) => health.problem(&format!(
+                "another replay of queue \"{}\" into this subscriber is running ({holder}): waiting until it stops",
+                settings.queue
+            )),
             Err(error) if error.remedy() == Remedy::Stop => {
                 return Err(ReplayError::stopping(error))
             }

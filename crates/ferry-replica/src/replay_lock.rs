@@ -24,7 +24,7 @@ const SECOND_TRY_AFTER: Duration = Duration::from_millis(200);
 
 /// Takes the replay lock of `queue` on the subscriber session `client`, for the session's
 /// life. `None` when taken (or already held by this session); else who holds it, as a
-/// phrase: "pid 123, ferry replay job, from 10.0.0.5, since ...".
+/// phrase: "pid 123, ferry replay job, from 10.0.0.5, connected since ...".
 pub async fn take(client: &Client, queue: &str) -> Result<Option<String>, ReplicaError> {
     // a second try after a moment: replay's own session of before a reconnect may still be
     // ending on the server, holding the lock

@@ -209,6 +209,13 @@ async fn awkward_names_replicate_and_inject_nothing() {
             "group" int primary key,
             "where" text unique
         );
+        create table "100%s" (
+            "k%1$s" int primary key,
+            "doc%%" json,
+            "v%" text
+        );
+        insert into "100%s" select i, case when i % 2 = 0 then 'null'::json end, 'v' || i
+            from generate_series(1, 50) i;
         insert into "My Schema"."Mixed Case.Table ü" ("select", "col ""quoted""", "Ünï cödé", "with.dot")
             select 'sel ' || i, i, 'ü' || i, i / 3.0 from generate_series(1, 100) i;
         insert into "x""; drop table y; --" select i, 'from ' || i from generate_series(1, 100) i;
@@ -225,6 +232,7 @@ async fn awkward_names_replicate_and_inject_nothing() {
         r#""My Schema"."Mixed Case.Table ü""#,
         r#""x""; drop table y; --""#,
         r#""order""#,
+        r#""100%s""#,
     ];
     // by name, as an operator quotes them in a shell
     for table in tables {
@@ -260,6 +268,10 @@ async fn awkward_names_replicate_and_inject_nothing() {
             update "order" set "where" = 'where 1' where "group" = 2;
             update "order" set "where" = 'where 2' where "group" = 1;
             delete from "order" where "group" > 90;
+            insert into "100%s" values (100, 'null', 'new'), (101, '{"a": null}', null);
+            update "100%s" set "v%" = 'upd', "doc%%" = 'null' where "k%1$s" <= 10;
+            update "100%s" set "k%1$s" = - "k%1$s" where "k%1$s" between 11 and 20;
+            delete from "100%s" where "k%1$s" between 21 and 30;
             "#,
         )
         .await
@@ -738,6 +750,96 @@ async fn a_second_replay_of_one_job_waits_and_takes_over() {
             logs()
         );
     }
+}
+
+/// The capture functions run as ferry's role (security definer) under the writer's
+/// search_path, for speed without a SET clause: every operator they use must be named with
+/// its schema, or a writer's own operator placed before pg_catalog would run as ferry's role.
+/// Statement and row capture, a primary-key update, a json column: the writer's `=` and `<>`
+/// on text are never called, and the tables arrive intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writers_search_path_cannot_put_its_operators_into_the_capture() {
+    let schema = "create table plain (id int primary key, v text, doc json);
+                  create table parted (id int primary key, v text, doc jsonb) partition by range (id);
+                  create table parted_low partition of parted for values from (0) to (1000);";
+    let pair = Pair::new("hijack", schema, Some(schema)).await;
+    let (ticker, londiste) = (pair.ticker_ini(), pair.londiste_ini());
+    let _stop = [
+        KillDaemonOnDrop(ticker.clone()),
+        KillDaemonOnDrop(londiste.clone()),
+    ];
+    pair.install_and_start_ticker();
+    run(&londiste, &["provider", "add", "plain", "parted"]);
+    run(&londiste, &["subscriber", "add", "plain", "parted"]);
+    run(&londiste, &["replay", "-d"]);
+    wait_all_ok(&londiste, Duration::from_secs(60), || pair.replay_log());
+    let writer = ferry_testkit::connect(&pair.provider.conninfo).await;
+    // a writer's operators, found before pg_catalog's: each call is recorded, with the role
+    // it ran as
+    writer
+        .batch_execute(
+            r#"create schema hostile;
+               create table hostile.calls (op text, as_role name default current_user);
+               create function hostile.eq(text, text) returns boolean language sql as
+                 $$ insert into hostile.calls (op) values ('='); select $1 operator(pg_catalog.=) $2 $$;
+               create function hostile.ne(text, text) returns boolean language sql as
+                 $$ insert into hostile.calls (op) values ('<>'); select $1 operator(pg_catalog.<>) $2 $$;
+               create operator hostile.= (leftarg = text, rightarg = text, function = hostile.eq);
+               create operator hostile.<> (leftarg = text, rightarg = text, function = hostile.ne);
+               grant usage on schema hostile to public;
+               grant insert on hostile.calls to public;"#,
+        )
+        .await
+        .unwrap();
+    // the hostile operators work where they are meant to
+    writer
+        .batch_execute(
+            "set search_path = hostile, pg_catalog, public;
+             select 'a'::text = 'a'::text;",
+        )
+        .await
+        .unwrap();
+    let calls: i64 = writer
+        .query_one("select count(*) from hostile.calls", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(calls, 1, "the hostile operator is in use");
+    writer
+        .batch_execute(
+            r#"insert into plain values (1, 'a', '{"k": null}'), (2, 'b', 'null'), (3, 'c', null);
+               update plain set v = 'x' where id = 1;
+               begin;
+               update plain set id = 10 where id = 2;
+               update plain set v = 'y' where id = 3;
+               commit;
+               delete from plain where id = 3;
+               insert into parted values (1, 'a', 'null'), (2, 'b', '{"k": 1}');
+               update parted set id = 20, v = 'moved' where id = 2;
+               delete from parted where id = 1;"#,
+        )
+        .await
+        .unwrap();
+    wait_identical(
+        &pair.provider.conninfo,
+        &pair.subscriber.conninfo,
+        &["plain", "parted"],
+        Duration::from_secs(30),
+        || pair.replay_log(),
+    )
+    .await;
+    let ran: Vec<(String, String)> = writer
+        .query("select op, as_role::text from hostile.calls", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        ran.len(),
+        1,
+        "the capture ran the writer's operators: {ran:?}"
+    );
 }
 
 /// Everything (install, the ticker with rotation, provider and subscriber commands, copy and

@@ -319,21 +319,26 @@ begin
         -- for it. The new row as json:
         v_row := 'case when v_fast then pg_catalog.row_to_json(%1$s.*)::pg_catalog.text else "ferry"."capture_row_json"(%1$s.*) end';
         -- the old primary key as json, json_build_object('a', o."a", ...) on the fast path:
-        select format('case when v_fast then pg_catalog.json_build_object(%s)::pg_catalog.text else "ferry"."capture_key_json"(%%1$s.*, %L::pg_catalog.text[]) end',
-                      string_agg(format('%L, %%1$s.%I', k, k), ', '), i_pk)
+        select format('case when v_fast then pg_catalog.json_build_object(%s)::pg_catalog.text else "ferry"."capture_key_json"(%%1$s.*, %s::pg_catalog.text[]) end',
+                      string_agg(format('%s, %%1$s.%s', replace(format('%L', k), '%', '%%'), replace(format('%I', k), '%', '%%')), ', '),
+                      replace(format('%L', i_pk), '%', '%%'))
           into v_key from unnest(i_pk) k;
         -- the json and jsonb columns holding the JSON value null, as a json array, or null
-        select 'nullif(pg_catalog.array_to_json(pg_catalog.array_remove(array['
+        -- (no nullif: it would look up "=" in the writer's search_path)
+        select 'pg_catalog.array_remove(array['
                || string_agg(format(
-                      'case when %%1$s.%1$I is not null and pg_catalog.%2$s_typeof(%%1$s.%1$I::pg_catalog.%2$s) operator(pg_catalog.=) ''null'' then %1$L::pg_catalog.text end',
-                      j.name, j.type), ', ' order by j.n)
-               || '], null))::pg_catalog.text, ''[]''::pg_catalog.text)'
+                      'case when %%1$s.%1$s is not null and pg_catalog.%2$s_typeof(%%1$s.%1$s::pg_catalog.%2$s) operator(pg_catalog.=) ''null'' then %3$s::pg_catalog.text end',
+                      replace(format('%I', j.name), '%', '%%'), j.type, replace(format('%L', j.name), '%', '%%')),
+                      ', ' order by j.n)
+               || ']::pg_catalog.text[], null)'
           into v_jnull
           from unnest(v_json_columns, v_json_types) with ordinality as j(name, type, n);
-        v_jnull := coalesce(v_jnull, 'null');
-        -- each operation's events (from its first column, %1$s, to its last), the
-        -- statement's rows in the order they were changed
-        v_first := '%1$s, %2$s, ' || v_seq || ', pg_catalog.now(), pg_catalog.txid_current()';
+        v_jnull := case when v_jnull is null then 'null'
+                        else format('case when pg_catalog.cardinality(%1$s) operator(pg_catalog.>) 0 then pg_catalog.array_to_json(%1$s)::pg_catalog.text end', v_jnull) end;
+        -- each operation's events, the statement's rows in the order they were changed. The
+        -- templates above are filled once, with an alias (names in them have their % doubled
+        -- for that); what is built from them below is never a template again.
+        v_first := v_queue."queue_id" || ', v_part, ' || v_seq || ', pg_catalog.now(), pg_catalog.txid_current()';
         v_insert_sql := format('select %s, ''I'', %s, %L, null, %s from "ferry_new" n',
             v_first, format(v_row, 'n'), v_label, format(v_jnull, 'n'));
         v_delete_sql := format('select %s, ''D'', %s, %L, null, null from "ferry_old" o',
@@ -358,13 +363,13 @@ begin
                 v_insert := v_insert || format('%s v_part operator(pg_catalog.=) %s then
             ', case when v_part = 0 then 'if' else 'elsif' end, v_part)
                     || case v_op
-                       when 1 then v_target || format(v_insert_sql, v_queue."queue_id", v_part) || ';'
+                       when 1 then v_target || v_insert_sql || ';'
                        when 2 then 'if v_rekeyed then
-                ' || v_target || format(v_paired_sql, v_queue."queue_id", v_part) || ';
+                ' || v_target || v_paired_sql || ';
             else
-                ' || v_target || format(v_update_sql, v_queue."queue_id", v_part) || ';
+                ' || v_target || v_update_sql || ';
             end if;'
-                       else v_target || format(v_delete_sql, v_queue."queue_id", v_part) || ';'
+                       else v_target || v_delete_sql || ';'
                        end || '
         ';
             end loop;
@@ -400,7 +405,8 @@ begin
     end if;
     v_fast := %s;
     -- set by "ferry"."capture_key_change" once an update in this transaction changed a key
-    v_rekeyed := pg_catalog.current_setting(%L, true) is not distinct from 'on';
+    -- (not "is not distinct from": it looks up "=" in the writer's search_path)
+    v_rekeyed := coalesce(pg_catalog.current_setting(%L, true) operator(pg_catalog.=) 'on', false);
     %s end if;
     return null;
 end $body$ $f$, v_name, v_queue."queue_id", i_table::bigint, v_label, v_check,
